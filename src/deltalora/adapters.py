@@ -1,0 +1,112 @@
+"""PEFT adapter folders: config, validation against a base model, loading and swapping.
+
+A folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r].
+Everything is checked before any compute, so a wrong adapter fails with its path named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import ZooConfig
+
+
+class AdapterError(ValueError):
+    """An adapter folder is missing, malformed or does not fit the base model."""
+
+
+def lora_config(cfg: ZooConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's config dict and its tensors, validated for form (not yet against a model)."""
+    folder = Path(folder)
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise AdapterError(f"{f}: missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_file}: field 'peft_type' must be 'LORA', got {config.get('peft_type')!r}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e})") from e
+    for key, t in tensors.items():
+        if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+            raise AdapterError(f"{weights}: unexpected key {key!r} (expected ...lora_A.weight / ...lora_B.weight)")
+        if not t.is_floating_point() or t.ndim != 2:
+            raise AdapterError(f"{weights}: {key} must be a 2-D float tensor, got {t.dtype} {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{weights}: {key} holds NaN or Inf")
+    return config, tensors
+
+
+def check_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validate an adapter against ``model`` (names and shapes) before any compute."""
+    config, tensors = read_adapter(folder)
+    recorded = config.get("base_model_name_or_path")
+    if base_name is not None and recorded not in (None, base_name):
+        raise AdapterError(f"{folder}: adapter was trained on base {recorded!r}, not {base_name!r}")
+    modules = dict(model.named_modules())
+    r = config.get("r")
+    for key, t in tensors.items():
+        path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        mod = modules.get(path)
+        if mod is None or not hasattr(mod, "in_features"):
+            raise AdapterError(f"{folder}: {key} targets {path!r}, which is not a linear layer of the base model")
+        want = (r, mod.in_features) if ".lora_A." in key else (mod.out_features, r)
+        if tuple(t.shape) != want:
+            raise AdapterError(f"{folder}: {key} has shape {tuple(t.shape)}, the base model needs {want}")
+    return config, tensors
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None) -> PeftModel:
+    """``model`` wrapped with the adapter in ``folder``, after validation."""
+    check_adapter(model, folder, base_name)
+    return PeftModel.from_pretrained(model, str(folder))
+
+
+class AdapterSwapper:
+    """One PEFT wrapper around the base; adapters of the same config are swapped in by weights.
+
+    Loading the base once and copying r x d tensors per adapter is what makes scoring a
+    whole zoo cheap; ``set_peft_model_state_dict`` keeps PEFT's own key mapping.
+    """
+
+    def __init__(self, base: torch.nn.Module, config: LoraConfig, base_name: str | None = None):
+        self.base_name = base_name
+        self.model = get_peft_model(base, config)
+        self.model.eval()
+
+    def load(self, folder: str | Path) -> PeftModel:
+        _, tensors = check_adapter(self.model.base_model.model, folder, self.base_name)
+        expected = {k for k in self.lora_keys()}
+        if set(tensors) != expected:
+            raise AdapterError(f"{folder}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(expected)} tensors)")
+        self.set_tensors(tensors)
+        return self.model
+
+    def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self.model, tensors)
+        if getattr(result, "unexpected_keys", None):
+            raise AdapterError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")
+
+    def lora_keys(self) -> list[str]:
+        """Adapter keys in PEFT's saved form, in module order."""
+        return [n.replace(".default.weight", ".weight") for n, _ in self.model.named_parameters() if ".lora_" in n]
+
+    def unload(self) -> torch.nn.Module:
+        return self.model.unload()

@@ -1,0 +1,73 @@
+"""Embedding quality of Delta Activations: silhouette by domain, 2-D map, additivity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def cosine_distance(x: np.ndarray) -> np.ndarray:
+    """The paper's distance clip(1 − cos, 0, 1), with an exact zero diagonal."""
+    unit = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    d = np.clip(1.0 - unit @ unit.T, 0.0, 1.0)
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def silhouette(x: np.ndarray, labels: Sequence[str]) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if len(set(labels)) < 2 or len(set(labels)) >= len(labels):
+        raise ValueError("silhouette needs at least 2 labels and fewer labels than points")
+    return float(silhouette_score(cosine_distance(x), list(labels), metric="precomputed"))
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def additivity(deltas: dict[str, torch.Tensor], manifest: Sequence[dict]) -> list[dict]:
+    """For each pair adapter a+b: cos(δ_ab, δ_a + δ_b) against cos(δ_ab, δ_a) and cos(δ_ab, δ_b).
+
+    δ_a, δ_b are the final checkpoints of the same seed as the pair adapter.
+    """
+    final = {(c["task"], c["seed"]): deltas[c["path"]] for c in manifest if c["final"] and c["path"] in deltas}
+    rows = []
+    for c in manifest:
+        if not c["final"] or not c.get("pair_of") or c["path"] not in deltas:
+            continue
+        a, b = c["pair_of"]
+        if (a, c["seed"]) not in final or (b, c["seed"]) not in final:
+            continue
+        d_ab, d_a, d_b = deltas[c["path"]], final[(a, c["seed"])], final[(b, c["seed"])]
+        rows.append({"pair": c["task"], "cos_sum": round(cos(d_ab, d_a + d_b), 4),
+                     "cos_a": round(cos(d_ab, d_a), 4), "cos_b": round(cos(d_ab, d_b), 4)})
+    return rows
+
+
+def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Path, title: str) -> None:
+    """t-SNE of the cosine distances, coloured by domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    d = cosine_distance(x)
+    xy = TSNE(n_components=2, metric="precomputed", init="random", random_state=0,
+              perplexity=max(2.0, min(15.0, (len(x) - 1) / 3))).fit_transform(d)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, dom in enumerate(sorted(set(labels))):
+        m = np.array([lab == dom for lab in labels])
+        ax.scatter(xy[m, 0], xy[m, 1], label=dom, s=28, color=plt.cm.tab10(i % 10))
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

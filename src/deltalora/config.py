@@ -1,0 +1,170 @@
+"""Stage configs and named presets.
+
+Each stage has a small dataclass whose fields are documented and validated on
+construction; a *preset* bundles them. ``tiny`` runs the whole pipeline on a random
+in-memory llama in seconds (tests), ``small`` is the CPU default on SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .registry import DEFAULT_POOL, PAIRS, TINY_PAIRS, TINY_POOL
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """How task items are split into train and test."""
+
+    split_seed: int = 0
+    """Seed of the deterministic train/test shuffle (mixed with the task name)."""
+    max_test: int = 200
+    """Cap on test items per task (200+ keeps the accuracy standard error near 3 points)."""
+    max_test_fraction: float = 0.5
+    """Never put more than this fraction of a task's items into test."""
+    max_train: int = 1000
+    """Cap on train items per task."""
+    min_items: int = 8
+    """A task with fewer items than this is rejected."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_test >= 1, "tasks.max_test must be >= 1")
+        _check(0.0 < self.max_test_fraction < 1.0, "tasks.max_test_fraction must be in (0, 1)")
+        _check(self.max_train >= 1, "tasks.max_train must be >= 1")
+        _check(self.min_items >= 2, "tasks.min_items must be >= 2")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """How each reference LoRA of the zoo is trained and checkpointed."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the linear modules that get a LoRA."""
+    steps: int = 50
+    """Optimizer steps per adapter."""
+    batch_size: int = 8
+    """Sequences per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (constant after a short warm-up)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int = 128
+    """Prompt + answer tokens kept per sequence (prompt truncated from the left)."""
+    seeds: tuple[int, ...] = (0, 1)
+    """One adapter per task and seed."""
+    keep_last: int = 5
+    """K checkpoints kept from the last steps of training (as DnD collects them)."""
+    save_every: int = 1
+    """Spacing in steps between the kept checkpoints."""
+    pair_steps: int = 50
+    """Steps for the adapters trained on the union of two tasks."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass when scoring test items."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "zoo.rank must be >= 1")
+        _check(self.alpha > 0, "zoo.alpha must be > 0")
+        _check(len(self.target_modules) >= 1, "zoo.target_modules must name at least one module")
+        _check(self.steps >= 1 and self.pair_steps >= 1, "zoo.steps and zoo.pair_steps must be >= 1")
+        _check(self.batch_size >= 1, "zoo.batch_size must be >= 1")
+        _check(self.lr > 0, "zoo.lr must be > 0")
+        _check(self.warmup_steps >= 0, "zoo.warmup_steps must be >= 0")
+        _check(self.max_length >= 8, "zoo.max_length must be >= 8")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "zoo.seeds must be distinct and non-empty")
+        _check(self.keep_last >= 1 and self.save_every >= 1, "zoo.keep_last and zoo.save_every must be >= 1")
+        _check(
+            (self.keep_last - 1) * self.save_every < min(self.steps, self.pair_steps),
+            "zoo.keep_last checkpoints spaced zoo.save_every apart must fit in zoo.steps",
+        )
+        _check(self.eval_batch_size >= 1, "zoo.eval_batch_size must be >= 1")
+
+    def checkpoint_steps(self, steps: int) -> list[int]:
+        """The steps at which checkpoints are kept, ending with the final step."""
+        return [steps - i * self.save_every for i in reversed(range(self.keep_last))]
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """How Delta Activations are computed."""
+
+    n_probes: int = 5
+    """Probe prompts: 1, 5 (the paper's default) or 20."""
+    batch_size: int = 20
+    """Probe prompts per forward pass (left-padded; equal to one at a time)."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_probes in (1, 5, 20), "delta.n_probes must be 1, 5 or 20")
+        _check(self.batch_size >= 1, "delta.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one pipeline run needs."""
+
+    name: str
+    """Preset name, recorded with every artifact."""
+    base: str
+    """Base model: a known name, a Hugging Face id or a local folder."""
+    pool: tuple[str, ...]
+    """Task names trained into the zoo."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Task pairs whose union gets its own adapter (additivity, composition)."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.pool) >= 1, "preset.pool must name at least one task")
+        _check(len(set(self.pool)) == len(self.pool), "preset.pool has duplicate tasks")
+        for a, b in self.pairs:
+            _check(a in self.pool and b in self.pool and a != b, f"preset.pairs: ({a}, {b}) must be two distinct pool tasks")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Preset":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        base="tiny",
+        pool=TINY_POOL,
+        pairs=TINY_PAIRS,
+        tasks=TaskConfig(max_test=16, max_train=64, min_items=8),
+        zoo=ZooConfig(rank=2, alpha=4.0, steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=48,
+                      seeds=(0,), keep_last=2, pair_steps=4, eval_batch_size=16),
+        delta=DeltaConfig(n_probes=5, batch_size=5),
+    ),
+    "small": Preset(
+        name="small",
+        base="smollm2-135m",
+        pool=DEFAULT_POOL,
+        pairs=PAIRS,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset, or an error listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

@@ -1,0 +1,143 @@
+"""Accuracy: multiple choice by length-normalised log-likelihood, exact match by greedy decoding.
+
+Sequences are sorted by length before batching so a batch pads only to its own longest
+member; results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .tasks import Item
+
+
+def encode(tok: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int, eos: bool = False) -> tuple[list[int], int]:
+    """Token ids of prompt + completion and the prompt length; the prompt is cut from the left."""
+    p = tok(prompt, add_special_tokens=True).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids + ([tok.eos_token_id] if eos else [])
+    p = p[-max(1, max_length - len(c)):]
+    return p + c, len(p)
+
+
+def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, mask and position ids that count from each sequence's first real token."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@torch.inference_mode()
+def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
+                  batch_size: int = 32, max_length: int = 256) -> list[list[float]]:
+    """Mean log-probability per answer token of every choice of every item.
+
+    Each prompt is run once; its KV cache is repeated for the item's choices, so a
+    7-choice item costs one prompt plus seven short continuations.
+    """
+    prompts, conts = [], []
+    for it in items:
+        cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
+        prompts.append(encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0])
+        conts.append(cs)
+    scores: list[list[float]] = [[] for _ in items]
+    order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
+    n_items = max(1, batch_size // max(len(c) for c in conts))
+    for start in range(0, len(order), n_items):
+        idx = order[start: start + n_items]
+        ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
+        n_c = max(len(conts[k]) for k in idx)
+        rows = [(b, j) for b in range(len(idx)) for j in range(n_c)]
+        seqs = [conts[idx[b]][j] if j < len(conts[idx[b]]) else [tok.pad_token_id] for b, j in rows]
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_c)
+        c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
+        full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
+        c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1])
+        logits = model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        for r, (b, j) in enumerate(rows):
+            if j >= len(conts[idx[b]]):
+                continue
+            s = seqs[r]
+            lp = first[b, s[0]] + logp[r, torch.arange(len(s) - 1), torch.tensor(s[1:], dtype=torch.long)].sum()
+            scores[idx[b]].append((lp / len(s)).item())
+    return scores
+
+
+@torch.inference_mode()
+def choice_scores_unshared(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
+                           batch_size: int = 32, max_length: int = 256) -> list[list[float]]:
+    """Reference for ``choice_scores``: every prompt + choice as its own sequence (no cache sharing)."""
+    seqs = []
+    for i, it in enumerate(items):
+        cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
+        p = encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0]
+        seqs += [(i, j, p + c, len(p)) for j, c in enumerate(cs)]
+    scores = [[0.0] * len(it.choices) for it in items]
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
+    for start in range(0, len(order), batch_size):
+        batch = [seqs[k] for k in order[start: start + batch_size]]
+        ids, mask = pad_right([b[2] for b in batch], tok.pad_token_id)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        for r, (i, j, s, n_p) in enumerate(batch):
+            scores[i][j] = tok_logp[r, n_p - 1: len(s) - 1].mean().item()
+    return scores
+
+
+@torch.inference_mode()
+def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
+                   batch_size: int = 32, max_length: int = 256) -> list[str]:
+    """Greedy continuations, cut at the first newline and stripped."""
+    max_new = max(len(tok(" " + it.answer, add_special_tokens=False).input_ids) for it in items) + 2
+    prompts = [encode(tok, it.prompt, "", max_length - max_new)[0] for it in items]
+    out = [""] * len(items)
+    order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        ids, mask, _ = pad_left([prompts[k] for k in idx], tok.pad_token_id)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for r, k in enumerate(idx):
+            text = tok.decode(gen[r, ids.shape[1]:], skip_special_tokens=True)
+            out[k] = text.split("\n", 1)[0].strip()
+    return out
+
+
+def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
+             batch_size: int = 32, max_length: int = 256) -> float:
+    """Fraction of items answered correctly (all items of one kind)."""
+    if not items:
+        raise ValueError("accuracy needs at least one item")
+    was_training = model.training
+    model.eval()
+    try:
+        if items[0].is_mc:
+            scores = choice_scores(model, tok, items, batch_size, max_length)
+            hits = [it.choices[max(range(len(s)), key=s.__getitem__)] == it.answer for it, s in zip(items, scores)]
+        else:
+            preds = greedy_answers(model, tok, items, batch_size, max_length)
+            hits = [p == it.answer for it, p in zip(items, preds)]
+    finally:
+        model.train(was_training)
+    return sum(hits) / len(hits)

@@ -1,0 +1,91 @@
+"""Reference LoRA training: completion-only loss, seeded sampling, checkpoints from the last steps."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .adapters import lora_config
+from .config import ZooConfig
+from .evaluate import encode, pad_right
+from .tasks import Item, stable_seed
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    """Mean completion loss of every step."""
+    seconds: float
+    """Wall time of the training loop (checkpoint saving included)."""
+
+
+def completion_batch(tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, mask and labels where only the answer (+ EOS) is supervised."""
+    encoded = [encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items]
+    ids, mask = pad_right([e[0] for e in encoded], tok.pad_token_id)
+    labels = ids.clone()
+    for r, (seq, n_prompt) in enumerate(encoded):
+        labels[r, :n_prompt] = -100
+        labels[r, len(seq):] = -100
+    return ids, mask, labels
+
+
+def batches(items: Sequence[Item], batch_size: int, steps: int, seed: int) -> list[list[Item]]:
+    """Epoch-wise shuffled batches: every item once per epoch, same seed -> same batches."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            perm = list(range(len(items)))
+            rng.shuffle(perm)
+            order += perm
+        out.append([items[i] for i in order[:batch_size]])
+        order = order[batch_size:]
+    return out
+
+
+def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item], cfg: ZooConfig,
+               steps: int, seed: int, run_name: str,
+               on_checkpoint: Callable[[PeftModel, int, float], None]) -> TrainResult:
+    """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return).
+
+    ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps.
+    """
+    torch.manual_seed(stable_seed("lora-init", run_name, seed) % 2**63)
+    model = get_peft_model(base, lora_config(cfg))
+    try:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        keep = set(cfg.checkpoint_steps(steps))
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        bar = tqdm(batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)),
+                   desc=run_name, unit="step", leave=False)
+        for step, batch in enumerate(bar, 1):
+            ids, mask, labels = completion_batch(tok, batch, cfg.max_length)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step in keep:
+                model.eval()
+                on_checkpoint(model, step, losses[-1])
+                model.train()
+        return TrainResult(losses, time.perf_counter() - t0)
+    finally:
+        model.eval()
+        model.unload()
