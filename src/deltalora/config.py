@@ -114,6 +114,68 @@ class DeltaConfig:
         _check(self.batch_size >= 1, "delta.batch_size must be >= 1")
 
 
+VARIANTS = ("dnd", "A1", "A2", "B", "C")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """How a prompt-to-LoRA generator is built and trained (variants in DESIGN.md, Generator)."""
+
+    variant: str = "dnd"
+    """dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA), C (δ + KL first)."""
+    n_prompts: int = 32
+    """N prompts per condition batch, drawn fresh from a task's train split every step."""
+    channels: tuple[int, ...] = (64, 256)
+    """Hidden channel counts of the hyper-convolutional decoder (between N and the T tokens)."""
+    steps: int = 300
+    """Optimizer steps (for B: of stage 2, the decoder G_θ)."""
+    stage1_steps: int = 300
+    """Variant B only: steps training E_ψ (prompts -> δ) before G_θ."""
+    batch_size: int = 4
+    """(prompt batch, checkpoint) samples per step."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (cosine schedule after warm-up)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    lambda_w: float = 1.0
+    """Weight of the token MSE (the only loss of dnd; a regulariser for C)."""
+    lambda_delta: float = 1.0
+    """Weight of the δ loss (A1: predicted by H, A2 and C: exact)."""
+    lambda_cons: float = 0.1
+    """Variant B: weight of the exact-δ consistency term of G_θ."""
+    lambda_kl: float = 1.0
+    """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
+    kl_prompts: int = 4
+    """Variant C: task prompts per sample for the KL term."""
+    n_probes: int = 5
+    """Probe set of the δ targets and of the exact δ (1, 5 or 20)."""
+    cond_noise: float = 1e-4
+    """Std of Gaussian noise added to prompt embeddings during training."""
+    target_noise: float = 1e-5
+    """Std of Gaussian noise added to target tokens during training."""
+    shuffle_delta: bool = False
+    """Negative control: δ targets permuted across tasks."""
+    save_every: int = 50
+    """Steps between resumable training checkpoints."""
+    seed: int = 0
+    """Seed of initialisation, sampling and noise."""
+
+    def __post_init__(self) -> None:
+        _check(self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        _check(1 <= self.n_prompts <= 512, "generator.n_prompts must be in [1, 512]")
+        _check(all(c >= 1 for c in self.channels), "generator.channels must be positive")
+        _check(self.steps >= 1 and self.stage1_steps >= 0, "generator.steps must be >= 1 and stage1_steps >= 0")
+        _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
+        _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
+        _check(min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0, "generator loss weights must be >= 0")
+        _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
+        _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
+        _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
+        _check(self.save_every >= 1, "generator.save_every must be >= 1")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything one pipeline run needs."""
@@ -129,6 +191,7 @@ class Preset:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.pool) >= 1, "preset.pool must name at least one task")
@@ -153,6 +216,8 @@ PRESETS: dict[str, Preset] = {
         zoo=ZooConfig(rank=2, alpha=4.0, steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=48,
                       seeds=(0,), keep_last=2, pair_steps=4, eval_batch_size=16),
         delta=DeltaConfig(n_probes=5, batch_size=5),
+        generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
+                                  warmup_steps=1, kl_prompts=2, save_every=4),
     ),
     "small": Preset(
         name="small",

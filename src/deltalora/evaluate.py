@@ -1,5 +1,9 @@
 """Accuracy: multiple choice by length-normalised log-likelihood, exact match by greedy decoding.
 
+A choice's score is its summed log-probability divided by its length in bytes (as
+lm-evaluation-harness's acc_norm): per-token means favour long digit strings, which
+SmolLM2's tokenizer splits into one token per digit.
+
 Sequences are sorted by length before batching so a batch pads only to its own longest
 member; results come back in the caller's order.
 """
@@ -44,10 +48,14 @@ def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask, pos
 
 
+def _n_bytes(choice: str) -> int:
+    return len((" " + choice).encode())
+
+
 @torch.inference_mode()
 def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
                   batch_size: int = 32, max_length: int = 256) -> list[list[float]]:
-    """Mean log-probability per answer token of every choice of every item.
+    """Log-probability per byte of every choice of every item.
 
     Each prompt is run once; its KV cache is repeated for the item's choices, so a
     7-choice item costs one prompt plus seven short continuations.
@@ -80,7 +88,7 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
                 continue
             s = seqs[r]
             lp = first[b, s[0]] + logp[r, torch.arange(len(s) - 1), torch.tensor(s[1:], dtype=torch.long)].sum()
-            scores[idx[b]].append((lp / len(s)).item())
+            scores[idx[b]].append(lp.item() / _n_bytes(items[idx[b]].choices[j]))
     return scores
 
 
@@ -101,7 +109,7 @@ def choice_scores_unshared(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         for r, (i, j, s, n_p) in enumerate(batch):
-            scores[i][j] = tok_logp[r, n_p - 1: len(s) - 1].mean().item()
+            scores[i][j] = tok_logp[r, n_p - 1: len(s) - 1].sum().item() / _n_bytes(items[i].choices[j])
     return scores
 
 

@@ -1,0 +1,430 @@
+"""Prompt-to-LoRA generators: the model, training of every variant, and generation.
+
+A training sample is (N prompts drawn fresh from a task's train split, one checkpoint of
+that task, its δ). Losses per variant (DESIGN.md, Generator):
+
+- dnd: λ_w·MSE(tokens)
+- A1:  + λ_δ·‖H(ΔŴ) − δ‖²; H is also fitted on the reference tokens so it cannot drift
+       into agreeing with whatever the decoder emits.
+- A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
+- B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
+- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) at the answer position + λ_w·MSE.
+
+δ is divided by one scalar (its RMS over the training zoo) so that it stays additive:
+G_θ(δ_a + δ_b) decodes a sum of behaviours, not of re-centred codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import read_adapter
+from .config import GeneratorConfig, Preset
+from .delta import DeltaProbe, load_deltas
+from .encoder import DIM, PromptEncoder
+from .evaluate import encode, pad_left
+from .hypernet import DeltaFrontEnd, DeltaHead, HyperConvDecoder, PromptFrontEnd, PromptToDelta, n_params
+from .io import atomic_dir, atomic_write_json, read_json
+from .lora_tokens import LoraTokenizer
+from .models import load_base
+from .registry import TaskSpec
+from .tasks import load_task, resolve_spec, stable_seed
+from .zoo import zoo_dir
+
+log = logging.getLogger(__name__)
+
+
+class GeneratorError(ValueError):
+    """A generator checkpoint, prompt file or zoo cannot be used; the message says why."""
+
+
+class Generator(nn.Module):
+    """Prompt embeddings [B, N, 384] -> normalised LoRA tokens [B, T, width]."""
+
+    def __init__(self, cfg: GeneratorConfig, n_tokens: int, width: int, d_delta: int):
+        super().__init__()
+        self.variant = cfg.variant
+        if cfg.variant == "B":
+            self.e_psi = PromptToDelta(DIM, d_delta)
+            self.front = DeltaFrontEnd(d_delta, cfg.n_prompts, width)
+        else:
+            self.front = PromptFrontEnd(DIM, width)
+        self.decoder = HyperConvDecoder(cfg.n_prompts, cfg.channels, n_tokens, width)
+        if cfg.variant == "A1":
+            self.head = DeltaHead(n_tokens, width, d_delta)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        if self.variant == "B":
+            return self.from_delta(self.e_psi(emb))
+        return self.decoder(self.front(emb))
+
+    def from_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """G_θ: a (scaled) δ, any vector including sums of δs, -> tokens (variant B)."""
+        if self.variant != "B":
+            raise GeneratorError(f"only variant B decodes a δ; this generator is {self.variant}")
+        return self.decoder(self.front(delta))
+
+
+@dataclass
+class TrainingSet:
+    """Everything sampled from during generator training, held in memory."""
+
+    tasks: list[str]
+    ckpt_task: torch.Tensor
+    """Task index of each checkpoint [M]."""
+    paths: list[str]
+    tokens: torch.Tensor
+    """Normalised reference tokens [M, T, width]."""
+    deltas: torch.Tensor
+    """δ targets divided by ``delta_scale`` [M, D] (permuted across tasks for --shuffle-delta)."""
+    delta_scale: float
+    prompts: list[list[str]]
+    """Train-split prompts per task."""
+    emb: list[torch.Tensor]
+    """Their embeddings per task [n_train, 384]."""
+
+
+def read_prompts(file: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (strings or objects with 'prompt')."""
+    file = Path(file)
+    try:
+        lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise GeneratorError(f"{file}: cannot read prompt file ({e})") from e
+    if not lines:
+        raise GeneratorError(f"{file}: no prompts (expected one prompt per line, or JSONL)")
+    if file.suffix != ".jsonl":
+        return [ln.replace("\\n", "\n") for ln in lines]
+    prompts = []
+    for n, ln in enumerate(lines, 1):
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise GeneratorError(f"{file}: line {n}: not valid JSON ({e.msg})") from e
+        p = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(p, str) or not p.strip():
+            raise GeneratorError(f"{file}: line {n}: expected a string or an object with a non-empty 'prompt'")
+        prompts.append(p)
+    return prompts
+
+
+def choose_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
+    """Exactly n prompts: a seeded subset, or (with a warning) a draw with replacement when too few."""
+    rng = random.Random(seed)
+    if len(prompts) >= n:
+        return rng.sample(prompts, n)
+    log.warning("%d prompts given, the generator reads %d: sampling with replacement", len(prompts), n)
+    return [rng.choice(prompts) for _ in range(n)]
+
+
+def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra: list[TaskSpec] | None,
+                 encoder: PromptEncoder) -> tuple[TrainingSet, LoraTokenizer, dict]:
+    cfg = preset.generator
+    root = zoo_dir(workspace)
+    manifest = read_json(root / "manifest.json", "zoo manifest (run `deltalora zoo build` first)")
+    ckpts = [c for c in manifest if c["task"] in train_tasks and not c.get("pair_of")]
+    missing = sorted(set(train_tasks) - {c["task"] for c in ckpts})
+    if missing:
+        raise GeneratorError(f"{root / 'manifest.json'}: no checkpoints for training task(s) {missing}")
+    try:
+        all_deltas = load_deltas(workspace, cfg.n_probes)
+    except FileNotFoundError as e:
+        raise GeneratorError(str(e)) from e
+    no_delta = [c["path"] for c in ckpts if c["path"] not in all_deltas]
+    if no_delta:
+        raise GeneratorError(f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`")
+    adapter_cfg, first = read_adapter(root / ckpts[0]["path"])
+    sds = [first] + [read_adapter(root / c["path"])[1] for c in ckpts[1:]]
+    tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
+    tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
+    deltas = torch.stack([all_deltas[c["path"]] for c in ckpts])
+    scale = deltas.pow(2).mean().sqrt().item()
+    tasks = list(train_tasks)
+    ckpt_task = torch.tensor([tasks.index(c["task"]) for c in ckpts])
+    if cfg.shuffle_delta:
+        deltas = shuffled_deltas(deltas, ckpt_task, cfg.seed)
+    loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
+    prompts = [[it.prompt for it in t.train] for t in loaded]
+    emb = [encoder.encode(p) for p in prompts]
+    encoder.save()
+    meta = {"adapter_config": {k: adapter_cfg[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")},
+            "shapes": {s.key: list(s.shape) for s in tokenizer.segments}, "width": tokenizer.width}
+    ts = TrainingSet(tasks, ckpt_task, [c["path"] for c in ckpts], tokens, deltas / scale, scale, prompts, emb)
+    return ts, tokenizer, meta
+
+
+def shuffled_deltas(deltas: torch.Tensor, ckpt_task: torch.Tensor, seed: int) -> torch.Tensor:
+    """Negative control: every checkpoint gets the δ of a checkpoint of another task (a task derangement)."""
+    n_tasks = int(ckpt_task.max()) + 1
+    if n_tasks < 2:
+        raise GeneratorError("--shuffle-delta needs at least two training tasks")
+    g = random.Random(seed)
+    perm = list(range(n_tasks))
+    while any(i == p for i, p in enumerate(perm)):
+        g.shuffle(perm)
+    out = torch.empty_like(deltas)
+    for t in range(n_tasks):
+        mine = (ckpt_task == t).nonzero()[:, 0]
+        theirs = (ckpt_task == perm[t]).nonzero()[:, 0]
+        out[mine] = deltas[theirs[torch.arange(len(mine)) % len(theirs)]]
+    return out
+
+
+class ExactBehaviour:
+    """Exact δ and answer-position distributions of base + LoRA tensors, differentiable."""
+
+    def __init__(self, preset: Preset, adapter_config: dict, n_probes: int):
+        base, self.tok = load_base(preset.base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(r=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"],
+                         target_modules=adapter_config["target_modules"], lora_dropout=0.0, task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, cfg)
+        self.model.eval()
+        self.probe = DeltaProbe(self.tok, dataclasses.replace(preset.delta, n_probes=n_probes))
+        with self.model.disable_adapter():
+            self.probe.set_base(self.model)
+        self.max_length = preset.zoo.max_length
+
+    def delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.probe.delta_of_tensors(self.model, tensors)
+
+    def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        ids, mask, pos = pad_left([encode(self.tok, p, "", self.max_length)[0] for p in prompts], self.tok.pad_token_id)
+        params = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+        out = torch.func.functional_call(self.model, params, args=(), strict=False, kwargs=dict(
+            input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False))
+        return torch.log_softmax(out.logits[:, -1].float(), -1)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def train_generator(preset: Preset, workspace: str | Path, out_dir: str | Path, train_tasks: list[str],
+                    extra: list[TaskSpec] | None = None, progress: bool = True) -> dict:
+    """Train (or resume) a generator; writes ``out_dir`` with config, weights and a loss log."""
+    cfg = preset.generator
+    workspace, out_dir = Path(workspace), Path(out_dir)
+    # ---- setup
+    torch.manual_seed(cfg.seed)
+    encoder = PromptEncoder(Path(workspace) / "cache" / "prompt_embeddings.safetensors")
+    data, tokenizer, meta = training_set(preset, workspace, train_tasks, extra, encoder)
+    model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    exact = ExactBehaviour(preset, meta["adapter_config"], cfg.n_probes) if cfg.variant in ("A2", "B", "C") else None
+    stage1 = cfg.stage1_steps if cfg.variant == "B" else 0
+    total = stage1 + cfg.steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    rng = torch.Generator().manual_seed(stable_seed("generator", cfg.seed) % 2**63)
+    mask = tokenizer.valid_mask()
+    config = {"preset": preset.to_dict(), "train_tasks": train_tasks, "workspace": str(workspace),
+              "n_params": n_params(model), "lora_params": tokenizer.n_params, "n_tokens": tokenizer.n_tokens,
+              "d_delta": data.deltas.shape[1], **meta}
+    state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
+    start, seconds = 0, 0.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state_file.exists():
+        start, seconds = _resume(state_file, out_dir, config, model, opt, sched, rng)
+    else:
+        atomic_write_json(out_dir / "train_config.json", config)
+        log_file.unlink(missing_ok=True)
+    # ---- run
+    t0 = time.perf_counter() - seconds
+    bar = tqdm(range(start, total), desc=f"generator {cfg.variant}", unit="step", disable=not progress,
+               initial=start, total=total)
+    for step in bar:
+        idx = torch.randint(len(data.paths), (cfg.batch_size,), generator=rng)
+        losses = _losses(model, data, tokenizer, exact, cfg, idx, rng, mask, stage=1 if step < stage1 else 2)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        with log_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
+    # ---- save
+    train_seconds = time.perf_counter() - t0
+    save_generator(out_dir, model, tokenizer, data.delta_scale, {**config, "train_seconds": train_seconds, "steps_done": total})
+    return {"train_seconds": train_seconds, **config}
+
+
+def _losses(model: Generator, data: TrainingSet, tokenizer: LoraTokenizer, exact: ExactBehaviour | None,
+            cfg: GeneratorConfig, idx: torch.Tensor, rng: torch.Generator, mask: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
+    emb = torch.stack([_draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, rng) for i in idx])
+    emb = emb + cfg.cond_noise * torch.randn(emb.shape, generator=rng)
+    target = data.tokens[idx] + cfg.target_noise * torch.randn(data.tokens[idx].shape, generator=rng) * mask
+    delta = data.deltas[idx]
+    out: dict[str, torch.Tensor] = {}
+    if cfg.variant == "B" and stage == 1:
+        return {"delta_prompt": ((model.e_psi(emb) - delta) ** 2).mean()}
+    pred = model.from_delta(delta) if cfg.variant == "B" else model(emb)
+    mse = (((pred - target) * mask) ** 2).sum() / (mask.sum() * len(idx))
+    if cfg.variant != "C" or cfg.lambda_w > 0:
+        out["mse"] = cfg.lambda_w * mse
+    if cfg.variant == "A1":
+        out["delta_head"] = cfg.lambda_delta * ((model.head(pred) - delta) ** 2).mean()
+        out["head_fit"] = ((model.head(data.tokens[idx]) - delta) ** 2).mean()
+    if cfg.variant in ("A2", "B", "C"):
+        weight = cfg.lambda_cons if cfg.variant == "B" else cfg.lambda_delta
+        decoded = tokenizer.decode(pred)
+        exact_d = torch.stack([exact.delta({k: v[b] for k, v in decoded.items()}) for b in range(len(idx))]) / data.delta_scale
+        out["delta_exact"] = weight * ((exact_d - delta) ** 2).mean()
+        if cfg.variant == "C":
+            kl = []
+            ref = tokenizer.decode(data.tokens[idx])
+            for b, i in enumerate(idx):
+                task_prompts = data.prompts[int(data.ckpt_task[i])]
+                pick = torch.randint(len(task_prompts), (cfg.kl_prompts,), generator=rng)
+                ps = [task_prompts[int(j)] for j in pick]
+                lp_gen = exact.answer_logprobs({k: v[b] for k, v in decoded.items()}, ps)
+                with torch.no_grad():
+                    lp_ref = exact.answer_logprobs({k: v[b] for k, v in ref.items()}, ps)
+                kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
+            out["kl"] = cfg.lambda_kl * torch.stack(kl).mean()
+    return out
+
+
+def _draw(emb: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
+    if len(emb) >= n:
+        return emb[torch.randperm(len(emb), generator=rng)[:n]]
+    return emb[torch.randint(len(emb), (n,), generator=rng)]
+
+
+def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "seconds": seconds}, tmp)
+    tmp.replace(path)
+
+
+def _resume(state_file: Path, out_dir: Path, config: dict, model, opt, sched, rng) -> tuple[int, float]:
+    cfg_file = out_dir / "train_config.json"
+    if cfg_file.exists() and read_json(cfg_file) != json.loads(json.dumps(config, default=str)):
+        raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out")
+    try:
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported by path
+        raise GeneratorError(f"{state_file}: cannot resume from this checkpoint ({e})") from e
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.set_state(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming generator training at step %d", state["step"])
+    _truncate_log(out_dir / "log.jsonl", state["step"])
+    return state["step"], state["seconds"]
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the last checkpoint)."""
+    if log_file.exists():
+        lines = [ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_file.write_text("".join(ln + "\n" for ln in lines))
+
+
+def save_generator(out_dir: Path, model: Generator, tokenizer: LoraTokenizer, delta_scale: float, config: dict) -> None:
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
+    tensors["delta_scale"] = torch.tensor([delta_scale])
+    tmp = out_dir / "generator.safetensors.tmp"
+    save_file(tensors, tmp)
+    tmp.replace(out_dir / "generator.safetensors")
+    atomic_write_json(out_dir / "config.json", {"kind": "generator", **config})
+
+
+def load_generator(gen_dir: str | Path) -> tuple[Generator, LoraTokenizer, float, dict]:
+    """A trained generator, its LoRA tokenizer, δ scale and config; shape mismatches are reported by file."""
+    gen_dir = Path(gen_dir)
+    config = read_json(gen_dir / "config.json", "generator config")
+    if config.get("kind") != "generator":
+        raise GeneratorError(f"{gen_dir / 'config.json'}: not a trained generator (kind={config.get('kind')!r})")
+    weights = gen_dir / "generator.safetensors"
+    if not weights.exists():
+        raise GeneratorError(f"{weights}: missing")
+    tensors = load_file(weights)
+    cfg = GeneratorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["preset"]["generator"].items()})
+    tokenizer = LoraTokenizer({k: tuple(v) for k, v in config["shapes"].items()}, config["width"])
+    try:
+        tokenizer.load_state({k[len("tokenizer."):]: v for k, v in tensors.items() if k.startswith("tokenizer.")})
+        model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, config["d_delta"])
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise GeneratorError(f"{weights}: weights do not match the config in {gen_dir / 'config.json'} ({e})") from e
+    model.eval()
+    return model, tokenizer, float(tensors["delta_scale"]), config
+
+
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], adapter_config: dict, provenance: dict) -> Path:
+    """A PEFT adapter folder (config + safetensors + provenance), written atomically."""
+    cfg = LoraConfig(r=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"], target_modules=adapter_config["target_modules"],
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     base_model_name_or_path=adapter_config.get("base_model_name_or_path"))
+    with atomic_dir(out_dir) as tmp:
+        cfg.save_pretrained(str(tmp))
+        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        atomic_write_json(tmp / "provenance.json", provenance)
+    return Path(out_dir)
+
+
+@torch.inference_mode()
+def generate_tensors(model: Generator, tokenizer: LoraTokenizer, encoder: PromptEncoder, prompts: list[str],
+                     n_prompts: int, seed: int) -> dict[str, torch.Tensor]:
+    chosen = choose_prompts(prompts, n_prompts, seed)
+    return {k: v[0] for k, v in tokenizer.decode(model(encoder.encode(chosen)[None])).items()}
+
+
+def generate(gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed: int = 0,
+             encoder: PromptEncoder | None = None) -> dict:
+    """Prompts -> PEFT adapter folder, for a trained generator or a retrieval index."""
+    import hashlib
+
+    from .retrieval import is_retrieval, retrieve
+
+    gen_dir = Path(gen_dir)
+    if not prompts:
+        raise GeneratorError("no prompts given")
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    encoder = encoder or PromptEncoder()
+    t0 = time.perf_counter()
+    if is_retrieval(gen_dir):
+        task, src = retrieve(gen_dir, prompts, encoder)
+        seconds = time.perf_counter() - t0
+        prov = {"generator": str(gen_dir), "kind": "retrieval", "retrieved_task": task, "prompts_sha256": digest,
+                "n_prompts_given": len(prompts), "seed": seed, "generation_seconds": seconds}
+        config, tensors = read_adapter(src)
+        write_adapter(out_dir, tensors, config, prov)
+        return prov
+    model, tokenizer, _, config = load_generator(gen_dir)
+    n = config["preset"]["generator"]["n_prompts"]
+    t0 = time.perf_counter()
+    tensors = generate_tensors(model, tokenizer, encoder, prompts, n, seed)
+    seconds = time.perf_counter() - t0
+    prov = {"generator": str(gen_dir), "kind": "generator", "variant": config["preset"]["generator"]["variant"],
+            "prompts_sha256": digest, "n_prompts_given": len(prompts), "n_prompts_used": n, "seed": seed,
+            "generation_seconds": seconds, "base_model": config["adapter_config"]["base_model_name_or_path"]}
+    write_adapter(out_dir, tensors, config["adapter_config"], prov)
+    return prov

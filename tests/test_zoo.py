@@ -1,0 +1,270 @@
+"""The reference LoRA zoo: PEFT folders, manifest, determinism, resume after interruption, config guard."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import deltalora.zoo as zoo_mod
+from conftest import leftover_tmp, tree_files
+from deltalora.config import get_preset
+from deltalora.models import tiny_llama
+from deltalora.zoo import build_zoo, zoo_dir, zoo_summary
+
+TASKS = ("syn.add", "syn.copy")
+
+
+@pytest.fixture(scope="module")
+def two_task_preset():
+    p = get_preset("tiny").replace(pool=TASKS, pairs=())
+    assert p.zoo.keep_last == 2
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference_zoo(tmp_path_factory, two_task_preset):
+    """An uninterrupted build of 2 tasks x 1 seed x 2 checkpoints."""
+    ws = tmp_path_factory.mktemp("ref_ws")
+    manifest = build_zoo(two_task_preset, ws)
+    return ws, manifest
+
+
+def adapter_tensors(root, manifest):
+    return {c["path"]: load_file(root / c["path"] / "adapter_model.safetensors") for c in manifest}
+
+
+def assert_same_adapters(root_a, root_b, manifest):
+    for c in manifest:
+        a = root_a / c["path"] / "adapter_model.safetensors"
+        b = root_b / c["path"] / "adapter_model.safetensors"
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{c['path']}: {k} differs"
+        assert a.read_bytes() == b.read_bytes(), f"{c['path']}: safetensors bytes differ"
+
+
+def _logits(model, tok, text="7 plus 5 equals"):
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- layout and PEFT folders
+
+def test_zoo_layout_and_manifest(reference_zoo, two_task_preset):
+    ws, manifest = reference_zoo
+    root = zoo_dir(ws)
+    assert len(manifest) == 2 * 2  # 2 tasks x 1 seed x keep_last=2
+    assert json.loads((root / "manifest.json").read_text()) == manifest
+    assert json.loads((root / "config.json").read_text())["pool"] == list(TASKS)
+    steps = two_task_preset.zoo.steps
+    domains = {"syn.add": "math", "syn.copy": "strings"}
+    for task in TASKS:
+        ckpts = sorted((c for c in manifest if c["task"] == task), key=lambda c: c["step"])
+        assert [c["step"] for c in ckpts] == [steps - 1, steps]
+        for c in ckpts:
+            assert c["domain"] == domains[task] and c["seed"] == 0 and c["pair_of"] is None
+            assert isinstance(c["loss"], float) and math.isfinite(c["loss"])
+            assert c["path"] == f"adapters/{task}/seed0/step{c['step']:05d}"
+            assert (root / c["path"] / "adapter_config.json").is_file()
+            assert (root / c["path"] / "adapter_model.safetensors").is_file()
+        first, final = ckpts
+        assert not first["final"] and "test_acc" not in first
+        assert final["final"] and 0.0 <= final["test_acc"] <= 1.0
+        run = json.loads((root / "runs" / f"{task}__seed0.json").read_text())
+        assert run["checkpoints"] == ckpts
+        assert run["test_acc"] == {task: final["test_acc"]}
+        assert len(run["losses"]) == steps and run["losses"][-1] == final["loss"] and run["losses"][-2] == first["loss"]
+        base = json.loads((root / "base" / f"{task}.json").read_text())
+        assert 0.0 <= base["base_acc"] <= 1.0 and base["n_test"] == 16
+    assert not leftover_tmp(ws)
+
+
+def test_adapters_load_in_peft_and_change_the_logits(reference_zoo):
+    ws, manifest = reference_zoo
+    base, tok = tiny_llama()
+    ref = _logits(base, tok)
+    for c in manifest:
+        folder = zoo_dir(ws) / c["path"]
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["base_model_name_or_path"] == "tiny"
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert all(k.startswith("base_model.model.") for k in saved)
+        assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in saved.items())  # B is zero at init
+        model = PeftModel.from_pretrained(tiny_llama()[0], str(folder))
+        model.eval()
+        out = _logits(model, tok)
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out, ref), f"{c['path']} does not change the logits"
+    assert torch.equal(_logits(base, tok), ref)
+
+
+def test_zoo_summary(reference_zoo, two_task_preset):
+    ws, manifest = reference_zoo
+    rows = zoo_summary(two_task_preset, ws)
+    assert [r["task"] for r in rows] == list(TASKS)
+    for r in rows:
+        final = next(c for c in manifest if c["task"] == r["task"] and c["final"])
+        assert r["lora_acc"] == round(final["test_acc"], 4)
+        assert r["n_test"] == 16 and r["n_train"] > 0
+        assert r["gain"] == round(r["lora_acc"] - r["base_acc"], 4)
+    assert rows[0]["kind"] == "mc" and rows[1]["kind"] == "exact"
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_same_seed_gives_identical_adapters(reference_zoo, two_task_preset, tmp_path):
+    ws, manifest = reference_zoo
+    again = build_zoo(two_task_preset, tmp_path)
+    assert again == manifest  # losses and test accuracies included
+    assert_same_adapters(zoo_dir(ws), zoo_dir(tmp_path), manifest)
+
+
+def test_different_seeds_give_different_adapters(two_task_preset, tmp_path):
+    p = two_task_preset.replace(pool=("syn.add",), zoo=dataclasses.replace(two_task_preset.zoo, seeds=(0, 1)))
+    manifest = build_zoo(p, tmp_path)
+    finals = {c["seed"]: c for c in manifest if c["final"]}
+    assert set(finals) == {0, 1}
+    t0 = load_file(zoo_dir(tmp_path) / finals[0]["path"] / "adapter_model.safetensors")
+    t1 = load_file(zoo_dir(tmp_path) / finals[1]["path"] / "adapter_model.safetensors")
+    assert any(not torch.equal(t0[k], t1[k]) for k in t0)
+
+
+# ---------------------------------------------------------------- resume
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_build_resumes_without_retraining(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    ws_ref, manifest_ref = reference_zoo
+    real_atomic_dir = zoo_mod.atomic_dir
+    saves = []
+
+    @contextlib.contextmanager
+    def flaky_atomic_dir(path):
+        # the 4th checkpoint save (syn.copy's final step) is killed after its files are written
+        with real_atomic_dir(path) as tmp:
+            yield tmp
+            saves.append(path)
+            if len(saves) == 4:
+                assert any(tmp.iterdir())
+                raise Interrupt()
+
+    monkeypatch.setattr(zoo_mod, "atomic_dir", flaky_atomic_dir)
+    with pytest.raises(Interrupt):
+        build_zoo(two_task_preset, tmp_path)
+    monkeypatch.undo()
+    root = zoo_dir(tmp_path)
+    assert not leftover_tmp(tmp_path), "an interrupted build left temporary files"
+    assert sorted(f.name for f in (root / "runs").glob("*.json")) == ["syn.add__seed0.json"]
+    assert not (root / "adapters/syn.copy/seed0/step00006").exists()
+    assert (root / "adapters/syn.copy/seed0/step00005").exists()  # written before the kill
+
+    done = [f for f in tree_files(root).values() if "syn.add" in str(f)]
+    mtimes = {f: f.stat().st_mtime_ns for f in done}
+    calls = []
+    real_run_job = zoo_mod._run_job
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    manifest = build_zoo(two_task_preset, tmp_path)
+    assert calls == ["syn.copy__seed0"]
+    assert {f: f.stat().st_mtime_ns for f in done} == mtimes, "finished runs were rewritten"
+    assert manifest == manifest_ref
+    assert_same_adapters(zoo_dir(ws_ref), root, manifest)
+    assert not leftover_tmp(tmp_path)
+
+    calls.clear()
+    assert build_zoo(two_task_preset, tmp_path) == manifest_ref
+    assert calls == []
+
+
+def test_interrupt_between_jobs(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    ws_ref, manifest_ref = reference_zoo
+    real_run_job = zoo_mod._run_job
+    calls = []
+
+    def run_job(job, *a, **k):
+        calls.append(job.run_id)
+        if len(calls) == 2:
+            raise Interrupt()
+        return real_run_job(job, *a, **k)
+
+    monkeypatch.setattr(zoo_mod, "_run_job", run_job)
+    with pytest.raises(Interrupt):
+        build_zoo(two_task_preset, tmp_path)
+    assert calls == ["syn.add__seed0", "syn.copy__seed0"]
+    calls.clear()
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    assert build_zoo(two_task_preset, tmp_path) == manifest_ref
+    assert calls == ["syn.copy__seed0"]
+    assert_same_adapters(zoo_dir(ws_ref), zoo_dir(tmp_path), manifest_ref)
+
+
+def test_deleted_run_is_redone(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    ws_ref, manifest_ref = reference_zoo
+    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
+    root = zoo_dir(tmp_path)
+    (root / "runs" / "syn.add__seed0.json").unlink()
+    shutil.rmtree(root / "adapters" / "syn.add")
+    kept = {f: f.stat().st_mtime_ns for f in (root / "adapters" / "syn.copy").rglob("*") if f.is_file()}
+    calls = []
+    real_run_job = zoo_mod._run_job
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    assert build_zoo(two_task_preset, tmp_path) == manifest_ref
+    assert calls == ["syn.add__seed0"]
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
+    assert_same_adapters(zoo_dir(ws_ref), root, manifest_ref)
+
+
+def test_extending_the_pool_trains_only_new_tasks(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    ws_ref, _ = reference_zoo
+    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
+    calls = []
+    real_run_job = zoo_mod._run_job
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    manifest = build_zoo(two_task_preset.replace(pool=TASKS + ("syn.parity",)), tmp_path)
+    assert calls == ["syn.parity__seed0"]
+    assert {c["task"] for c in manifest} == {*TASKS, "syn.parity"}
+
+
+# ---------------------------------------------------------------- config guard
+
+@pytest.mark.parametrize("change, key", [
+    (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, steps=7)), "zoo"),
+    (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, rank=4)), "zoo"),
+    (lambda p: p.replace(tasks=dataclasses.replace(p.tasks, split_seed=1)), "tasks"),
+    (lambda p: p.replace(base="smollm2-135m"), "base"),
+])
+def test_rebuild_with_different_config_is_refused(reference_zoo, two_task_preset, tmp_path, monkeypatch, change, key):
+    ws_ref, _ = reference_zoo
+    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
+    before = (zoo_dir(tmp_path) / "config.json").read_bytes()
+    monkeypatch.setattr(zoo_mod, "load_base", lambda name: pytest.fail("model loaded before the config check"))
+    with pytest.raises(ValueError) as e:
+        build_zoo(change(two_task_preset), tmp_path)
+    assert f"'{key}'" in str(e.value) and "config.json" in str(e.value)
+    assert (zoo_dir(tmp_path) / "config.json").read_bytes() == before
+
+
+def test_checkpoint_saving_never_contacts_the_hub(two_task_preset, tmp_path, monkeypatch):
+    """The zoo is built offline: saving a checkpoint must not ask the Hugging Face Hub anything.
+
+    PEFT's ``save_pretrained`` defaults to ``save_embedding_layers="auto"``, which looks up
+    ``<base_model_name_or_path>/config.json`` on the Hub (here the name "tiny") for every
+    checkpoint; ``save_embedding_layers=False`` skips that (the zoo never targets embeddings).
+    """
+    import peft.utils.save_and_load as sl
+
+    asked = []
+    monkeypatch.setattr(sl, "check_file_exists_on_hf_hub", lambda repo, fname, **k: asked.append((repo, fname)))
+    build_zoo(two_task_preset.replace(pool=("syn.add",)), tmp_path)
+    assert asked == [], f"checkpoint saving queried the Hub: {asked[:2]}"
