@@ -268,3 +268,37 @@ def test_checkpoint_saving_never_contacts_the_hub(two_task_preset, tmp_path, mon
     monkeypatch.setattr(sl, "check_file_exists_on_hf_hub", lambda repo, fname, **k: asked.append((repo, fname)))
     build_zoo(two_task_preset.replace(pool=("syn.add",)), tmp_path)
     assert asked == [], f"checkpoint saving queried the Hub: {asked[:2]}"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    from deltalora.io import atomic_dir
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("second")
+            raise KeyboardInterrupt
+    assert (target / "a.txt").read_text() == "first"  # the old folder is untouched
+    assert not leftover_tmp(tmp_path)
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("replaced")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_atomic_json_and_read_json_errors(tmp_path):
+    from deltalora.io import atomic_write_json, read_json
+
+    f = tmp_path / "sub" / "x.json"
+    atomic_write_json(f, {"a": (1, 2)})
+    assert read_json(f) == {"a": [1, 2]}
+    assert not leftover_tmp(tmp_path)
+    with pytest.raises(FileNotFoundError, match="zoo manifest not found"):
+        read_json(tmp_path / "none.json", "zoo manifest")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: run record is not valid JSON"):
+        read_json(tmp_path / "bad.json", "run record")

@@ -229,6 +229,26 @@ def generate_cmd(generator: Annotated[Path, typer.Option("--generator", "-g", he
     typer.echo(json.dumps(prov))
 
 
+@app.command("assess")
+def assess_cmd(generator: Annotated[Path, typer.Option("--generator", "-g", help="Trained generator or retrieval folder.")],
+               preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
+               overrides: SetOpt = None,
+               tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")] = None,
+               draws: Annotated[int, typer.Option(help="Generated adapters per task (different train-prompt draws).")] = 2,
+               n_test: Annotated[Optional[int], typer.Option(help="Score only the first N test items.")] = None,
+               out: Annotated[Optional[Path], typer.Option(help="JSON output.")] = None) -> None:
+    """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
+    from .assess import assess_generator
+    from .io import atomic_write_json, read_json
+
+    p, extra = _setup(preset, overrides, tasks_file)
+    names = [t.strip() for t in tasks.split(",")] if tasks else read_json(generator / "config.json").get("train_tasks") or read_json(generator / "config.json")["tasks"]
+    res = assess_generator(p, _ws(workspace, p), generator, names, draws, n_test, extra)
+    if out:
+        atomic_write_json(out, res)
+    typer.echo(json.dumps(res["overall"]))
+
+
 @app.command("run")
 def run_cmd(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
             overrides: SetOpt = None, base: BaseOpt = None, pool: PoolOpt = None,

@@ -1,0 +1,88 @@
+"""Scoring generated adapters against the zoo: accuracy, parameter MSE, δ distance and cosine.
+
+Conditioning prompts are drawn from a task's train split only; accuracy is measured on
+its test split, so no scored item ever conditions the generator.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftConfig
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .adapters import AdapterSwapper, read_adapter
+from .analysis import cos
+from .config import Preset
+from .delta import DeltaProbe, load_deltas
+from .encoder import PromptEncoder
+from .evaluate import accuracy
+from .generator import choose_prompts, generate_tensors, load_generator
+from .io import read_json
+from .models import load_base
+from .registry import TaskSpec
+from .retrieval import is_retrieval, retrieve
+from .tasks import load_task, resolve_spec, stable_seed
+from .zoo import zoo_dir
+
+
+def mean_std(xs: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.pstdev(xs), 4) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def assess_generator(preset: Preset, workspace: str | Path, gen_dir: str | Path, tasks: list[str], n_draws: int = 2,
+                     n_test: int | None = None, extra: list[TaskSpec] | None = None) -> dict:
+    """Per task and overall: accuracy of generated adapters (mean ± std over prompt draws) and
+    how close they are to the task's reference checkpoints in weights and in δ."""
+    workspace, gen_dir = Path(workspace), Path(gen_dir)
+    root = zoo_dir(workspace)
+    manifest = read_json(root / "manifest.json", "zoo manifest")
+    deltas = load_deltas(workspace, preset.delta.n_probes)
+    base, tok = load_base(preset.base)
+    encoder = PromptEncoder(workspace / "cache" / "prompt_embeddings.safetensors")
+    retrieval = is_retrieval(gen_dir)
+    if not retrieval:
+        model, tokenizer, _, gconf = load_generator(gen_dir)
+        n_prompts = gconf["preset"]["generator"]["n_prompts"]
+    finals = [c for c in manifest if c["final"] and not c.get("pair_of")]
+    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(root / finals[0]["path"])), preset.base)
+    probe = DeltaProbe(tok, preset.delta)
+    with swapper.model.disable_adapter():
+        probe.set_base(swapper.model)
+    per_task, gen_seconds = {}, []
+    try:
+        for name in tqdm(tasks, desc=f"assess {gen_dir.name}", unit="task"):
+            task = load_task(resolve_spec(name, extra), preset.tasks)
+            test = task.test[:n_test] if n_test else task.test
+            refs = [c for c in finals if c["task"] == name]
+            ref_tensors = [load_file(root / c["path"] / "adapter_model.safetensors") for c in refs]
+            ref_delta = torch.stack([deltas[c["path"]] for c in refs]).mean(0)
+            rows = []
+            for d in range(n_draws):
+                prompts = [it.prompt for it in task.train]
+                t0 = time.perf_counter()
+                if retrieval:
+                    _, folder = retrieve(gen_dir, choose_prompts(prompts, min(32, len(prompts)), stable_seed(name, d)), encoder)
+                    tensors = read_adapter(folder)[1]
+                else:
+                    tensors = generate_tensors(model, tokenizer, encoder, prompts, n_prompts, stable_seed(name, d))
+                gen_seconds.append(time.perf_counter() - t0)
+                swapper.set_tensors(tensors)
+                acc = accuracy(swapper.model, tok, test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+                delta = probe.delta(swapper.model)
+                mse = statistics.fmean(statistics.fmean(((tensors[k] - r[k]) ** 2).mean().item() for k in r) for r in ref_tensors)
+                rows.append({"acc": acc, "param_mse": mse, "delta_dist": (delta - ref_delta).norm().item(),
+                             "delta_cos": cos(delta, ref_delta)})
+            ref_acc = [c["test_acc"] for c in refs]
+            per_task[name] = {k: mean_std([r[k] for r in rows]) for k in rows[0]}
+            per_task[name]["reference_acc"] = mean_std(ref_acc)
+            per_task[name]["n_test"] = len(test)
+    finally:
+        swapper.unload()
+    overall = {k: mean_std([per_task[t][k]["mean"] for t in tasks]) for k in ("acc", "reference_acc", "param_mse", "delta_dist", "delta_cos")}
+    return {"generator": str(gen_dir), "tasks": per_task, "overall": overall, "n_draws": n_draws,
+            "generation_seconds": mean_std(gen_seconds)}
