@@ -49,16 +49,21 @@ def additivity(deltas: dict[str, torch.Tensor], manifest: Sequence[dict]) -> lis
 
 
 def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Path, title: str) -> None:
-    """t-SNE of the cosine distances, coloured by domain."""
+    """t-SNE of the cosine distances (PCA below 8 points), coloured by domain."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    d = cosine_distance(x)
-    xy = TSNE(n_components=2, metric="precomputed", init="random", random_state=0,
-              perplexity=max(2.0, min(15.0, (len(x) - 1) / 3))).fit_transform(d)
+    if len(x) >= 8:
+        xy = TSNE(n_components=2, metric="precomputed", init="random", random_state=0,
+                  perplexity=min(15.0, (len(x) - 1) / 3)).fit_transform(cosine_distance(x))
+    else:  # too few points for t-SNE: the top two principal directions of the unit vectors
+        unit = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+        centred = unit - unit.mean(0)
+        xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
     fig, ax = plt.subplots(figsize=(7, 5.5))
     for i, dom in enumerate(sorted(set(labels))):
         m = np.array([lab == dom for lab in labels])

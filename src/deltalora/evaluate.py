@@ -80,7 +80,7 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
         n_c = max(len(conts[k]) for k in idx)
         rows = [(b, j) for b in range(len(idx)) for j in range(n_c)]
         seqs = [conts[idx[b]][j] if j < len(conts[idx[b]]) else [tok.pad_token_id] for b, j in rows]
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_repeat_interleave(n_c)
         c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
         full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
@@ -143,7 +143,7 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: 
                 break
             mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype)], 1)
             pos = pos[:, -1:] + 1
-            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.past_key_values,
+            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache,
                         use_cache=True)
         gen = torch.stack(new, 1)
         for r, k in enumerate(idx):

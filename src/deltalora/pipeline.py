@@ -66,6 +66,13 @@ def _flat_weights(zoo_root: Path, paths: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
+def _silhouette_or_none(x: np.ndarray, labels: list[str]) -> float | None:
+    """None where silhouette is undefined (one domain, or a domain per adapter) rather than failing the report."""
+    if not 2 <= len(set(labels)) < len(labels):
+        return None
+    return round(silhouette(x, labels), 4)
+
+
 def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tuple[int, ...] = (1, 5, 20)) -> dict:
     """Silhouette by domain for δ and flattened weights, the 2-D map, additivity; saved as JSON + PNG."""
     root = zoo_dir(workspace)
@@ -78,8 +85,8 @@ def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tu
     result: dict = {
         "n_adapters": len(finals), "n_tasks": len({c["task"] for c in finals}), "n_domains": len(set(labels)),
         "unit": "final checkpoint of each (task, seed) run; labels = task domain; distance clip(1-cos, 0, 1)",
-        "silhouette_delta": round(silhouette(x, labels), 4),
-        "silhouette_flat_weights": round(silhouette(_flat_weights(root, paths), labels), 4),
+        "silhouette_delta": _silhouette_or_none(x, labels),
+        "silhouette_flat_weights": _silhouette_or_none(_flat_weights(root, paths), labels),
         "silhouette_delta_by_probes": {},
         "additivity": additivity(deltas5, manifest),
     }
@@ -87,7 +94,7 @@ def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tu
         f = delta_dir(workspace) / f"deltas_p{n}.safetensors"
         if f.exists():
             d = load_deltas(workspace, n)
-            result["silhouette_delta_by_probes"][str(n)] = round(silhouette(np.stack([d[p].numpy() for p in paths]), labels), 4)
+            result["silhouette_delta_by_probes"][str(n)] = _silhouette_or_none(np.stack([d[p].numpy() for p in paths]), labels)
     timing = delta_dir(workspace) / "timing_p5.json"
     if timing.exists():
         result["delta_seconds_per_adapter"] = round(read_json(timing)["seconds_per_adapter"], 4)
@@ -95,7 +102,7 @@ def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tu
         add = result["additivity"]
         result["additivity_mean"] = {k: round(float(np.mean([r[k] for r in add])), 4) for k in ("cos_sum", "cos_a", "cos_b")}
     plot_map(x, labels, [c["task"] for c in finals], out_png,
-             f"Delta Activations of {len(finals)} adapters (silhouette {result['silhouette_delta']:.3f})")
+             f"Delta Activations of {len(finals)} adapters (silhouette {result['silhouette_delta']})")
     atomic_write_json(out_json, result)
     return result
 

@@ -245,9 +245,10 @@ def split_items(name: str, items: list[tuple[Item, str | None]], cfg: TaskConfig
     pinned_test = [it for it, s in items if s == "test"]
     free = [it for it, s in items if s is None]
     random.Random(stable_seed(cfg.split_seed, name)).shuffle(free)
-    n_test = max(0, min(cfg.max_test - len(pinned_test), int(len(items) * cfg.max_test_fraction) - len(pinned_test)))
-    test = (pinned_test + free[:n_test])[: cfg.max_test]
-    train = (pinned_train + free[n_test:])[: cfg.max_train]
+    # Pinned items always stay on their side; the caps apply to the free items.
+    n_test = max(0, min(cfg.max_test, int(len(items) * cfg.max_test_fraction)) - len(pinned_test))
+    test = pinned_test + free[:n_test]
+    train = pinned_train + free[n_test:][: max(0, cfg.max_train - len(pinned_train))]
     if not test or not train:
         raise TaskError(f"task {name}: split left {len(train)} train and {len(test)} test items; need both")
     return tuple(train), tuple(test)

@@ -112,7 +112,7 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
     def save(model, step: int, loss: float) -> None:
         rel = Path("adapters") / job.name / f"seed{job.seed}" / f"step{step:05d}"
         with atomic_dir(root / rel) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
         ckpts.append({"task": job.name, "domain": job.domain, "seed": job.seed, "step": step, "loss": loss,
                       "path": str(rel), "final": step == steps, "pair_of": list(job.tasks) if job.is_pair else None})
         if step == steps:

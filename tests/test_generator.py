@@ -1,0 +1,286 @@
+"""Generator pieces on the tiny model: LoRA tokenizer, variants, generation, retrieval, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+
+from deltalora.config import ConfigError
+from deltalora.generator import (ExactBehaviour, Generator, GeneratorError, _losses, choose_prompts, generate,
+                                 load_generator, read_prompts, shuffled_deltas, train_generator, training_set)
+from deltalora.encoder import PromptEncoder
+from deltalora.lora_tokens import LoraTokenizer
+from deltalora.models import load_base
+from deltalora.pipeline import apply_overrides, delta_stage
+from deltalora.retrieval import build_retrieval, retrieve
+from deltalora.tasks import load_task, resolve_spec
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_zoo):
+    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    return tiny_zoo
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return PromptEncoder()
+
+
+def _preset(ws, **gen):
+    return apply_overrides(ws.preset, [f"generator.{k}={v}" for k, v in gen.items()])
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ LoRA tokenizer
+
+@st.composite
+def lora_shapes(draw):
+    r = draw(st.integers(1, 8))
+    layers = draw(st.integers(1, 3))
+    modules = draw(st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "up_proj"]), min_size=1, max_size=3, unique=True))
+    shapes = {}
+    for i in range(layers):
+        for m in modules:
+            d_in, d_out = draw(st.integers(3, 70)), draw(st.integers(3, 70))
+            pre = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            shapes[f"{pre}.lora_A.weight"] = (r, d_in)
+            shapes[f"{pre}.lora_B.weight"] = (d_out, r)
+    return shapes
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=lora_shapes(), width=st.one_of(st.none(), st.integers(4, 48)), seed=st.integers(0, 2**16))
+def test_tokenizer_round_trip_exact(shapes, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    sds = [{k: torch.randn(s, generator=g) * 0.05 + i * 0.01 for k, s in shapes.items()} for i in range(3)]
+    tok = LoraTokenizer(shapes, width).fit(sds)
+    tokens = tok.encode(sds[0])
+    assert tokens.shape == (tok.n_tokens, tok.width)
+    back = tok.decode(tokens)
+    assert set(back) == set(shapes)
+    assert max((back[k] - sds[0][k]).abs().max().item() for k in shapes) <= 1e-6
+    assert tok.n_params == sum(a * b for a, b in shapes.values())
+
+
+def test_tokenizer_derives_width_without_padding_waste():
+    shapes = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 576),
+              "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (576, 8),
+              "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (8, 576),
+              "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (192, 8)}
+    tok = LoraTokenizer(shapes)
+    assert tok.width == 192 and tok.n_tokens * tok.width == tok.n_params
+
+
+def test_tokenizer_rejects_other_layout():
+    tok = LoraTokenizer({"a.lora_A.weight": (2, 8), "a.lora_B.weight": (8, 2)})
+    with pytest.raises(ValueError, match="wrong shape"):
+        tok.encode({"a.lora_A.weight": torch.zeros(3, 8), "a.lora_B.weight": torch.zeros(8, 2)})
+    with pytest.raises(ValueError, match="missing"):
+        tok.encode({"a.lora_A.weight": torch.zeros(2, 8)})
+
+
+# ------------------------------------------------------------------ training, every variant
+
+@pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C"])
+def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
+    preset = _preset(ws, variant=variant, steps=24, stage1_steps=24, lr=3e-3)
+    out = tmp_path / variant
+    res = train_generator(preset, ws.workspace, out, list(preset.pool), progress=False)
+    assert res["n_params"] > 0 and res["lora_params"] > 0
+    log = _log(out)
+    stages = [log[:24], log[24:]] if variant == "B" else [log]
+    for rows in stages:
+        first = sum(r["loss"] for r in rows[:4]) / 4
+        last = sum(r["loss"] for r in rows[-4:]) / 4
+        assert last < first, f"{variant}: loss {first:.4f} -> {last:.4f}"
+    model, tok, scale, config = load_generator(out)
+    assert config["preset"]["generator"]["variant"] == variant and scale > 0
+
+
+def test_a2_delta_gradient_reaches_decoder(ws, encoder):
+    preset = _preset(ws, variant="A2", lambda_w=0.0)
+    data, tokenizer, meta = training_set(preset, ws.workspace, list(preset.pool), None, encoder)
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    exact = ExactBehaviour(preset, meta["adapter_config"], 5)
+    losses = _losses(model, data, tokenizer, exact, preset.generator, torch.tensor([0, 3]), torch.Generator().manual_seed(0),
+                     tokenizer.valid_mask(), stage=2)
+    assert "delta_exact" in losses
+    losses["delta_exact"].backward()
+    grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_exact_delta_equals_plain_delta_of_reference(ws, encoder):
+    """The training-time exact δ of a reference adapter's tokens equals the δ stored for it."""
+    from deltalora.delta import load_deltas
+
+    preset = _preset(ws, variant="A2")
+    data, tokenizer, meta = training_set(preset, ws.workspace, list(preset.pool), None, encoder)
+    exact = ExactBehaviour(preset, meta["adapter_config"], 5)
+    with torch.no_grad():
+        d = exact.delta(tokenizer.decode(data.tokens[0]))
+    stored = load_deltas(ws.workspace, 5)[data.paths[0]]
+    assert torch.allclose(d, stored, atol=1e-5)
+
+
+def test_b_decodes_arbitrary_delta(ws, tmp_path):
+    preset = _preset(ws, variant="B", steps=4, stage1_steps=4)
+    out = tmp_path / "B"
+    train_generator(preset, ws.workspace, out, list(preset.pool), progress=False)
+    model, tokenizer, scale, config = load_generator(out)
+    arbitrary = torch.randn(2, config["d_delta"])  # no adapter produced these
+    with torch.no_grad():
+        tokens = model.from_delta(arbitrary)
+    assert tokens.shape == (2, tokenizer.n_tokens, tokenizer.width) and torch.isfinite(tokens).all()
+    tensors = tokenizer.decode(tokens[0])
+    assert set(tensors) == set(config["shapes"])
+    with pytest.raises(GeneratorError, match="only variant B"):
+        Generator(preset.generator.__class__(variant="dnd", n_prompts=4, channels=(8,)), 4, 8, 3).from_delta(arbitrary)
+
+
+def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypatch):
+    preset = _preset(ws, variant="dnd", steps=8, save_every=4)
+    full = tmp_path / "full"
+    train_generator(preset, ws.workspace, full, list(preset.pool), progress=False)
+
+    import deltalora.generator as gen
+    real, calls = gen._losses, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(gen, "_losses", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
+    monkeypatch.setattr(gen, "_losses", real)
+    assert not (cut / "generator.safetensors").exists()
+    train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
+    a, b = load_generator(full)[0].state_dict(), load_generator(cut)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _log(cut)] == list(range(1, 9))
+
+
+def test_resume_refuses_other_config(ws, tmp_path):
+    out = tmp_path / "g"
+    train_generator(_preset(ws, steps=4, save_every=2), ws.workspace, out, list(ws.preset.pool), progress=False)
+    with pytest.raises(GeneratorError, match="another config"):
+        train_generator(_preset(ws, steps=4, save_every=2, lr=0.5), ws.workspace, out, list(ws.preset.pool), progress=False)
+
+
+# ------------------------------------------------------------------ generation
+
+@pytest.fixture(scope="module")
+def trained(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "dnd"
+    train_generator(_preset(ws, steps=6), ws.workspace, out, list(ws.preset.pool), progress=False)
+    return out
+
+
+def test_generated_adapter_loads_in_peft_and_changes_logits(ws, trained, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"{i} plus {i} equals" for i in range(6)) + "\n")
+    from typer.testing import CliRunner
+
+    from deltalora.cli import app
+
+    res = CliRunner().invoke(app, ["generate", "-g", str(trained), "--prompts", str(prompts), "--out", str(tmp_path / "ad")])
+    assert res.exit_code == 0, res.output
+    prov = json.loads((tmp_path / "ad" / "provenance.json").read_text())
+    assert prov["variant"] == "dnd" and prov["n_prompts_used"] == 4 and len(prov["prompts_sha256"]) == 64
+    base, tok = load_base("tiny")
+    ids = tok("3 plus 4 equals", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+        after = peft_model(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_same_seed_same_adapter(trained, tmp_path, encoder):
+    prompts = [f"{i} plus 1 equals" for i in range(10)]
+    generate(trained, prompts, tmp_path / "a", seed=3, encoder=encoder)
+    generate(trained, prompts, tmp_path / "b", seed=3, encoder=encoder)
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+
+
+def test_too_few_prompts_sample_with_replacement_and_warn(caplog):
+    with caplog.at_level(logging.WARNING):
+        chosen = choose_prompts(["a", "b"], 5, seed=0)
+    assert len(chosen) == 5 and set(chosen) <= {"a", "b"}
+    assert "sampling with replacement" in caplog.text
+
+
+def test_retrieval_returns_the_tasks_own_adapter(ws, tmp_path, encoder):
+    index = build_retrieval(ws.preset, ws.workspace, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
+    for name in ws.preset.pool:
+        task = load_task(resolve_spec(name), ws.preset.tasks)
+        got, folder = retrieve(index, [it.prompt for it in task.train], encoder)
+        assert got == name
+        ref = ws.folder(name) / "adapter_model.safetensors"
+        assert (folder / "adapter_model.safetensors").read_bytes() == ref.read_bytes()
+
+
+def test_shuffle_delta_permutes_across_tasks():
+    deltas = torch.arange(12, dtype=torch.float).reshape(6, 2)
+    ckpt_task = torch.tensor([0, 0, 1, 1, 2, 2])
+    shuffled = shuffled_deltas(deltas, ckpt_task, seed=1)
+    for i in range(6):
+        src = [j for j in range(6) if torch.equal(deltas[j], shuffled[i])]
+        assert len(src) == 1 and ckpt_task[src[0]] != ckpt_task[i]
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_prompt_file_errors(tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(GeneratorError, match="no prompts"):
+        read_prompts(empty)
+    with pytest.raises(GeneratorError, match="cannot read"):
+        read_prompts(tmp_path / "missing.txt")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(GeneratorError, match="line 2"):
+        read_prompts(bad)
+    good = tmp_path / "g.jsonl"
+    good.write_text('"first"\n{"prompt": "second"}\n')
+    assert read_prompts(good) == ["first", "second"]
+
+
+def test_generator_for_other_lora_shape_is_refused(trained, tmp_path):
+    copy = tmp_path / "g"
+    shutil.copytree(trained, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    key = next(iter(cfg["shapes"]))
+    cfg["shapes"][key] = [cfg["shapes"][key][0] + 1, cfg["shapes"][key][1]]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GeneratorError, match="generator.safetensors"):
+        load_generator(copy)
+
+
+def test_zoo_without_delta_is_refused(tiny_zoo, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_zoo.workspace / "zoo", ws / "zoo")
+    with pytest.raises(GeneratorError, match="delta compute"):
+        train_generator(tiny_zoo.preset, ws, tmp_path / "out", list(tiny_zoo.preset.pool), progress=False)
+
+
+def test_bad_variant_is_a_config_error(ws):
+    with pytest.raises(ConfigError, match="variant"):
+        _preset(ws, variant="Z")
