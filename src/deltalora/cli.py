@@ -155,10 +155,12 @@ def delta_report_cmd(preset: PresetOpt = "small", workspace: WorkspaceOpt = None
                      out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/delta_<preset>.json).")] = None,
                      plot: Annotated[Optional[Path], typer.Option(help="PNG map (default docs/delta_map_<preset>.png).")] = None) -> None:
     """Silhouette by domain (δ vs flattened weights), 2-D map, additivity of pair adapters."""
-    from .pipeline import delta_report
+    from .pipeline import delta_report, write_results_md
 
     p = get_preset(preset)
-    res = delta_report(_ws(workspace, p), out or Path(f"results/delta_{p.name}.json"), plot or Path(f"docs/delta_map_{p.name}.png"))
+    out = out or Path(f"results/delta_{p.name}.json")
+    res = delta_report(_ws(workspace, p), out, plot or Path(f"docs/delta_map_{p.name}.png"))
+    write_results_md(p.name, out.parent, Path("docs"))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
 
 
