@@ -149,6 +149,9 @@ class GeneratorConfig:
     """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
     kl_prompts: int = 4
     """Variant C: task prompts per sample for the KL term."""
+    exact_samples: int = 0
+    """Samples per step that get the exact-δ / KL terms (A2, B, C); 0 = the whole batch. Each costs a
+    forward and backward of the probes through the base model, the dominant cost on a CPU."""
     n_probes: int = 5
     """Probe set of the δ targets and of the exact δ (1, 5 or 20)."""
     cond_noise: float = 1e-4
@@ -172,6 +175,7 @@ class GeneratorConfig:
         _check(min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0, "generator loss weights must be >= 0")
         _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
         _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
+        _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
         _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
         _check(self.save_every >= 1, "generator.save_every must be >= 1")
 
@@ -224,6 +228,7 @@ PRESETS: dict[str, Preset] = {
         base="smollm2-135m",
         pool=DEFAULT_POOL,
         pairs=PAIRS,
+        generator=GeneratorConfig(exact_samples=1),
     ),
 }
 
