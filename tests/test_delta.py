@@ -121,7 +121,7 @@ def test_compute_zoo_deltas_resumes(tiny_zoo, tmp_path, monkeypatch):
 
     loaded = []
     real_load = AdapterSwapper.load
-    monkeypatch.setattr(AdapterSwapper, "load", lambda self, folder: (loaded.append(folder), real_load(self, folder))[1])
+    monkeypatch.setattr(AdapterSwapper, "load", lambda self, folder, sha256=None: (loaded.append(folder), real_load(self, folder, sha256))[1])
     full = compute_zoo_deltas(base, tok, tiny_zoo.root, manifest, cfg, out, base_name="tiny")
     assert len(loaded) == len(manifest) - 3  # only the new checkpoints
     assert set(full) == {c["path"] for c in manifest}

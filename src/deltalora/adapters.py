@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ZooConfig
+from .io import sha256_file
 
 
 class AdapterError(ValueError):
@@ -27,13 +28,20 @@ def lora_config(cfg: ZooConfig) -> LoraConfig:
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
-def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The adapter's config dict and its tensors, validated for form (not yet against a model)."""
+def read_adapter(folder: str | Path, sha256: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's config dict and its tensors, validated for form (not yet against a model).
+
+    With ``sha256`` (from a zoo manifest) a truncated or corrupted weights file is refused
+    before it is parsed.
+    """
     folder = Path(folder)
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for f in (cfg_file, weights):
         if not f.exists():
             raise AdapterError(f"{f}: missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)")
+    if sha256 is not None and sha256_file(weights) != sha256:
+        raise AdapterError(f"{weights}: checksum does not match the zoo manifest (truncated or corrupted); "
+                           "delete its run record under zoo/runs/ and rerun `deltalora zoo build`")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -54,9 +62,10 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def check_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def check_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None,
+                  sha256: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Validate an adapter against ``model`` (names and shapes) before any compute."""
-    config, tensors = read_adapter(folder)
+    config, tensors = read_adapter(folder, sha256)
     recorded = config.get("base_model_name_or_path")
     if base_name is not None and recorded not in (None, base_name):
         raise AdapterError(f"{folder}: adapter was trained on base {recorded!r}, not {base_name!r}")
@@ -91,8 +100,8 @@ class AdapterSwapper:
         self.model = get_peft_model(base, config)
         self.model.eval()
 
-    def load(self, folder: str | Path) -> PeftModel:
-        _, tensors = check_adapter(self.model.base_model.model, folder, self.base_name)
+    def load(self, folder: str | Path, sha256: str | None = None) -> PeftModel:
+        _, tensors = check_adapter(self.model.base_model.model, folder, self.base_name, sha256)
         expected = {k for k in self.lora_keys()}
         if set(tensors) != expected:
             raise AdapterError(f"{folder}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(expected)} tensors)")

@@ -10,6 +10,8 @@ forward through ``torch.func.functional_call`` so LoRA tensors inside an autogra
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from .adapters import AdapterSwapper
 from .config import DeltaConfig
 from .evaluate import pad_left
-from .io import atomic_write_bytes, atomic_write_json, read_json
+from .distributed import barrier, init_distributed
+from .io import atomic_write_json
 
 PREAMBLES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -92,38 +95,59 @@ def delta_dir(workspace: str | Path) -> Path:
 
 def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, zoo_root: Path, manifest: Sequence[dict],
                        cfg: DeltaConfig, out_dir: Path, base_name: str | None = None, save_every: int = 25) -> dict[str, torch.Tensor]:
-    """δ for every checkpoint of the manifest, resumable: finished ones are kept in the output file."""
+    """δ for every checkpoint of the manifest; resumable (finished ones are kept on disk).
+
+    Under torchrun the checkpoints are sharded by rank; each rank writes its own part
+    file and rank 0 merges them.
+    """
+    info = init_distributed()
     out_file = out_dir / f"deltas_p{cfg.n_probes}.safetensors"
-    done = load_file(out_file) if out_file.exists() else {}
-    todo = [c["path"] for c in manifest if c["path"] not in done]
+    merged = load_file(out_file) if out_file.exists() else {}
+    mine = info.shard([c for c in manifest if c["path"] not in merged])
+    part_file = out_file if info.world == 1 else out_dir / f"deltas_p{cfg.n_probes}.rank{info.rank}.safetensors"
+    done = dict(merged) if info.world == 1 else (load_file(part_file) if part_file.exists() else {})
+    todo = [c for c in mine if c["path"] not in done]
     if todo:
         probe = DeltaProbe(tok, cfg)
         probe.set_base(base)
-        swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(zoo_root / todo[0])), base_name)
+        swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(zoo_root / todo[0]["path"])), base_name)
         try:
             t0 = time.perf_counter()
-            for i, rel in enumerate(tqdm(todo, desc=f"delta (|P|={cfg.n_probes})", unit="adapter"), 1):
-                done[rel] = probe.delta(swapper.load(zoo_root / rel)).contiguous()
+            for i, c in enumerate(tqdm(todo, desc=f"delta (|P|={cfg.n_probes})", unit="adapter"), 1):
+                done[c["path"]] = probe.delta(swapper.load(zoo_root / c["path"], c.get("sha256"))).contiguous()
                 if i % save_every == 0 or i == len(todo):
-                    _save_deltas(out_file, done)
+                    _save_deltas(part_file, done)
             seconds = time.perf_counter() - t0
         finally:
             swapper.unload()
-        atomic_write_json(out_dir / f"timing_p{cfg.n_probes}.json",
-                          {"n_adapters": len(todo), "seconds": seconds, "seconds_per_adapter": seconds / len(todo)})
-    atomic_write_json(out_dir / "config.json", {"delta": {"n_probes": cfg.n_probes, "batch_size": cfg.batch_size},
-                                                "probes": probe_prompts(cfg.n_probes)})
-    return done
+        if info.is_main:
+            atomic_write_json(out_dir / f"timing_p{cfg.n_probes}.json",
+                              {"n_adapters": len(todo), "seconds": seconds, "seconds_per_adapter": seconds / len(todo)})
+    barrier()
+    if info.world > 1 and info.is_main:
+        parts = sorted(out_dir.glob(f"deltas_p{cfg.n_probes}.rank*.safetensors"))
+        for f in parts:
+            merged.update(load_file(f))
+        _save_deltas(out_file, merged)
+        for f in parts:
+            f.unlink()
+    if info.is_main:
+        atomic_write_json(out_dir / "config.json", {"delta": {"n_probes": cfg.n_probes, "batch_size": cfg.batch_size},
+                                                    "probes": probe_prompts(cfg.n_probes)})
+    barrier()
+    return load_file(out_file) if out_file.exists() else done
 
 
 def _save_deltas(path: Path, deltas: dict[str, torch.Tensor]) -> None:
-    import tempfile, os
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    save_file(deltas, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(deltas, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_deltas(workspace: str | Path, n_probes: int = 5) -> dict[str, torch.Tensor]:

@@ -146,8 +146,8 @@ def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra:
     no_delta = [c["path"] for c in ckpts if c["path"] not in all_deltas]
     if no_delta:
         raise GeneratorError(f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`")
-    adapter_cfg, first = read_adapter(root / ckpts[0]["path"])
-    sds = [first] + [read_adapter(root / c["path"])[1] for c in ckpts[1:]]
+    adapter_cfg, first = read_adapter(root / ckpts[0]["path"], ckpts[0].get("sha256"))
+    sds = [first] + [read_adapter(root / c["path"], c.get("sha256"))[1] for c in ckpts[1:]]
     tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
     tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
     deltas = torch.stack([all_deltas[c["path"]] for c in ckpts])

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .config import Preset
 from .evaluate import accuracy
-from .io import atomic_dir, atomic_write_json, read_json
+from .distributed import barrier, init_distributed
+from .io import atomic_dir, atomic_write_json, read_json, sha256_file
 from .models import load_base
 from .registry import TaskSpec
 from .tasks import Task, load_task, resolve_spec
@@ -63,26 +64,37 @@ def load_pool(preset: Preset, extra: list[TaskSpec] | None = None) -> dict[str, 
     return {name: load_task(resolve_spec(name, extra), preset.tasks) for name in preset.pool}
 
 
-def build_zoo(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | None = None,
-              rank: int = 0, world: int = 1) -> list[dict]:
-    """Train every missing adapter of the zoo; returns the manifest (all checkpoints)."""
+def build_zoo(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | None = None) -> list[dict]:
+    """Train every missing adapter of the zoo; returns the manifest (all checkpoints).
+
+    Under torchrun / accelerate launch, adapters and base evaluations are sharded by rank;
+    each job is deterministic in its seed, so the union equals a single-process build.
+    """
+    info = init_distributed()
     root = zoo_dir(workspace)
     _check_same_preset(root, preset)
-    atomic_write_json(root / "config.json", preset.to_dict())
     tasks = load_pool(preset, extra)
-    jobs = [j for i, j in enumerate(jobs_for(preset, {n: t.domain for n, t in tasks.items()})) if i % world == rank]
+    barrier()  # every rank has checked the old config before rank 0 replaces it
+    if info.is_main:
+        atomic_write_json(root / "config.json", preset.to_dict())
+    jobs = info.shard(jobs_for(preset, {n: t.domain for n, t in tasks.items()}))
     todo = [j for j in jobs if not (root / "runs" / f"{j.run_id}.json").exists()]
-    if todo:
+    my_tasks = {n: tasks[n] for n in info.shard(list(tasks))}
+    if todo or any(not (root / "base" / f"{n}.json").exists() for n in my_tasks):
         base, tok = load_base(preset.base)
-        for name, task in tqdm(tasks.items(), desc="base accuracy", unit="task", leave=False):
+        for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):
             if not (root / "base" / f"{name}.json").exists():
                 t0 = time.perf_counter()
                 acc = accuracy(base, tok, task.test, preset.zoo.eval_batch_size, preset.zoo.max_length)
                 atomic_write_json(root / "base" / f"{name}.json",
                                   {"task": name, "base_acc": acc, "n_test": len(task.test), "seconds": time.perf_counter() - t0})
-        for job in tqdm(todo, desc="zoo", unit="adapter"):
+        for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
             _run_job(job, preset, tasks, base, tok, root)
-    return write_manifest(root)
+    barrier()
+    if info.is_main:
+        write_manifest(root)
+    barrier()
+    return read_json(root / "manifest.json", "zoo manifest")
 
 
 def _check_same_preset(root: Path, preset: Preset) -> None:
@@ -113,8 +125,10 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
         rel = Path("adapters") / job.name / f"seed{job.seed}" / f"step{step:05d}"
         with atomic_dir(root / rel) as tmp:
             model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
+            digest = sha256_file(tmp / "adapter_model.safetensors")
         ckpts.append({"task": job.name, "domain": job.domain, "seed": job.seed, "step": step, "loss": loss,
-                      "path": str(rel), "final": step == steps, "pair_of": list(job.tasks) if job.is_pair else None})
+                      "path": str(rel), "sha256": digest, "final": step == steps,
+                      "pair_of": list(job.tasks) if job.is_pair else None})
         if step == steps:
             for t in job.tasks:
                 scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)

@@ -1,0 +1,44 @@
+"""PyTorch distributed set-up for runs launched by ``torchrun`` or ``accelerate launch``.
+
+Both launchers export RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain ``python``
+run is rank 0 of 1 and never touches ``torch.distributed``. Zoo building and δ
+computation shard adapters by rank; generator training wraps the model in DDP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share: round-robin, so every rank gets a similar mix of tasks."""
+        return items[self.rank::self.world]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher set up (gloo on CPU, NCCL on GPU); rank 0 of 1 otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
