@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from peft import PeftModel
 
 from deltalora.config import ConfigError
-from deltalora.generator import (ExactBehaviour, Generator, GeneratorError, _losses, choose_prompts, generate,
+from deltalora.generator import (ExactBehaviour, Generator, GeneratorError, GeneratorLoss, choose_prompts, generate,
                                  load_generator, read_prompts, shuffled_deltas, train_generator, training_set)
 from deltalora.encoder import PromptEncoder
 from deltalora.lora_tokens import LoraTokenizer
@@ -113,8 +113,8 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     data, tokenizer, meta = training_set(preset, ws.workspace, list(preset.pool), None, encoder)
     model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
     exact = ExactBehaviour(preset, meta["adapter_config"], 5)
-    losses = _losses(model, data, tokenizer, exact, preset.generator, torch.tensor([0, 3]), torch.Generator().manual_seed(0),
-                     tokenizer.valid_mask(), stage=2)
+    loss_fn = GeneratorLoss(model, data, tokenizer, exact, preset.generator)
+    losses = loss_fn(torch.tensor([0, 3]), torch.tensor([5, 6]), torch.tensor([0, 1]), stage=2)
     assert "delta_exact" in losses
     losses["delta_exact"].backward()
     grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
@@ -155,20 +155,19 @@ def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypa
     full = tmp_path / "full"
     train_generator(preset, ws.workspace, full, list(preset.pool), progress=False)
 
-    import deltalora.generator as gen
-    real, calls = gen._losses, {"n": 0}
+    real, calls = GeneratorLoss.forward, {"n": 0}
 
-    def dying(*a, **k):
+    def dying(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, *a, **k)
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(gen, "_losses", dying)
+    monkeypatch.setattr(GeneratorLoss, "forward", dying)
     with pytest.raises(KeyboardInterrupt):
         train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
-    monkeypatch.setattr(gen, "_losses", real)
+    monkeypatch.setattr(GeneratorLoss, "forward", real)
     assert not (cut / "generator.safetensors").exists()
     train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
     a, b = load_generator(full)[0].state_dict(), load_generator(cut)[0].state_dict()

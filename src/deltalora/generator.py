@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .adapters import read_adapter
 from .config import GeneratorConfig, Preset
 from .delta import DeltaProbe, load_deltas
+from .distributed import barrier, init_distributed
 from .encoder import DIM, PromptEncoder
 from .evaluate import encode, pad_left
 from .hypernet import DeltaFrontEnd, DeltaHead, HyperConvDecoder, PromptFrontEnd, PromptToDelta, n_params
@@ -131,7 +132,7 @@ def choose_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra: list[TaskSpec] | None,
-                 encoder: PromptEncoder) -> tuple[TrainingSet, LoraTokenizer, dict]:
+                 encoder: PromptEncoder, save_cache: bool = True) -> tuple[TrainingSet, LoraTokenizer, dict]:
     cfg = preset.generator
     root = zoo_dir(workspace)
     manifest = read_json(root / "manifest.json", "zoo manifest (run `deltalora zoo build` first)")
@@ -159,7 +160,8 @@ def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra:
     loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
     prompts = [[it.prompt for it in t.train] for t in loaded]
     emb = [encoder.encode(p) for p in prompts]
-    encoder.save()
+    if save_cache:
+        encoder.save()
     meta = {"adapter_config": {k: adapter_cfg[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")},
             "shapes": {s.key: list(s.shape) for s in tokenizer.segments}, "width": tokenizer.width}
     ts = TrainingSet(tasks, ckpt_task, [c["path"] for c in ckpts], tokens, deltas / scale, scale, prompts, emb)
@@ -218,94 +220,147 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+class GeneratorLoss(nn.Module):
+    """All loss terms of one step for this rank's samples, as a module so DDP can wrap it.
+
+    Every sample carries its own seed (prompt draw, noise, KL prompts) and its position in
+    the global batch, and each term is a sum over local samples divided by the global
+    count times the world size: DDP's gradient average then equals the single-process
+    gradient of the same global batch.
+    """
+
+    def __init__(self, model: Generator, data: TrainingSet, tokenizer: LoraTokenizer, exact: ExactBehaviour | None,
+                 cfg: GeneratorConfig, world: int = 1):
+        super().__init__()
+        self.model = model
+        self.ctx = (data, tokenizer, exact)  # a tuple: not registered, so DDP leaves the frozen base alone
+        self.cfg, self.world = cfg, world
+        self.mask = tokenizer.valid_mask()
+
+    def forward(self, idx: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
+        data, tokenizer, exact = self.ctx
+        cfg, model, mask, b_global = self.cfg, self.model, self.mask, self.cfg.batch_size
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        emb = torch.stack([_draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, g) + cfg.cond_noise *
+                           torch.randn(cfg.n_prompts, DIM, generator=g) for i, g in zip(idx, gens)])
+        target = torch.stack([data.tokens[i] + cfg.target_noise * torch.randn(mask.shape, generator=g) * mask
+                              for i, g in zip(idx, gens)])
+        delta = data.deltas[idx]
+
+        def mean(per_sample: torch.Tensor, n_global: int) -> torch.Tensor:
+            return per_sample.sum() * self.world / n_global
+
+        if cfg.variant == "B" and stage == 1:
+            return {"delta_prompt": mean(((model.e_psi(emb) - delta) ** 2).mean(-1), b_global)}
+        pred = model.from_delta(delta) if cfg.variant == "B" else model(emb)
+        out: dict[str, torch.Tensor] = {}
+        if cfg.lambda_w > 0 or cfg.variant == "dnd":
+            out["mse"] = cfg.lambda_w * mean((((pred - target) * mask) ** 2).sum((1, 2)) / mask.sum(), b_global)
+        if cfg.variant == "A1":
+            out["delta_head"] = cfg.lambda_delta * mean(((model.head(pred) - delta) ** 2).mean(-1), b_global)
+            out["head_fit"] = mean(((model.head(data.tokens[idx]) - delta) ** 2).mean(-1), b_global)
+        if cfg.variant in ("A2", "B", "C"):
+            n_exact = cfg.exact_samples or b_global
+            sel = [k for k in range(len(idx)) if positions[k] < n_exact]
+            weight = cfg.lambda_cons if cfg.variant == "B" else cfg.lambda_delta
+            zero = pred.sum() * 0.0  # keeps every rank's graph the same shape when it has no exact sample
+            if not sel:
+                out["delta_exact"] = zero
+                if cfg.variant == "C":
+                    out["kl"] = zero
+                return out
+            decoded = tokenizer.decode(pred[sel])
+            one = [{k: v[b] for k, v in decoded.items()} for b in range(len(sel))]
+            exact_d = torch.stack([exact.delta(t) for t in one]) / data.delta_scale
+            out["delta_exact"] = weight * mean(((exact_d - delta[sel]) ** 2).mean(-1), n_exact)
+            if cfg.variant == "C":
+                ref = tokenizer.decode(data.tokens[idx[sel]])
+                kl = []
+                for b, k in enumerate(sel):
+                    task_prompts = data.prompts[int(data.ckpt_task[idx[k]])]
+                    ps = [task_prompts[int(j)] for j in torch.randint(len(task_prompts), (cfg.kl_prompts,), generator=gens[k])]
+                    lp_gen = exact.answer_logprobs(one[b], ps)
+                    with torch.no_grad():
+                        lp_ref = exact.answer_logprobs({key: v[b] for key, v in ref.items()}, ps)
+                    kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
+                out["kl"] = cfg.lambda_kl * mean(torch.stack(kl), n_exact)
+        return out
+
+
+def draw_batch(rng: torch.Generator, n_samples: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch: checkpoint indices and one seed per sample, identical on every rank."""
+    return torch.randint(n_samples, (batch_size,), generator=rng), torch.randint(2**62, (batch_size,), generator=rng)
+
+
 def train_generator(preset: Preset, workspace: str | Path, out_dir: str | Path, train_tasks: list[str],
                     extra: list[TaskSpec] | None = None, progress: bool = True) -> dict:
-    """Train (or resume) a generator; writes ``out_dir`` with config, weights and a loss log."""
+    """Train (or resume) a generator; writes ``out_dir`` with config, weights and a loss log.
+
+    Under torchrun the global batch is split over ranks and the loss module runs in DDP
+    (gloo on CPU, NCCL on GPU); every rank steps its own LR schedule; rank 0 alone writes.
+    """
     cfg = preset.generator
     workspace, out_dir = Path(workspace), Path(out_dir)
+    info = init_distributed()
+    if cfg.batch_size % info.world:
+        raise GeneratorError(f"generator.batch_size={cfg.batch_size} must be divisible by the {info.world} ranks")
     # ---- setup
     torch.manual_seed(cfg.seed)
     encoder = PromptEncoder(Path(workspace) / "cache" / "prompt_embeddings.safetensors")
-    data, tokenizer, meta = training_set(preset, workspace, train_tasks, extra, encoder)
+    data, tokenizer, meta = training_set(preset, workspace, train_tasks, extra, encoder, save_cache=info.is_main)
     model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
     exact = ExactBehaviour(preset, meta["adapter_config"], cfg.n_probes) if cfg.variant in ("A2", "B", "C") else None
+    loss_fn = GeneratorLoss(model, data, tokenizer, exact, cfg, info.world)
     stage1 = cfg.stage1_steps if cfg.variant == "B" else 0
     total = stage1 + cfg.steps
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
     rng = torch.Generator().manual_seed(stable_seed("generator", cfg.seed) % 2**63)
-    mask = tokenizer.valid_mask()
     config = {"preset": preset.to_dict(), "train_tasks": train_tasks, "workspace": str(workspace),
               "n_params": n_params(model), "lora_params": tokenizer.n_params, "n_tokens": tokenizer.n_tokens,
               "d_delta": data.deltas.shape[1], **meta}
     state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
     start, seconds = 0, 0.0
-    out_dir.mkdir(parents=True, exist_ok=True)
     if state_file.exists():
-        start, seconds = _resume(state_file, out_dir, config, model, opt, sched, rng)
-    else:
+        start, seconds = _resume(state_file, out_dir, config, model, opt, sched, rng, truncate_log=info.is_main)
+    elif info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "train_config.json", config)
         log_file.unlink(missing_ok=True)
+    barrier()
+    step_fn = loss_fn
+    if info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_fn = DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
     # ---- run
     t0 = time.perf_counter() - seconds
-    bar = tqdm(range(start, total), desc=f"generator {cfg.variant}", unit="step", disable=not progress,
+    bar = tqdm(range(start, total), desc=f"generator {cfg.variant}", unit="step", disable=not (progress and info.is_main),
                initial=start, total=total)
+    mine = torch.arange(info.rank, cfg.batch_size, info.world)
     for step in bar:
-        idx = torch.randint(len(data.paths), (cfg.batch_size,), generator=rng)
-        losses = _losses(model, data, tokenizer, exact, cfg, idx, rng, mask, stage=1 if step < stage1 else 2)
+        idx, seeds = draw_batch(rng, len(data.paths), cfg.batch_size)
+        losses = step_fn(idx[mine], seeds[mine], mine, 1 if step < stage1 else 2)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
-        with log_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
+        if info.is_main:
+            record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+            with log_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
     # ---- save
     train_seconds = time.perf_counter() - t0
-    save_generator(out_dir, model, tokenizer, data.delta_scale, {**config, "train_seconds": train_seconds, "steps_done": total})
+    if info.is_main:
+        save_generator(out_dir, model, tokenizer, data.delta_scale,
+                       {**config, "train_seconds": train_seconds, "steps_done": total, "world_size": info.world})
+    barrier()
     return {"train_seconds": train_seconds, **config}
-
-
-def _losses(model: Generator, data: TrainingSet, tokenizer: LoraTokenizer, exact: ExactBehaviour | None,
-            cfg: GeneratorConfig, idx: torch.Tensor, rng: torch.Generator, mask: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
-    emb = torch.stack([_draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, rng) for i in idx])
-    emb = emb + cfg.cond_noise * torch.randn(emb.shape, generator=rng)
-    target = data.tokens[idx] + cfg.target_noise * torch.randn(data.tokens[idx].shape, generator=rng) * mask
-    delta = data.deltas[idx]
-    out: dict[str, torch.Tensor] = {}
-    if cfg.variant == "B" and stage == 1:
-        return {"delta_prompt": ((model.e_psi(emb) - delta) ** 2).mean()}
-    pred = model.from_delta(delta) if cfg.variant == "B" else model(emb)
-    mse = (((pred - target) * mask) ** 2).sum() / (mask.sum() * len(idx))
-    if cfg.variant != "C" or cfg.lambda_w > 0:
-        out["mse"] = cfg.lambda_w * mse
-    if cfg.variant == "A1":
-        out["delta_head"] = cfg.lambda_delta * ((model.head(pred) - delta) ** 2).mean()
-        out["head_fit"] = ((model.head(data.tokens[idx]) - delta) ** 2).mean()
-    if cfg.variant in ("A2", "B", "C"):
-        weight = cfg.lambda_cons if cfg.variant == "B" else cfg.lambda_delta
-        n = cfg.exact_samples or len(idx)
-        decoded = tokenizer.decode(pred[:n])
-        one = [{k: v[b] for k, v in decoded.items()} for b in range(n)]
-        exact_d = torch.stack([exact.delta(t) for t in one]) / data.delta_scale
-        out["delta_exact"] = weight * ((exact_d - delta[:n]) ** 2).mean()
-        if cfg.variant == "C":
-            ref = tokenizer.decode(data.tokens[idx[:n]])
-            kl = []
-            for b in range(n):
-                task_prompts = data.prompts[int(data.ckpt_task[idx[b]])]
-                ps = [task_prompts[int(j)] for j in torch.randint(len(task_prompts), (cfg.kl_prompts,), generator=rng)]
-                lp_gen = exact.answer_logprobs(one[b], ps)
-                with torch.no_grad():
-                    lp_ref = exact.answer_logprobs({k: v[b] for k, v in ref.items()}, ps)
-                kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
-            out["kl"] = cfg.lambda_kl * torch.stack(kl).mean()
-    return out
 
 
 def _draw(emb: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
@@ -321,7 +376,7 @@ def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -
     tmp.replace(path)
 
 
-def _resume(state_file: Path, out_dir: Path, config: dict, model, opt, sched, rng) -> tuple[int, float]:
+def _resume(state_file: Path, out_dir: Path, config: dict, model, opt, sched, rng, truncate_log: bool = True) -> tuple[int, float]:
     cfg_file = out_dir / "train_config.json"
     if cfg_file.exists() and read_json(cfg_file) != json.loads(json.dumps(config, default=str)):
         raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out")
@@ -335,7 +390,8 @@ def _resume(state_file: Path, out_dir: Path, config: dict, model, opt, sched, rn
     rng.set_state(state["rng"])
     torch.set_rng_state(state["torch_rng"])
     log.info("resuming generator training at step %d", state["step"])
-    _truncate_log(out_dir / "log.jsonl", state["step"])
+    if truncate_log:
+        _truncate_log(out_dir / "log.jsonl", state["step"])
     return state["step"], state["seconds"]
 
 
