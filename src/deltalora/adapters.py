@@ -46,8 +46,9 @@ def read_adapter(folder: str | Path, sha256: str | None = None) -> tuple[dict, d
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{cfg_file}: field 'peft_type' must be 'LORA', got {config.get('peft_type')!r}")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        got = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise AdapterError(f"{cfg_file}: expected an object with field 'peft_type' = 'LORA', got {got!r}")
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:

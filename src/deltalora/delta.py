@@ -26,7 +26,7 @@ from .adapters import AdapterSwapper
 from .config import DeltaConfig
 from .evaluate import pad_left
 from .distributed import barrier, init_distributed
-from .io import atomic_write_json
+from .io import atomic_write_json, remove_stale_tmp
 
 PREAMBLES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -105,6 +105,7 @@ def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, zoo_
     merged = load_file(out_file) if out_file.exists() else {}
     mine = info.shard([c for c in manifest if c["path"] not in merged])
     part_file = out_file if info.world == 1 else out_dir / f"deltas_p{cfg.n_probes}.rank{info.rank}.safetensors"
+    remove_stale_tmp(out_dir, prefix=f".{part_file.name}.")
     done = dict(merged) if info.world == 1 else (load_file(part_file) if part_file.exists() else {})
     todo = [c for c in mine if c["path"] not in done]
     if todo:

@@ -415,21 +415,25 @@ def save_generator(out_dir: Path, model: Generator, tokenizer: LoraTokenizer, de
 def load_generator(gen_dir: str | Path) -> tuple[Generator, LoraTokenizer, float, dict]:
     """A trained generator, its LoRA tokenizer, δ scale and config; shape mismatches are reported by file."""
     gen_dir = Path(gen_dir)
-    config = read_json(gen_dir / "config.json", "generator config")
-    if config.get("kind") != "generator":
-        raise GeneratorError(f"{gen_dir / 'config.json'}: not a trained generator (kind={config.get('kind')!r})")
-    weights = gen_dir / "generator.safetensors"
+    cfg_file, weights = gen_dir / "config.json", gen_dir / "generator.safetensors"
+    try:
+        config = read_json(cfg_file, "generator config")
+    except (FileNotFoundError, ValueError) as e:
+        raise GeneratorError(str(e)) from e
+    if not isinstance(config, dict) or config.get("kind") != "generator":
+        raise GeneratorError(f"{cfg_file}: not a trained generator (expected field 'kind' = 'generator')")
     if not weights.exists():
         raise GeneratorError(f"{weights}: missing")
-    tensors = load_file(weights)
-    cfg = GeneratorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["preset"]["generator"].items()})
-    tokenizer = LoraTokenizer({k: tuple(v) for k, v in config["shapes"].items()}, config["width"])
     try:
+        tensors = load_file(weights)
+        gen = config["preset"]["generator"]
+        cfg = GeneratorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in gen.items()})
+        tokenizer = LoraTokenizer({k: tuple(v) for k, v in config["shapes"].items()}, config["width"])
         tokenizer.load_state({k[len("tokenizer."):]: v for k, v in tensors.items() if k.startswith("tokenizer.")})
         model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, config["d_delta"])
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise GeneratorError(f"{weights}: weights do not match the config in {gen_dir / 'config.json'} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any inconsistency between config and weights is reported by path
+        raise GeneratorError(f"{weights}: weights do not match the config in {cfg_file} ({type(e).__name__}: {e})") from e
     model.eval()
     return model, tokenizer, float(tensors["delta_scale"]), config
 

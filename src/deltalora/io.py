@@ -49,6 +49,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_tmp(folder: str | Path, prefix: str = ".") -> None:
+    """Delete temporaries these writers left when a process was SIGKILLed mid-write."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(prefix) and p.name.endswith(".tmp"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -63,19 +63,25 @@ def stable_seed(*parts: object) -> int:
 def _bigbench_items(path: str, kind: str | None, file: Path) -> list[tuple[Item, str | None]]:
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{file}: not valid JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskError(f"{file}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise TaskError(f"{file}: expected a BIG-bench task object with field 'examples'")
     examples = data.get("examples")
     if not isinstance(examples, list) or not examples:
         raise TaskError(f"{file}: field 'examples' must be a non-empty list")
-    preferred = data.get("preferred_score", "multiple_choice_grade")
-    kind = kind or ("exact" if preferred == "exact_str_match" else "mc")
-    task_prefix = data.get("task_prefix", "")
+    fields = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: "}
+    for key, default in fields.items():
+        fields[key] = data.get(key, default)
+        if not isinstance(fields[key], str):
+            raise TaskError(f"{file}: field {key!r} must be a string")
+    append = data.get("append_choices_to_input", True)
+    if not isinstance(append, bool):
+        raise TaskError(f"{file}: field 'append_choices_to_input' must be true or false")
+    kind = kind or ("exact" if data.get("preferred_score") == "exact_str_match" else "mc")
+    task_prefix, in_prefix, out_prefix = fields.values()
     if task_prefix and not task_prefix[-1].isspace():
         task_prefix += "\n"
-    in_prefix = data.get("example_input_prefix", "\nQ: ")
-    out_prefix = data.get("example_output_prefix", "\nA: ")
-    append = data.get("append_choices_to_input", True)
     items = []
     for i, ex in enumerate(examples):
         where = f"{file}: example {i}"
@@ -85,8 +91,12 @@ def _bigbench_items(path: str, kind: str | None, file: Path) -> list[tuple[Item,
             scores = ex.get("target_scores")
             if not isinstance(scores, dict) or not scores:
                 raise TaskError(f"{where}: field 'target_scores' must be a non-empty object for a multiple-choice task")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()):
+                raise TaskError(f"{where}: field 'target_scores' must map each choice to a number")
+            if not all(c.strip() for c in scores):
+                raise TaskError(f"{where}: field 'target_scores' has an empty choice")
             best = max(scores.values())
-            correct = [c for c, s in scores.items() if s == best]
+            correct = [c for c, v in scores.items() if v == best]
             if len(correct) != 1:
                 continue  # several right answers: not a single-answer MC item
             choices = list(scores)
@@ -103,7 +113,11 @@ def _bigbench_items(path: str, kind: str | None, file: Path) -> list[tuple[Item,
             if not isinstance(target, str) or not target.strip():
                 raise TaskError(f"{where}: field 'target' must be a non-empty string for an exact-match task")
             item = Item(prompt=(task_prefix + in_prefix + ex["input"] + out_prefix).strip(), answer=target.strip())
+        if not item.prompt:
+            raise TaskError(f"{where}: empty prompt (field 'input' and the prefixes are all blank)")
         items.append((item, None))
+    if not items:
+        raise TaskError(f"{file}: no single-answer items")
     return items
 
 

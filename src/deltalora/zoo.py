@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import Preset
 from .evaluate import accuracy
 from .distributed import barrier, init_distributed
-from .io import atomic_dir, atomic_write_json, read_json, sha256_file
+from .io import atomic_dir, atomic_write_json, read_json, remove_stale_tmp, sha256_file
 from .models import load_base
 from .registry import TaskSpec
 from .tasks import Task, load_task, resolve_spec
@@ -74,6 +74,9 @@ def build_zoo(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | Non
     root = zoo_dir(workspace)
     _check_same_preset(root, preset)
     tasks = load_pool(preset, extra)
+    if info.is_main:  # no rank writes before the barrier below
+        for sub in (root, root / "runs", root / "base"):
+            remove_stale_tmp(sub)
     barrier()  # every rank has checked the old config before rank 0 replaces it
     if info.is_main:
         atomic_write_json(root / "config.json", preset.to_dict())
@@ -133,6 +136,7 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
             for t in job.tasks:
                 scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)
 
+    remove_stale_tmp(root / "adapters" / job.name / f"seed{job.seed}")  # this run's own folder: no other rank writes here
     result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save)
     ckpts[-1]["test_acc"] = scores[job.tasks[0]] if not job.is_pair else scores
     atomic_write_json(root / "runs" / f"{job.run_id}.json", {
