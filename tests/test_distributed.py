@@ -56,33 +56,19 @@ def test_sharded_delta_equals_single_process(tiny_zoo, sharded_ws):
 
 GRAD_SCRIPT = textwrap.dedent('''
     import sys, torch
-    from pathlib import Path
     from safetensors.torch import save_file
     from deltalora.config import get_preset
     from deltalora.distributed import init_distributed
-    from deltalora.encoder import PromptEncoder
-    from deltalora.generator import ExactBehaviour, Generator, GeneratorLoss, training_set
+    from deltalora.generator import gradient_snapshot
     from deltalora.pipeline import apply_overrides
 
-    ws, out, variant = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    ws, out, variant = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
-    info = init_distributed()
     preset = apply_overrides(get_preset("tiny"), [f"generator.variant={variant}", "generator.batch_size=4",
                                                   "generator.exact_samples=3"])
-    cfg = preset.generator
-    data, tok, meta = training_set(preset, ws, list(preset.pool), None, PromptEncoder(), save_cache=False)
-    torch.manual_seed(0)
-    model = Generator(cfg, tok.n_tokens, tok.width, data.deltas.shape[1])
-    exact = ExactBehaviour(preset, meta["adapter_config"], cfg.n_probes) if variant in ("A2", "C") else None
-    loss_fn = GeneratorLoss(model, data, tok, exact, cfg, info.world)
-    fn = loss_fn
-    if info.world > 1:
-        fn = torch.nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
-    idx, seeds = torch.tensor([0, 2, 1, 3]), torch.tensor([11, 12, 13, 14])
-    mine = torch.arange(info.rank, 4, info.world)
-    sum(fn(idx[mine], seeds[mine], mine, 2).values()).backward()
-    if info.is_main:
-        save_file({n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}, out)
+    grads = gradient_snapshot(preset, ws, list(preset.pool), torch.tensor([0, 2, 1, 3]), torch.tensor([11, 12, 13, 14]))
+    if init_distributed().is_main:
+        save_file({k: v.contiguous() for k, v in grads.items()}, out)
 ''')
 
 

@@ -292,6 +292,28 @@ def draw_batch(rng: torch.Generator, n_samples: int, batch_size: int) -> tuple[t
     return torch.randint(n_samples, (batch_size,), generator=rng), torch.randint(2**62, (batch_size,), generator=rng)
 
 
+def gradient_snapshot(preset: Preset, workspace: str | Path, train_tasks: list[str], idx: torch.Tensor,
+                      seeds: torch.Tensor, init_seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of one step on a fixed global batch, under DDP when launched on several ranks.
+
+    Used to check that data-parallel training is gradient-equivalent to one process.
+    """
+    info = init_distributed()
+    cfg = preset.generator
+    data, tok, meta = training_set(preset, Path(workspace), train_tasks, None, PromptEncoder(), save_cache=False)
+    torch.manual_seed(init_seed)
+    model = Generator(cfg, tok.n_tokens, tok.width, data.deltas.shape[1])
+    exact = ExactBehaviour(preset, meta["adapter_config"], cfg.n_probes) if cfg.variant in ("A2", "B", "C") else None
+    fn = loss_fn = GeneratorLoss(model, data, tok, exact, cfg, info.world)
+    if info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fn = DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
+    mine = torch.arange(info.rank, len(idx), info.world)
+    sum(fn(idx[mine], seeds[mine], mine, 2).values()).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def train_generator(preset: Preset, workspace: str | Path, out_dir: str | Path, train_tasks: list[str],
                     extra: list[TaskSpec] | None = None, progress: bool = True) -> dict:
     """Train (or resume) a generator; writes ``out_dir`` with config, weights and a loss log.
