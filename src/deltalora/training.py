@@ -23,7 +23,7 @@ class TrainResult:
     losses: list[float]
     """Mean completion loss of every step."""
     seconds: float
-    """Wall time of the training loop (checkpoint saving included)."""
+    """Wall time of the training loop, including whatever ``on_checkpoint`` does."""
 
 
 def completion_batch(tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -122,6 +122,7 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
     steps = preset.zoo.pair_steps if job.is_pair else preset.zoo.steps
     ckpts: list[dict] = []
     scores: dict[str, float] = {}
+    eval_seconds = 0.0
     t0 = time.perf_counter()
 
     def save(model, step: int, loss: float) -> None:
@@ -133,15 +134,18 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
                       "path": str(rel), "sha256": digest, "final": step == steps,
                       "pair_of": list(job.tasks) if job.is_pair else None})
         if step == steps:
+            nonlocal eval_seconds
+            t_eval = time.perf_counter()
             for t in job.tasks:
                 scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+            eval_seconds = time.perf_counter() - t_eval
 
     remove_stale_tmp(root / "adapters" / job.name / f"seed{job.seed}")  # this run's own folder: no other rank writes here
     result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save)
     ckpts[-1]["test_acc"] = scores[job.tasks[0]] if not job.is_pair else scores
     atomic_write_json(root / "runs" / f"{job.run_id}.json", {
         "task": job.name, "domain": job.domain, "seed": job.seed, "tasks": list(job.tasks), "steps": steps,
-        "n_train": len(items), "test_acc": scores, "train_seconds": result.seconds,
+        "n_train": len(items), "test_acc": scores, "train_seconds": result.seconds - eval_seconds, "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - t0, "losses": result.losses, "checkpoints": ckpts,
     })
 
