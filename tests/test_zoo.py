@@ -236,6 +236,18 @@ def test_extending_the_pool_trains_only_new_tasks(reference_zoo, two_task_preset
     assert {c["task"] for c in manifest} == {*TASKS, "syn.parity"}
 
 
+def test_adding_a_seed_trains_only_the_new_seed(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    ws_ref, _ = reference_zoo
+    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
+    calls = []
+    real_run_job = zoo_mod._run_job
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    two_seeds = two_task_preset.replace(zoo=dataclasses.replace(two_task_preset.zoo, seeds=(0, 1)))
+    manifest = build_zoo(two_seeds, tmp_path)
+    assert sorted(calls) == sorted(f"{t}__seed1" for t in TASKS)
+    assert {(c["task"], c["seed"]) for c in manifest} == {(t, s) for t in TASKS for s in (0, 1)}
+
+
 # ---------------------------------------------------------------- config guard
 
 @pytest.mark.parametrize("change, key", [

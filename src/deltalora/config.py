@@ -67,8 +67,8 @@ class ZooConfig:
     """AdamW weight decay."""
     max_length: int = 128
     """Prompt + answer tokens kept per sequence (prompt truncated from the left)."""
-    seeds: tuple[int, ...] = (0, 1)
-    """One adapter per task and seed."""
+    seeds: tuple[int, ...] = (0,)
+    """One adapter per task and seed. More seeds can be added to a built zoo later (resumable)."""
     keep_last: int = 5
     """K checkpoints kept from the last steps of training (as DnD collects them)."""
     save_every: int = 1

@@ -101,13 +101,20 @@ def build_zoo(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | Non
 
 
 def _check_same_preset(root: Path, preset: Preset) -> None:
-    """Resuming with different hyper-parameters would mix incompatible adapters in one zoo."""
+    """Resuming with different hyper-parameters would mix incompatible adapters in one zoo.
+
+    Adding seeds or tasks only adds runs, so ``zoo.seeds`` (and the pool) may change.
+    """
     f = root / "config.json"
     if f.exists():
         old = read_json(f, "zoo config")
-        new = preset.to_dict()
+        new = _jsonable(preset.to_dict())
         for key in ("base", "tasks", "zoo"):
-            if old.get(key) != _jsonable(new[key]):
+            a, b = dict(old.get(key) or {}) if key != "base" else old.get(key), new[key]
+            if key == "zoo":
+                a.pop("seeds", None)
+                b = {k: v for k, v in b.items() if k != "seeds"}
+            if a != b:
                 raise ValueError(f"{f}: zoo was built with a different {key!r} config; use a new workspace or the same preset")
 
 
