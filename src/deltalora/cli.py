@@ -232,23 +232,28 @@ def generate_cmd(generator: Annotated[Path, typer.Option("--generator", "-g", he
 
 
 @app.command("assess")
-def assess_cmd(generator: Annotated[Path, typer.Option("--generator", "-g", help="Trained generator or retrieval folder.")],
+def assess_cmd(generators: Annotated[list[Path], typer.Option("--generator", "-g", help="Trained generator or retrieval folder (repeatable).")],
                preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
                overrides: SetOpt = None,
                tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")] = None,
                draws: Annotated[int, typer.Option(help="Generated adapters per task (different train-prompt draws).")] = 2,
                n_test: Annotated[Optional[int], typer.Option(help="Score only the first N test items.")] = None,
-               out: Annotated[Optional[Path], typer.Option(help="JSON output.")] = None) -> None:
+               out: Annotated[Optional[Path], typer.Option(help="JSON output: one entry per generator.")] = None) -> None:
     """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
     from .assess import assess_generator
     from .io import atomic_write_json, read_json
 
     p, extra = _setup(preset, overrides, tasks_file)
-    names = [t.strip() for t in tasks.split(",")] if tasks else read_json(generator / "config.json").get("train_tasks") or read_json(generator / "config.json")["tasks"]
-    res = assess_generator(p, _ws(workspace, p), generator, names, draws, n_test, extra)
+    results = {}
+    for g in generators:
+        conf = read_json(g / "config.json", "generator config")
+        names = [t.strip() for t in tasks.split(",")] if tasks else conf.get("train_tasks") or conf["tasks"]
+        res = assess_generator(p, _ws(workspace, p), g, names, draws, n_test, extra)
+        res.update({k: conf[k] for k in ("train_seconds", "n_params", "lora_params") if k in conf})
+        results[g.name] = res
+        typer.echo(f"{g.name}: " + json.dumps(res["overall"]))
     if out:
-        atomic_write_json(out, res)
-    typer.echo(json.dumps(res["overall"]))
+        atomic_write_json(out, {"preset": p.name, "draws": draws, "n_test": n_test, "generators": results})
 
 
 @app.command("run")
