@@ -159,7 +159,7 @@ def delta_report_cmd(preset: PresetOpt = "small", workspace: WorkspaceOpt = None
 
     p = get_preset(preset)
     out = out or Path(f"results/delta_{p.name}.json")
-    res = delta_report(_ws(workspace, p), out, plot or Path(f"docs/delta_map_{p.name}.png"))
+    res = delta_report(_ws(workspace, p), out, plot or Path(f"docs/delta_map_{p.name}.png"), p.pool)
     write_results_md(p.name, out.parent, Path("docs"))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
 

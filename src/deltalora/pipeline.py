@@ -73,10 +73,17 @@ def _silhouette_or_none(x: np.ndarray, labels: list[str]) -> float | None:
     return round(silhouette(x, labels), 4)
 
 
-def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tuple[int, ...] = (1, 5, 20)) -> dict:
-    """Silhouette by domain for δ and flattened weights, the 2-D map, additivity; saved as JSON + PNG."""
+def delta_report(workspace: Path, out_json: Path, out_png: Path, pool: tuple[str, ...] | None = None,
+                 probe_sizes: tuple[int, ...] = (1, 5, 20)) -> dict:
+    """Silhouette by domain for δ and flattened weights, the 2-D map, additivity; saved as JSON + PNG.
+
+    With ``pool``, only adapters of those tasks (and pairs of them) count: candidates
+    dropped from the pool stay in the zoo folder but not in the analysis.
+    """
     root = zoo_dir(workspace)
     manifest = read_json(root / "manifest.json", "zoo manifest")
+    if pool is not None:
+        manifest = [c for c in manifest if all(t in pool for t in (c.get("pair_of") or [c["task"]]))]
     finals = [c for c in manifest if c["final"] and not c.get("pair_of")]
     labels = [c["domain"] for c in finals]
     paths = [c["path"] for c in finals]
@@ -110,9 +117,14 @@ def delta_report(workspace: Path, out_json: Path, out_png: Path, probe_sizes: tu
 def zoo_results(preset: Preset, workspace: Path, out_json: Path, out_md: Path | None,
                 extra: list[TaskSpec] | None = None, min_gain: float = 0.05) -> list[dict]:
     """Per-task zoo results as JSON and a Markdown table."""
+    from .registry import DROPPED
+
     rows = zoo_summary(preset, workspace, extra)
+    dropped = zoo_summary(preset.replace(pool=tuple(DROPPED), pairs=()), workspace, extra) if DROPPED else []
     for r in rows:
         r["passes_min_gain"] = r["gain"] >= min_gain
+    for r in dropped:
+        r.update(passes_min_gain=r["gain"] >= min_gain, dropped=DROPPED[r["task"]])
     runs = [read_json(f) for f in sorted((zoo_dir(workspace) / "runs").glob("*.json"))]
     bases = [read_json(f) for f in sorted((zoo_dir(workspace) / "base").glob("*.json"))]
     payload = {
@@ -122,6 +134,7 @@ def zoo_results(preset: Preset, workspace: Path, out_json: Path, out_md: Path | 
         "n_adapter_runs": len(runs), "n_checkpoints": sum(len(r["checkpoints"]) for r in runs),
         "pairs": [{"pair": r["task"], "test_acc": r["test_acc"]} for r in runs if len(r["tasks"]) > 1],
         "tasks": rows,
+        "dropped_candidates": dropped,
     }
     atomic_write_json(out_json, payload)
     if out_md is not None:
@@ -130,6 +143,9 @@ def zoo_results(preset: Preset, workspace: Path, out_json: Path, out_md: Path | 
         for r in rows:
             lines.append(f"| {r['task']} | {r['domain']} | {r['kind']} | {r['n_train']} | {r['n_test']} | {r['base_acc']:.3f} | "
                          f"{r['lora_acc']:.3f} ({', '.join(f'{a:.3f}' for a in r['lora_acc_per_seed'])}) | {r['gain']:+.3f} | {r['train_seconds']:.0f} |")
+        if dropped:
+            lines += ["", "Candidates measured and dropped from the pool:", ""]
+            lines += [f"- `{r['task']}` ({r['domain']}): base {r['base_acc']:.3f}, LoRA {r['lora_acc']:.3f} — {r['dropped']}" for r in dropped]
         atomic_write_bytes(out_md, ("\n".join(lines) + "\n").encode())
     return rows
 
@@ -140,7 +156,7 @@ def run_all(preset: Preset, workspace: Path, results_dir: Path, docs_dir: Path, 
     build_zoo(preset, workspace, extra)
     delta_stage(preset, workspace, (1, 5, 20))
     zoo_results(preset, workspace, results_dir / f"zoo_{preset.name}.json", docs_dir / f"zoo_{preset.name}.md", extra)
-    out = delta_report(workspace, results_dir / f"delta_{preset.name}.json", docs_dir / f"delta_map_{preset.name}.png")
+    out = delta_report(workspace, results_dir / f"delta_{preset.name}.json", docs_dir / f"delta_map_{preset.name}.png", preset.pool)
     out["pipeline_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
     write_results_md(preset.name, results_dir, docs_dir)
     return out

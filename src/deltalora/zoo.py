@@ -169,11 +169,11 @@ def zoo_summary(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | N
     root = zoo_dir(workspace)
     rows = []
     for name in preset.pool:
-        task = load_task(resolve_spec(name, extra), preset.tasks)
         base_f = root / "base" / f"{name}.json"
         runs = [read_json(f, "zoo run record") for f in sorted((root / "runs").glob(f"{name}__seed*.json"))]
         if not base_f.exists() or not runs:
             continue
+        task = load_task(resolve_spec(name, extra), preset.tasks)
         accs = [r["test_acc"][name] for r in runs]
         base_acc = read_json(base_f, "base accuracy")["base_acc"]
         lora_acc = sum(accs) / len(accs)
