@@ -225,23 +225,25 @@ def test_deleted_run_is_redone(reference_zoo, two_task_preset, tmp_path, monkeyp
     assert_same_adapters(zoo_dir(ws_ref), root, manifest_ref)
 
 
-def test_extending_the_pool_trains_only_new_tasks(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+def _copy_zoo_and_record_jobs(reference_zoo, tmp_path, monkeypatch) -> list[str]:
+    """Copy the reference zoo into tmp_path; the returned list fills with the run ids trained next."""
     ws_ref, _ = reference_zoo
     shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
-    calls = []
+    calls: list[str] = []
     real_run_job = zoo_mod._run_job
     monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    return calls
+
+
+def test_extending_the_pool_trains_only_new_tasks(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    calls = _copy_zoo_and_record_jobs(reference_zoo, tmp_path, monkeypatch)
     manifest = build_zoo(two_task_preset.replace(pool=TASKS + ("syn.parity",)), tmp_path)
     assert calls == ["syn.parity__seed0"]
     assert {c["task"] for c in manifest} == {*TASKS, "syn.parity"}
 
 
 def test_adding_a_seed_trains_only_the_new_seed(reference_zoo, two_task_preset, tmp_path, monkeypatch):
-    ws_ref, _ = reference_zoo
-    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
-    calls = []
-    real_run_job = zoo_mod._run_job
-    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    calls = _copy_zoo_and_record_jobs(reference_zoo, tmp_path, monkeypatch)
     two_seeds = two_task_preset.replace(zoo=dataclasses.replace(two_task_preset.zoo, seeds=(0, 1)))
     manifest = build_zoo(two_seeds, tmp_path)
     assert sorted(calls) == sorted(f"{t}__seed1" for t in TASKS)
