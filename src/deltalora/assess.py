@@ -43,7 +43,7 @@ def assess_generator(preset: Preset, workspace: str | Path, gen_dir: str | Path,
     manifest = read_json(root / "manifest.json", "zoo manifest")
     deltas = load_deltas(workspace, preset.delta.n_probes)
     base, tok = load_base(preset.base)
-    encoder = PromptEncoder(workspace / "cache" / "prompt_embeddings.safetensors")
+    encoder = PromptEncoder()  # no persistent cache: generation time includes encoding the prompts
     retrieval = is_retrieval(gen_dir)
     if not retrieval:
         model, tokenizer, _, gconf = load_generator(gen_dir)
