@@ -1,12 +1,6 @@
-"""``deltalora <verb>``: one verb per pipeline stage.
+"""``deltalora <verb>``: behaviour-aware data-to-LoRA generation.
 
-    deltalora run --preset small                 # the main job: zoo + Delta Activations + results
-    deltalora tasks list|show|prepare            # the task registry
-    deltalora zoo build|results                  # reference LoRAs
-    deltalora delta compute|report               # Delta Activations and their quality
-    deltalora train-generator --variant dnd      # prompt-to-LoRA generator (dnd|A1|A2|B|C|retrieval)
-    deltalora generate --generator G --prompts F --out DIR   # prompts -> PEFT adapter
-    deltalora evaluate --adapter DIR --task T    # test accuracy of one adapter (or the base)
+The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate -> evaluate / assess. `deltalora run --preset small` is the main job (zoo, Delta Activations with 1/5/20 probes, results and plots). Every verb takes --preset (tiny | small), --workspace and --set section.field=value overrides.
 """
 
 from __future__ import annotations
