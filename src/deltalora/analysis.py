@@ -68,6 +68,9 @@ def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Pa
     for i, dom in enumerate(sorted(set(labels))):
         m = np.array([lab == dom for lab in labels])
         ax.scatter(xy[m, 0], xy[m, 1], label=dom, s=28, color=plt.cm.tab10(i % 10))
+    if len(x) <= 60:  # small zoos: name every point
+        for (px, py), name in zip(xy, names):
+            ax.annotate(name.rsplit(".", 1)[-1], (px, py), fontsize=6, alpha=0.8, xytext=(3, 3), textcoords="offset points")
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
