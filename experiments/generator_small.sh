@@ -13,6 +13,6 @@ for v in dnd A1 A2 B C; do
   fi
 done
 [ -f "$W/generators/retrieval/config.json" ] || deltalora train-generator --preset small -w "$W" --variant retrieval
-deltalora assess --preset small -w "$W" --tasks "$TASKS" --draws 2 --n-test 100 \
+deltalora assess --preset small -w "$W" --tasks "$TASKS" --draws "${DRAWS:-2}" --n-test "${N_TEST:-100}" \
   -g "$W/generators/dnd" -g "$W/generators/A1" -g "$W/generators/A2" -g "$W/generators/B" -g "$W/generators/C" \
   -g "$W/generators/retrieval" --out results/generator_small.json
