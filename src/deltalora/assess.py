@@ -30,8 +30,20 @@ from .tasks import load_task, resolve_spec, stable_seed
 from .zoo import zoo_dir
 
 
+_SAME_ITEMS_CACHE: dict[tuple, float] = {}
+
+
 def mean_std(xs: list[float]) -> dict:
     return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.pstdev(xs), 4) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def _same_items_acc(swapper: AdapterSwapper, tok, preset: Preset, items, key: tuple, tensors) -> float:
+    """Accuracy of given tensors (or of the model as it is, for None) on ``items``, once per process."""
+    if key not in _SAME_ITEMS_CACHE:
+        if tensors is not None:
+            swapper.set_tensors(tensors)
+        _SAME_ITEMS_CACHE[key] = accuracy(swapper.model, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)
+    return _SAME_ITEMS_CACHE[key]
 
 
 def assess_generator(preset: Preset, workspace: str | Path, gen_dir: str | Path, tasks: list[str], n_draws: int = 2,
@@ -77,12 +89,18 @@ def assess_generator(preset: Preset, workspace: str | Path, gen_dir: str | Path,
                 mse = statistics.fmean(statistics.fmean(((tensors[k] - r[k]) ** 2).mean().item() for k in r) for r in ref_tensors)
                 rows.append({"acc": acc, "param_mse": mse, "delta_dist": (delta - ref_delta).norm().item(),
                              "delta_cos": cos(delta, ref_delta)})
-            ref_acc = [c["test_acc"] for c in refs]
+            # References and the base are scored on the same items as the generated adapters.
+            ref_acc = [_same_items_acc(swapper, tok, preset, test, ("ref", str(root / c["path"]), len(test)), t)
+                       for c, t in zip(refs, ref_tensors)]
+            with swapper.model.disable_adapter():
+                base_acc = _same_items_acc(swapper, tok, preset, test, ("base", str(root), name, len(test)), None)
             per_task[name] = {k: mean_std([r[k] for r in rows]) for k in rows[0]}
             per_task[name]["reference_acc"] = mean_std(ref_acc)
+            per_task[name]["base_acc"] = base_acc
             per_task[name]["n_test"] = len(test)
     finally:
         swapper.unload()
     overall = {k: mean_std([per_task[t][k]["mean"] for t in tasks]) for k in ("acc", "reference_acc", "param_mse", "delta_dist", "delta_cos")}
+    overall["base_acc"] = mean_std([per_task[t]["base_acc"] for t in tasks])
     return {"generator": str(gen_dir), "tasks": per_task, "overall": overall, "n_draws": n_draws,
             "generation_seconds": mean_std(gen_seconds)}
