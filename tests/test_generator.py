@@ -283,3 +283,27 @@ def test_zoo_without_delta_is_refused(tiny_zoo, tmp_path):
 def test_bad_variant_is_a_config_error(ws):
     with pytest.raises(ConfigError, match="variant"):
         _preset(ws, variant="Z")
+
+
+# ------------------------------------------------------------------ assessment
+
+def test_assess_scores_generated_and_reference_adapters_on_the_same_items(ws, trained, tmp_path, encoder):
+    from deltalora.adapters import load_adapter
+    from deltalora.assess import assess_generator
+    from deltalora.evaluate import accuracy
+
+    index = build_retrieval(ws.preset, ws.workspace, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
+    res = assess_generator(ws.preset, ws.workspace, index, ["syn.add", "syn.parity"], n_draws=2, n_test=8)
+    for name in ("syn.add", "syn.parity"):
+        row = res["tasks"][name]
+        assert row["n_test"] == 8 and row["acc"]["n"] == 2
+        # retrieval on a task's own prompts returns its reference adapter: same behaviour, same weights
+        assert row["delta_cos"]["mean"] == pytest.approx(1.0, abs=1e-5) and row["param_mse"]["mean"] == 0.0
+        assert row["acc"]["mean"] == row["reference_acc"]["mean"]
+        base, tok = load_base("tiny")
+        task = load_task(resolve_spec(name), ws.preset.tasks)
+        ref = load_adapter(base, ws.folder(name), "tiny")
+        assert row["reference_acc"]["mean"] == accuracy(ref, tok, task.test[:8])
+    gen = assess_generator(ws.preset, ws.workspace, trained, ["syn.add"], n_draws=2, n_test=8)
+    assert 0.0 <= gen["overall"]["acc"]["mean"] <= 1.0 and gen["overall"]["param_mse"]["mean"] > 0
+    assert set(gen["overall"]) >= {"acc", "reference_acc", "base_acc", "param_mse", "delta_dist", "delta_cos"}
