@@ -232,7 +232,8 @@ def assess_cmd(generators: Annotated[list[Path], typer.Option("--generator", "-g
                tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")] = None,
                draws: Annotated[int, typer.Option(help="Generated adapters per task (different train-prompt draws).")] = 2,
                n_test: Annotated[Optional[int], typer.Option(help="Score only the first N test items.")] = None,
-               out: Annotated[Optional[Path], typer.Option(help="JSON output: one entry per generator.")] = None) -> None:
+               out: Annotated[Optional[Path], typer.Option(help="JSON output: one entry per generator.")] = None,
+               merge: Annotated[bool, typer.Option("--merge", help="Add these generators to an existing --out file (same draws and n_test).")] = False) -> None:
     """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
     from .assess import assess_generator
     from .io import atomic_write_json, read_json
@@ -247,7 +248,13 @@ def assess_cmd(generators: Annotated[list[Path], typer.Option("--generator", "-g
         results[g.name] = res
         typer.echo(f"{g.name}: " + json.dumps(res["overall"]))
     if out:
-        atomic_write_json(out, {"preset": p.name, "draws": draws, "n_test": n_test, "generators": results})
+        payload = {"preset": p.name, "draws": draws, "n_test": n_test, "generators": results}
+        if merge and out.exists():
+            old = read_json(out, "assessment results")
+            if (old.get("draws"), old.get("n_test")) != (draws, n_test):
+                raise UserError(f"{out}: holds draws={old.get('draws')}, n_test={old.get('n_test')}; cannot merge a different protocol")
+            payload["generators"] = {**old["generators"], **results}
+        atomic_write_json(out, payload)
 
 
 @app.command("run")
