@@ -16,3 +16,9 @@ done
 deltalora assess --preset small -w "$W" --tasks "$TASKS" --draws "${DRAWS:-2}" --n-test "${N_TEST:-100}" \
   -g "$W/generators/dnd" -g "$W/generators/A1" -g "$W/generators/A2" -g "$W/generators/B" -g "$W/generators/C" \
   -g "$W/generators/retrieval" --out results/generator_small.json
+# dnd with a longer schedule (cheap: no exact-δ terms), added to the same results file
+if [ ! -f "$W/generators/dnd_1500steps/generator.safetensors" ]; then
+  deltalora train-generator --preset small -w "$W" --variant dnd --out "$W/generators/dnd_1500steps" --set generator.steps=1500
+fi
+deltalora assess --preset small -w "$W" --tasks "$TASKS" --draws "${DRAWS:-2}" --n-test "${N_TEST:-100}" \
+  -g "$W/generators/dnd_1500steps" --out results/generator_small.json --merge

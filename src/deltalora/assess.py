@@ -34,7 +34,8 @@ _SAME_ITEMS_CACHE: dict[tuple, float] = {}
 
 
 def mean_std(xs: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.pstdev(xs), 4) if len(xs) > 1 else 0.0, "n": len(xs)}
+    sig = lambda x: float(f"{x:.4g}")  # noqa: E731 - 4 significant digits: MSEs are ~1e-4
+    return {"mean": sig(statistics.fmean(xs)), "std": sig(statistics.pstdev(xs)) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
 def _same_items_acc(swapper: AdapterSwapper, tok, preset: Preset, items, key: tuple, tensors) -> float:

@@ -244,7 +244,7 @@ def assess_cmd(generators: Annotated[list[Path], typer.Option("--generator", "-g
         conf = read_json(g / "config.json", "generator config")
         names = [t.strip() for t in tasks.split(",")] if tasks else conf.get("train_tasks") or conf["tasks"]
         res = assess_generator(p, _ws(workspace, p), g, names, draws, n_test, extra)
-        res.update({k: conf[k] for k in ("train_seconds", "n_params", "lora_params") if k in conf})
+        res.update({k: conf[k] for k in ("train_seconds", "n_params", "lora_params", "steps_done") if k in conf})
         results[g.name] = res
         typer.echo(f"{g.name}: " + json.dumps(res["overall"]))
     if out:

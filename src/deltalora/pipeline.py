@@ -218,14 +218,15 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
                   "reference adapters and the base model are scored on the same items. Values are mean ± std "
                   "over tasks of the per-task means; δ distance and cosine are against the mean δ of the task's reference "
                   "checkpoints; parameter MSE is over the raw LoRA tensors against each reference checkpoint.", "",
-                  "| generator | params | train s | gen s/adapter | accuracy | reference acc | base acc | param MSE | δ distance | δ cosine |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| generator | params | steps | train s | gen s/adapter | accuracy | reference acc | base acc | param MSE | δ distance | δ cosine |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in g["generators"].items():
             o = r["overall"]
             ms = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
-            lines.append(f"| {key} | {r.get('n_params', '—')} | {round(r['train_seconds']) if 'train_seconds' in r else '—'} | "
+            lines.append(f"| {key} | {r.get('n_params', '—')} | {r.get('steps_done', '—')} | "
+                         f"{round(r['train_seconds']) if 'train_seconds' in r else '—'} | "
                          f"{r['generation_seconds']['mean']:.3f} | {ms(o['acc'])} | {ms(o['reference_acc'])} | {ms(o['base_acc'])} | "
-                         f"{o['param_mse']['mean']:.2e} | {ms(o['delta_dist'])} | {ms(o['delta_cos'])} |")
+                         f"{o['param_mse']['mean']:.4g} | {ms(o['delta_dist'])} | {ms(o['delta_cos'])} |")
         lines.append("")
     out = docs_dir / "results.md"
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
