@@ -12,26 +12,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 from safetensors.torch import load_file
-
-WORKER = textwrap.dedent('''
-    import sys, torch
-    from safetensors.torch import save_file
-    from deltalora.config import get_preset
-    from deltalora.distributed import init_distributed
-    from deltalora.generator import gradient_snapshot
-    from deltalora.pipeline import apply_overrides
-    ws, out, variant = sys.argv[1], sys.argv[2], sys.argv[3]
-    torch.set_num_threads(1)
-    preset = apply_overrides(get_preset("tiny"), [f"generator.variant={variant}", "generator.batch_size=4", "generator.exact_samples=3"])
-    grads = gradient_snapshot(preset, ws, list(preset.pool), torch.tensor([0, 2, 1, 3]), torch.tensor([11, 12, 13, 14]))
-    if init_distributed().is_main:
-        save_file({k: v.contiguous() for k, v in grads.items()}, out)
-''')
-
 
 def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -41,14 +24,13 @@ def main() -> None:
         for verb in (["zoo", "build"], ["delta", "compute", "--probes", "5"]):
             subprocess.run([sys.executable, "-m", "deltalora", *verb, "--preset", "tiny", "--workspace", str(ws)],
                            env=env, check=True, capture_output=True)
-        (tmp / "w.py").write_text(WORKER)
         out = {}
         for variant in ("dnd", "A1", "A2", "B", "C"):
             files = []
             for n in (1, 2):
                 f = tmp / f"{variant}_{n}.safetensors"
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                                str(tmp / "w.py"), str(ws), str(f), variant], env=env, check=True, capture_output=True)
+                                "-m", "deltalora.ddp_check", str(ws), str(f), variant], env=env, check=True, capture_output=True)
                 files.append(load_file(f))
             g1, g2 = files
             out[variant] = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)

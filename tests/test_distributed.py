@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -54,31 +53,11 @@ def test_sharded_delta_equals_single_process(tiny_zoo, sharded_ws):
     assert not list((sharded_ws / "delta").glob("*.rank*"))  # part files merged and removed
 
 
-GRAD_SCRIPT = textwrap.dedent('''
-    import sys, torch
-    from safetensors.torch import save_file
-    from deltalora.config import get_preset
-    from deltalora.distributed import init_distributed
-    from deltalora.generator import gradient_snapshot
-    from deltalora.pipeline import apply_overrides
-
-    ws, out, variant = sys.argv[1], sys.argv[2], sys.argv[3]
-    torch.set_num_threads(1)
-    preset = apply_overrides(get_preset("tiny"), [f"generator.variant={variant}", "generator.batch_size=4",
-                                                  "generator.exact_samples=3"])
-    grads = gradient_snapshot(preset, ws, list(preset.pool), torch.tensor([0, 2, 1, 3]), torch.tensor([11, 12, 13, 14]))
-    if init_distributed().is_main:
-        save_file({k: v.contiguous() for k, v in grads.items()}, out)
-''')
-
-
 @pytest.mark.parametrize("variant", ["dnd", "A2", "C"])
 def test_ddp_gradient_equals_single_process(tiny_zoo, tmp_path, variant):
     delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
-    script = tmp_path / "grad.py"
-    script.write_text(GRAD_SCRIPT)
-    torchrun(1, str(script), str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"), variant)
-    torchrun(2, str(script), str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"), variant)
+    torchrun(1, "-m", "deltalora.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"), variant)
+    torchrun(2, "-m", "deltalora.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"), variant)
     g1, g2 = load_file(tmp_path / "g1.safetensors"), load_file(tmp_path / "g2.safetensors")
     assert g1.keys() == g2.keys() and len(g1) > 0
     worst = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)
