@@ -10,15 +10,13 @@ forward through ``torch.func.functional_call`` so LoRA tensors inside an autogra
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -26,7 +24,7 @@ from .adapters import AdapterSwapper
 from .config import DeltaConfig
 from .evaluate import pad_left
 from .distributed import barrier, init_distributed
-from .io import atomic_write_json, remove_stale_tmp
+from .io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
 
 PREAMBLES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -140,15 +138,7 @@ def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, zoo_
 
 
 def _save_deltas(path: Path, deltas: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(deltas, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(deltas))
 
 
 def load_deltas(workspace: str | Path, n_probes: int = 5) -> dict[str, torch.Tensor]:

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from .io import atomic_write_bytes
 
 DIM = 384
 
@@ -56,8 +58,5 @@ class PromptEncoder:
         """Persist new embeddings (atomically) so later runs skip the encoder."""
         if self.cache_file is None or not self._dirty:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in self.cache.items()}, tmp)
-        os.replace(tmp, self.cache_file)
+        atomic_write_bytes(self.cache_file, save({k: v.contiguous() for k, v in self.cache.items()}))
         self._dirty = False

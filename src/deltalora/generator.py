@@ -17,6 +17,7 @@ G_θ(δ_a + δ_b) decodes a sum of behaviours, not of re-centred codes.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,7 +39,7 @@ from .distributed import barrier, init_distributed
 from .encoder import DIM, PromptEncoder
 from .evaluate import encode, pad_left
 from .hypernet import DeltaFrontEnd, DeltaHead, HyperConvDecoder, PromptFrontEnd, PromptToDelta, n_params
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from .lora_tokens import LoraTokenizer
 from .models import load_base
 from .registry import TaskSpec
@@ -392,10 +393,10 @@ def _draw(emb: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
 
 
 def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -> None:
-    tmp = path.with_suffix(".tmp")
+    buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "seconds": seconds}, tmp)
-    tmp.replace(path)
+                "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "seconds": seconds}, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _resume(state_file: Path, out_dir: Path, config: dict, model, opt, sched, rng, truncate_log: bool = True) -> tuple[int, float]:
@@ -428,9 +429,7 @@ def save_generator(out_dir: Path, model: Generator, tokenizer: LoraTokenizer, de
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
     tensors["delta_scale"] = torch.tensor([delta_scale])
-    tmp = out_dir / "generator.safetensors.tmp"
-    save_file(tensors, tmp)
-    tmp.replace(out_dir / "generator.safetensors")
+    atomic_write_bytes(out_dir / "generator.safetensors", save(tensors))
     atomic_write_json(out_dir / "config.json", {"kind": "generator", **config})
 
 
