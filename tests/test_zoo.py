@@ -316,3 +316,49 @@ def test_atomic_json_and_read_json_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: run record is not valid JSON"):
         read_json(tmp_path / "bad.json", "run record")
+
+
+# ---------------------------------------------------------------- trainer fast path and init
+
+def test_lean_completion_loss_equals_transformers_loss_and_gradient(two_task_preset):
+    """Length-sorted micro-batches + LM head on answer positions only == the padded labels= loss."""
+    from peft import get_peft_model
+
+    from deltalora.adapters import lora_config
+    from deltalora.tasks import load_task, resolve_spec
+    from deltalora.training import completion_batch, completion_loss
+
+    base, tok = tiny_llama()
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(two_task_preset.zoo))
+    items = load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:5] + \
+        load_task(resolve_spec("syn.add"), two_task_preset.tasks).train[:4]
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, labels = completion_batch(tok, items, 48)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_grads = torch.autograd.grad(ref, params)
+    for micro in (1, 4, 9):
+        lean = completion_loss(model, tok, items, 48, micro)
+        assert lean.item() == pytest.approx(ref.item(), rel=1e-5)
+        for g, r in zip(torch.autograd.grad(lean, params), ref_grads):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_lora_init_is_shared_across_tasks_unless_asked(two_task_preset, per_task):
+    """Same seed -> the same lora_A basis for every task (weight targets share coordinates)."""
+    from deltalora.tasks import load_task, resolve_spec
+    from deltalora.training import train_lora
+
+    cfg = dataclasses.replace(two_task_preset.zoo, lr=1e-9, warmup_steps=0, keep_last=1, init_per_task=per_task)
+    base, tok = tiny_llama()
+    first_a = {}
+    for task in TASKS:
+        items = load_task(resolve_spec(task), two_task_preset.tasks).train
+
+        def grab(model, step, loss, task=task):
+            first_a[task] = [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+        train_lora(base, tok, items, cfg, 1, 0, f"{task}__seed0", grab)
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first_a[TASKS[0]], first_a[TASKS[1]]))
+    assert same is not per_task

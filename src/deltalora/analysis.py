@@ -48,8 +48,10 @@ def additivity(deltas: dict[str, torch.Tensor], manifest: Sequence[dict]) -> lis
     return rows
 
 
-def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Path, title: str) -> None:
-    """t-SNE of the cosine distances (PCA below 8 points), coloured by domain."""
+def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Path, title: str,
+             kinds: Sequence[str] | None = None) -> None:
+    """t-SNE of the cosine distances (PCA below 8 points), coloured by domain; ``kinds`` (e.g.
+    reference vs each generator) get one marker each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,9 +67,16 @@ def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Pa
         xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
         xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
     fig, ax = plt.subplots(figsize=(7, 5.5))
+    kinds = list(kinds) if kinds is not None else [""] * len(x)
+    marks = dict(zip(dict.fromkeys(kinds), "o*^sDvP<>X"))
     for i, dom in enumerate(sorted(set(labels))):
-        m = np.array([lab == dom for lab in labels])
-        ax.scatter(xy[m, 0], xy[m, 1], label=dom, s=28, color=plt.cm.tab10(i % 10))
+        for kind, mk in marks.items():
+            m = np.array([lab == dom and k == kind for lab, k in zip(labels, kinds)])
+            if m.any():
+                ax.scatter(xy[m, 0], xy[m, 1], s=28 if mk == "o" else 40, marker=mk, color=plt.cm.tab10(i % 10),
+                           label=dom if kind == kinds[0] or len(marks) == 1 else None)
+    for kind, mk in marks.items() if len(marks) > 1 else ():
+        ax.scatter([], [], marker=mk, color="grey", label=kind)
     if len(x) <= 60:  # small zoos: name every point
         for (px, py), name in zip(xy, names):
             ax.annotate(name.rsplit(".", 1)[-1], (px, py), fontsize=6, alpha=0.8, xytext=(3, 3), textcoords="offset points")

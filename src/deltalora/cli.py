@@ -1,6 +1,6 @@
 """``deltalora <verb>``: behaviour-aware data-to-LoRA generation.
 
-The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate -> evaluate / assess. `deltalora run --preset small` is the main job (zoo, Delta Activations with 1/5/20 probes, results and plots). Every verb takes --preset (tiny | small), --workspace and --set section.field=value overrides.
+The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate -> evaluate / assess -> experiment -> report. `deltalora run --preset small` is the main job (zoo, Delta Activations with 1/5/20 probes, results and plots). Every verb takes --preset (tiny | small), --workspace and --set section.field=value overrides.
 """
 
 from __future__ import annotations
@@ -268,6 +268,30 @@ def run_cmd(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_f
     p, extra = _setup(preset, overrides, tasks_file, base, pool)
     res = run_all(p, _ws(workspace, p), results_dir, docs_dir, extra)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
+
+
+@app.command("experiment")
+def experiment_cmd(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
+                   overrides: SetOpt = None,
+                   only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, rq2_lodo, rq3, rq4, ablations.")] = None,
+                   results_dir: Annotated[Optional[Path], typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")] = None) -> None:
+    """RQ1-RQ4, ablations and controls on a built zoo with Delta Activations. Resumable: every finished
+    cell is cached under <workspace>/experiments and skipped on a rerun; budgets are the preset's
+    experiment.* fields (--set experiment.steps=300 ...)."""
+    from .experiments import run_experiment
+
+    p, extra = _setup(preset, overrides, tasks_file)
+    files = run_experiment(p, _ws(workspace, p), results_dir or Path(f"results/experiments_{p.name}"), only, extra)
+    typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
+
+
+@app.command("report")
+def report_cmd(results_dir: Annotated[Path, typer.Argument(help="Folder of experiment results (rq1.json ...).")],
+               out: Annotated[Path, typer.Option(help="Markdown report; plots go next to it.")] = Path("docs/report.md")) -> None:
+    """Write the report (Markdown + PNG plots) from the experiment result files alone."""
+    from .report import write_report
+
+    typer.echo(str(write_report(results_dir, out)))
 
 
 def main() -> None:

@@ -77,6 +77,11 @@ class ZooConfig:
     """Steps for the adapters trained on the union of two tasks."""
     eval_batch_size: int = 32
     """Sequences per forward pass when scoring test items."""
+    init_per_task: bool = False
+    """Seed each LoRA's init from (task, seed) rather than the seed alone. Off, every task starts
+    from the same lora_A basis, so weight-space targets share coordinates across tasks."""
+    micro_batch: int = 8
+    """Length-sorted sequences per forward pass inside a step (less padding; same gradient)."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "zoo.rank must be >= 1")
@@ -94,6 +99,7 @@ class ZooConfig:
             "zoo.keep_last checkpoints spaced zoo.save_every apart must fit in zoo.steps",
         )
         _check(self.eval_batch_size >= 1, "zoo.eval_batch_size must be >= 1")
+        _check(self.micro_batch >= 1, "zoo.micro_batch must be >= 1")
 
     def checkpoint_steps(self, steps: int) -> list[int]:
         """The steps at which checkpoints are kept, ending with the final step."""
@@ -160,6 +166,13 @@ class GeneratorConfig:
     """Std of Gaussian noise added to target tokens during training."""
     shuffle_delta: bool = False
     """Negative control: δ targets permuted across tasks."""
+    data_fraction: float = 1.0
+    """RQ3: fraction of each task's checkpoints and train prompts the generator may use (at least one of each)."""
+    weight_noise: float = 0.0
+    """RQ3: std of fixed Gaussian noise on the reference tokens (in units of each position's zoo std);
+    the δ targets are re-measured on the noisy adapters, as a real noisy zoo would give them."""
+    mislabel_fraction: float = 0.0
+    """RQ3: fraction of checkpoints whose weights and δ are replaced by another task's (a mislabelled zoo)."""
     save_every: int = 50
     """Steps between resumable training checkpoints."""
     seed: int = 0
@@ -178,6 +191,66 @@ class GeneratorConfig:
         _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
         _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
         _check(self.save_every >= 1, "generator.save_every must be >= 1")
+        _check(0 < self.data_fraction <= 1, "generator.data_fraction must be in (0, 1]")
+        _check(self.weight_noise >= 0, "generator.weight_noise must be >= 0")
+        _check(0 <= self.mislabel_fraction < 1, "generator.mislabel_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The research-question grid run by ``deltalora experiment`` (cells, budgets, controls)."""
+
+    held_out: tuple[str, ...] = ()
+    """RQ2: pool tasks left out of generator training; each domain keeps other training tasks."""
+    seen_eval: tuple[str, ...] = ()
+    """RQ1: training tasks whose test items are scored."""
+    lodo_domain: str = ""
+    """RQ2: the domain left out of training entirely ("" skips leave-one-domain-out)."""
+    lodo_eval: tuple[str, ...] = ()
+    """Tasks of that domain that are scored."""
+    variants: tuple[str, ...] = VARIANTS
+    """Generator variants of the main grid (RQ1, RQ2 held-out tasks)."""
+    lodo_variants: tuple[str, ...] = ("dnd", "A2")
+    """Variants trained for leave-one-domain-out."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Generator seeds of every cell."""
+    draws: int = 5
+    """Generated adapters per task and generator seed, each from its own train-split prompt draw."""
+    n_test: int = 20
+    """Test items scored per task (the same items for every method)."""
+    n_kl: int = 8
+    """Test prompts on which the answer-position KL to the reference adapter is measured."""
+    steps: int = 100
+    """Generator optimizer steps of every cell (variant B: also its stage-1 steps)."""
+    rq3_variants: tuple[str, ...] = ("dnd", "A2")
+    """Variants of the data-scarcity and noisy-target cells."""
+    fractions: tuple[float, ...] = (0.25,)
+    """RQ3: data fractions below 100% (100% is the main grid)."""
+    weight_noise: tuple[float, ...] = (1.0,)
+    """RQ3: Gaussian noise levels on the reference tokens."""
+    mislabel: tuple[float, ...] = (0.25,)
+    """RQ3: fractions of mislabelled checkpoints."""
+    ablation_variant: str = "A2"
+    """The δ variant whose probe-set size and λ_δ are varied, and whose δ targets are shuffled."""
+    probe_sizes: tuple[int, ...] = (1, 20)
+    """Ablation: probe-set sizes besides the default."""
+    lambdas: tuple[float, ...] = (0.3, 3.0)
+    """Ablation: λ_δ values besides the default."""
+    interpolations: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """RQ4: α in G_θ(α·δ_a + (1-α)·δ_b)."""
+    mixed_variants: tuple[str, ...] = ("dnd", "A2", "B")
+    """RQ4: variants given half the prompts from each task of a pair."""
+
+    def __post_init__(self) -> None:
+        _check(not set(self.held_out) & set(self.seen_eval), "experiment.held_out and experiment.seen_eval must not overlap")
+        for v in (*self.variants, *self.lodo_variants, *self.rq3_variants, *self.mixed_variants, self.ablation_variant):
+            _check(v in VARIANTS, f"experiment: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "experiment.seeds must be distinct and non-empty")
+        _check(self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
+               "experiment.draws, n_test, n_kl and steps must be >= 1")
+        _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
+        _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
+        _check(all(p in (1, 5, 20) for p in self.probe_sizes), "experiment.probe_sizes must be 1, 5 or 20")
 
 
 @dataclass(frozen=True)
@@ -196,6 +269,7 @@ class Preset:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.pool) >= 1, "preset.pool must name at least one task")
@@ -222,6 +296,10 @@ PRESETS: dict[str, Preset] = {
         delta=DeltaConfig(n_probes=5, batch_size=5),
         generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
                                   warmup_steps=1, kl_prompts=2, save_every=4),
+        experiment=ExperimentConfig(held_out=("syn.parity",), seen_eval=("syn.add", "syn.copy"), lodo_domain="strings",
+                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3,
+                                    rq3_variants=("dnd",), mislabel=(0.5,), probe_sizes=(1,), lambdas=(3.0,),
+                                    interpolations=(0.5,), mixed_variants=("dnd",)),
     ),
     "small": Preset(
         name="small",
@@ -229,6 +307,12 @@ PRESETS: dict[str, Preset] = {
         pool=DEFAULT_POOL,
         pairs=PAIRS,
         generator=GeneratorConfig(exact_samples=1),
+        experiment=ExperimentConfig(
+            held_out=("arithmetic.3_digit_subtraction", "linguistic_mappings.question_formation_json",
+                      "movie_recommendation", "unit_conversion.novel_systems"),
+            seen_eval=("arithmetic.2_digit_addition", "cs_algorithms.valid_parentheses", "linguistic_mappings.plural_json",
+                       "intent_recognition", "unit_conversion.si_conversion"),
+            lodo_domain="science", lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems")),
     ),
 }
 

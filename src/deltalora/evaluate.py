@@ -154,6 +154,16 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: 
     return out
 
 
+def answer_logprobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int = 256,
+                    params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Log-distribution over the first answer token of each prompt [n, vocab]; with ``params``
+    the model runs with those tensors swapped in (differentiably, via ``functional_call``)."""
+    ids, mask, pos = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+    out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False) if params else model(**kwargs)
+    return torch.log_softmax(out.logits[:, -1].float(), -1)
+
+
 def answer_span(text: str) -> str:
     """The answer part of a continuation: up to the first newline or sentence end, stripped."""
     text = text.split("\n", 1)[0].split(". ", 1)[0].strip()

@@ -37,7 +37,7 @@ from .config import GeneratorConfig, Preset
 from .delta import DeltaProbe, load_deltas
 from .distributed import barrier, init_distributed
 from .encoder import DIM, PromptEncoder
-from .evaluate import encode, pad_left
+from .evaluate import answer_logprobs
 from .hypernet import DeltaFrontEnd, DeltaHead, HyperConvDecoder, PromptFrontEnd, PromptToDelta, n_params
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from .lora_tokens import LoraTokenizer
@@ -141,6 +141,9 @@ def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra:
     missing = sorted(set(train_tasks) - {c["task"] for c in ckpts})
     if missing:
         raise GeneratorError(f"{root / 'manifest.json'}: no checkpoints for training task(s) {missing}")
+    rng = random.Random(stable_seed("data", cfg.seed))
+    if cfg.data_fraction < 1:
+        ckpts = [c for t in train_tasks for c in _fraction([c for c in ckpts if c["task"] == t], cfg.data_fraction, rng)]
     try:
         all_deltas = load_deltas(workspace, cfg.n_probes)
     except FileNotFoundError as e:
@@ -153,13 +156,19 @@ def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra:
     tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
     tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
     deltas = torch.stack([all_deltas[c["path"]] for c in ckpts])
-    scale = deltas.pow(2).mean().sqrt().item()
     tasks = list(train_tasks)
     ckpt_task = torch.tensor([tasks.index(c["task"]) for c in ckpts])
+    if cfg.weight_noise > 0:
+        tokens, deltas = _noisy(preset, adapter_cfg, tokenizer, tokens, cfg, rng)
+    if cfg.mislabel_fraction > 0:
+        tokens, deltas = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
+    scale = deltas.pow(2).mean().sqrt().item()
     if cfg.shuffle_delta:
         deltas = shuffled_deltas(deltas, ckpt_task, cfg.seed)
     loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
     prompts = [[it.prompt for it in t.train] for t in loaded]
+    if cfg.data_fraction < 1:
+        prompts = [_fraction(p, cfg.data_fraction, rng) for p in prompts]
     emb = [encoder.encode(p) for p in prompts]
     if save_cache:
         encoder.save()
@@ -167,6 +176,35 @@ def training_set(preset: Preset, workspace: Path, train_tasks: list[str], extra:
             "shapes": {s.key: list(s.shape) for s in tokenizer.segments}, "width": tokenizer.width}
     ts = TrainingSet(tasks, ckpt_task, [c["path"] for c in ckpts], tokens, deltas / scale, scale, prompts, emb)
     return ts, tokenizer, meta
+
+
+def _fraction(xs: list, f: float, rng: random.Random) -> list:
+    """A seeded subset of ceil(f * len) elements, at least one, in the original order."""
+    keep = sorted(rng.sample(range(len(xs)), max(1, math.ceil(f * len(xs)))))
+    return [xs[i] for i in keep]
+
+
+@torch.no_grad()
+def _noisy(preset: Preset, adapter_cfg: dict, tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig,
+           rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy weight targets and the δ of those noisy adapters, measured through the base model."""
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
+    noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
+    exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes)
+    deltas = torch.stack([exact.delta({k: v[0] for k, v in tokenizer.decode(t[None]).items()}) for t in noisy])
+    return noisy, deltas
+
+
+def _mislabelled(tokens: torch.Tensor, deltas: torch.Tensor, ckpt_task: torch.Tensor, f: float,
+                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fraction of checkpoints take the weights and δ of a random checkpoint of another task."""
+    new_t, new_d = tokens.clone(), deltas.clone()
+    for i in rng.sample(range(len(tokens)), round(f * len(tokens))):
+        others = (ckpt_task != ckpt_task[i]).nonzero()[:, 0].tolist()
+        if others:
+            j = rng.choice(others)
+            new_t[i], new_d[i] = tokens[j], deltas[j]
+    return new_t, new_d
 
 
 def shuffled_deltas(deltas: torch.Tensor, ckpt_task: torch.Tensor, seed: int) -> torch.Tensor:
@@ -206,11 +244,8 @@ class ExactBehaviour:
         return self.probe.delta_of_tensors(self.model, tensors)
 
     def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
-        ids, mask, pos = pad_left([encode(self.tok, p, "", self.max_length)[0] for p in prompts], self.tok.pad_token_id)
         params = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
-        out = torch.func.functional_call(self.model, params, args=(), strict=False, kwargs=dict(
-            input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False))
-        return torch.log_softmax(out.logits[:, -1].float(), -1)
+        return answer_logprobs(self.model, self.tok, prompts, self.max_length, params)
 
 
 def _lr_lambda(warmup: int, total: int):

@@ -23,8 +23,8 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     for ov in overrides:
         key, sep, value = ov.partition("=")
         section, _, name = key.partition(".")
-        if not sep or not name or section not in ("tasks", "zoo", "delta", "generator"):
-            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator.<field>=<value>")
+        if not sep or not name or section not in ("tasks", "zoo", "delta", "generator", "experiment"):
+            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value>")
         sub = getattr(preset, section)
         fields = {f.name: f for f in dataclasses.fields(sub)}
         if name not in fields:

@@ -1,0 +1,158 @@
+"""The experiment grid and the report, end to end on the tiny preset (a tiny budget)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deltalora.composition as composition
+import deltalora.experiments as experiments
+from deltalora.cli import app
+from deltalora.encoder import PromptEncoder
+from deltalora.generator import training_set
+from deltalora.pipeline import apply_overrides, delta_stage
+
+RQ_FILES = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_zoo, tmp_path_factory):
+    """A private copy of the tiny zoo with δ for the probe sets the grid uses."""
+    dst = tmp_path_factory.mktemp("exp") / "ws"
+    shutil.copytree(tiny_zoo.workspace, dst)
+    delta_stage(tiny_zoo.preset, dst, (1, 5))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def run(ws, tmp_path_factory):
+    """The whole grid through the CLI, recording every prompt list that conditions a generator."""
+    seen: list[list[str]] = []
+    orig = experiments.generate_tensors
+
+    def recording(model, tokenizer, encoder, prompts, n, seed):
+        seen.append(list(prompts))
+        return orig(model, tokenizer, encoder, prompts, n, seed)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(experiments, "generate_tensors", recording)
+    mp.setattr(composition, "generate_tensors", recording)
+    results = tmp_path_factory.mktemp("exp_results")
+    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws), "--results-dir", str(results)])
+    mp.undo()
+    assert r.exit_code == 0, r.output
+    return results, seen
+
+
+def _load(results, rq):
+    return json.loads((results / f"{rq}.json").read_text())
+
+
+def test_every_rq_file_and_cell_is_written(run, tiny_preset):
+    results, _ = run
+    for rq in RQ_FILES:
+        assert (results / f"{rq}.json").exists(), rq
+    ex = tiny_preset.experiment
+    rq1 = _load(results, "rq1")
+    assert rq1["not_run"] == []
+    for v in ex.variants:
+        cell = rq1["cells"][v]
+        assert cell["seeds_done"] == list(ex.seeds)
+        assert cell["overall"]["acc"]["n"] == len(ex.seeds) * ex.draws  # >= 2 seeds x draws adapters per number
+        for t in ex.seen_eval:
+            assert 0.0 <= cell["per_task"][t]["acc"]["mean"] <= 1.0
+        assert cell["loss_curve"], "loss curve recorded"
+    oracle, base = rq1["cells"]["oracle (the task's own LoRA)"], rq1["cells"]["base model"]
+    assert oracle["overall"]["param_mse"]["mean"] == 0.0 and oracle["overall"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert oracle["overall"]["delta_cos"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert base["overall"]["delta_cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    rq4 = _load(results, "rq4")
+    pair = rq4["pairs"]["syn.add+syn.copy"]
+    assert {"syn.add LoRA", "union LoRA (trained on both tasks)", "LoRA sum (PEFT cat, rank 2r)", "PEFT svd merge (rank r)",
+            "B: G(δa + δb)", "dnd on mixed prompts"} <= set(pair["methods"])
+    assert pair["methods"]["B: G(δa + δb)"]["acc_a"]["n"] == len(ex.seeds)
+
+
+def test_no_conditioning_prompt_is_a_scored_item(run, tiny_zoo):
+    from deltalora.tasks import load_task, resolve_spec
+
+    _, seen = run
+    assert seen
+    scored = {it.prompt for t in tiny_zoo.preset.pool for it in load_task(resolve_spec(t), tiny_zoo.preset.tasks).test}
+    used = {p for prompts in seen for p in prompts}
+    assert used and not used & scored
+
+
+def test_rerun_skips_finished_cells_and_changes_nothing(run, ws, tiny_preset, monkeypatch):
+    results, _ = run
+    before = {rq: (results / f"{rq}.json").read_text() for rq in RQ_FILES}
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished generator was trained again")
+
+    monkeypatch.setattr(experiments, "train_generator", no_training)
+    experiments.run_experiment(tiny_preset, ws, results, progress=False)
+    assert {rq: (results / f"{rq}.json").read_text() for rq in RQ_FILES} == before
+
+
+def test_report_is_built_from_the_results(run, tmp_path):
+    results, _ = run
+    out = tmp_path / "report.md"
+    r = CliRunner().invoke(app, ["report", str(results), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    for heading in ("## Setup", "## RQ1", "## RQ2: zero-shot", "## RQ2: leave-one-domain-out", "## RQ3", "## RQ4", "## Ablations"):
+        assert heading in text
+    dnd = _load(results, "rq1")["cells"]["dnd"]["overall"]["acc"]
+    assert f"| dnd | {dnd['mean']:.3f} ± {dnd['std']:.3f} |" in text
+    for png in ("report_accuracy.png", "report_losses.png", "report_delta_map.png", "report_composition.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):
+    cells = experiments.plan(tiny_preset, {t: "math" if t in ("syn.add", "syn.parity") else "strings" for t in tiny_preset.pool})
+    control = next(c for c in cells if "shuffled" in c.name)
+    preset = experiments.generator_preset(tiny_preset, control, 0)
+    assert preset.generator.shuffle_delta
+    enc = PromptEncoder()
+    shuffled, _, _ = training_set(preset, ws, list(control.train), None, enc, save_cache=False)
+    clean_preset = preset.replace(generator=dataclasses.replace(preset.generator, shuffle_delta=False))
+    clean, _, _ = training_set(clean_preset, ws, list(control.train), None, enc, save_cache=False)
+    for i in range(len(clean.paths)):
+        src = [j for j in range(len(clean.paths)) if torch.equal(clean.deltas[j], shuffled.deltas[i])]
+        assert src and all(clean.ckpt_task[j] != clean.ckpt_task[i] for j in src)
+
+
+def test_rq3_data_fraction_noise_and_mislabels(ws, tiny_preset):
+    enc = PromptEncoder()
+    train = ["syn.add", "syn.copy", "syn.first"]
+    clean, tok, _ = training_set(tiny_preset, ws, train, None, enc, save_cache=False)
+    k = tiny_preset.zoo.keep_last
+    half, _, _ = training_set(apply_overrides(tiny_preset, ["generator.data_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    assert len(half.paths) == len(train) * math.ceil(0.5 * k)
+    assert all(len(h) == max(1, math.ceil(0.5 * len(c))) for h, c in zip(half.prompts, clean.prompts))
+    noisy, _, _ = training_set(apply_overrides(tiny_preset, ["generator.weight_noise=1.0"]), ws, train, None, enc, save_cache=False)
+    assert not torch.allclose(noisy.tokens, clean.tokens)
+    assert not torch.allclose(noisy.deltas * noisy.delta_scale, clean.deltas * clean.delta_scale)  # δ re-measured
+    mis, _, _ = training_set(apply_overrides(tiny_preset, ["generator.mislabel_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    swapped = [i for i in range(len(clean.paths)) if not torch.equal(mis.tokens[i], clean.tokens[i])]
+    assert len(swapped) == round(0.5 * len(clean.paths))
+    for i in swapped:  # each carries the weights of a checkpoint of another task
+        assert any(torch.equal(mis.tokens[i], clean.tokens[j]) and clean.ckpt_task[j] != clean.ckpt_task[i]
+                   for j in range(len(clean.paths)))
+
+
+def test_unknown_part_is_refused(ws, tmp_path):
+    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws), "--only", "rq9", "--results-dir", str(tmp_path)])
+    assert r.exit_code != 0 and "rq9" in str(r.exception or r.output)
+
+
+def test_report_without_results_names_the_folder(tmp_path):
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code != 0 and str(tmp_path) in str(r.exception or r.output)
