@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from .assess import mean_std
+from .experiments import Cell, Runner, claimed
 from .generator import choose_prompts, generate_tensors, load_generator
 from .io import atomic_write_json, read_json
 from .tasks import stable_seed
 
-if TYPE_CHECKING:
-    from .experiments import Cell, Runner
 
 _PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)": "svd"}
 
@@ -42,8 +41,11 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
 
         def cached(name: str, make) -> None:
             f = cache / ("".join(c if c.isalnum() else "_" for c in name) + ".json")
-            if not f.exists():
-                atomic_write_json(f, {"method": name, "adapters": make()})
+            if f.exists():
+                return
+            with claimed(f.with_suffix(".lock")) as mine:  # another experiment process may be on it
+                if mine and not f.exists():
+                    atomic_write_json(f, {"method": name, "adapters": make()})
 
         union = [c for c in manifest if c["final"] and c.get("pair_of") == [a, b]]
         cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])

@@ -13,12 +13,15 @@ file is rewritten from the cache, so whatever has finished is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import statistics
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,23 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     return cells
 
 
+@contextlib.contextmanager
+def claimed(path: Path, block: bool = False) -> Iterator[bool]:
+    """An exclusive lock on ``path``; without ``block``, False while another process works on it.
+
+    Lets several ``deltalora experiment`` processes share one grid: each takes the cells
+    nobody holds, and revisits the skipped ones at the end (by then usually finished).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:
     """The preset a cell's generator of this seed is trained with."""
     ex = preset.experiment
@@ -137,14 +157,18 @@ class Runner:
     def trained_generator(self, cell: Cell, seed: int) -> Path:
         preset = generator_preset(self.preset, cell, seed)
         out = self.generator_dir(preset, cell.train)
-        if not (out / "generator.safetensors").exists():
-            train_generator(preset, self.ws, out, list(cell.train), self.extra, progress=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # two experiment processes (e.g. --only rq1 and --only rq3) may need the same generator: one trains, one waits
+        with claimed(out.parent / f"{out.name}.lock", block=True):
+            if not (out / "generator.safetensors").exists():
+                train_generator(preset, self.ws, out, list(cell.train), self.extra, progress=False)
         return out
 
     def retrieval_index(self, train: tuple[str, ...]) -> Path:
         out = self.root / "retrieval" / hashlib.sha256("|".join(train).encode()).hexdigest()[:16]
-        if not (out / "config.json").exists():
-            build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder)
+        with claimed(out.parent / f"{out.name}.lock", block=True):
+            if not (out / "config.json").exists():
+                build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder)
         return out
 
     # ---------------------------------------------------------------- prompts
@@ -173,45 +197,57 @@ class Runner:
             self._scored[(task, *key)] = out
         return out
 
-    def run_cell(self, cell: Cell) -> None:
+    def run_cell(self, cell: Cell, wait: bool = False) -> bool:
+        """Score every seed of the cell not on disk yet; False if another process holds one of them
+        (with ``wait``, block until it is free instead)."""
         out_dir, ex = self.root / "cells" / cell.id, self.preset.experiment
         seeds = ex.seeds if cell.seeded else (None,)
+        complete = True
         for seed in seeds:
             f = out_dir / (f"seed{seed}.json" if seed is not None else "all.json")
             if f.exists():
                 continue
-            t0 = time.perf_counter()
-            record: dict[str, Any] = {"cell": cell.name, "method": cell.method, "seed": seed, "tasks": {}}
-            if cell.method == "generator":
-                gen_dir = self.trained_generator(cell, seed)
-                model, tokenizer, _, gconf = load_generator(gen_dir)
-                record.update(generator=str(gen_dir), train_seconds=gconf["train_seconds"], n_params=gconf["n_params"])
-                n = gconf["preset"]["generator"]["n_prompts"]
-                for task in cell.tasks:
-                    # scores are keyed by generator, prompt source and task, so cells that share them score once
-                    key = self.root / "scores" / f"{gen_dir.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
-                    if not key.exists():
-                        prompts = self.condition_prompts(cell, task)
-                        atomic_write_json(key, [
-                            self.score(task, generate_tensors(model, tokenizer, self.encoder, prompts, n, stable_seed(task, seed, d)))
-                            for d in range(ex.draws)])
-                    record["tasks"][task] = read_json(key, "experiment scores")
-            elif cell.method == "retrieval":
-                index = self.retrieval_index(cell.train)
-                for task in cell.tasks:
-                    rows = []
-                    for d in range(ex.draws):
-                        prompts = choose_prompts(self.condition_prompts(cell, task), self.preset.generator.n_prompts,
-                                                 stable_seed(task, seed, d))
-                        hit, folder = retrieve(index, prompts, self.encoder)
-                        rows.append({**self.score(task, load_file(folder / "adapter_model.safetensors"), ("retrieval", hit)),
-                                     "retrieved": hit})
-                    record["tasks"][task] = rows
-            else:
-                for task in cell.tasks:
-                    record["tasks"][task] = [self.score(task, self.fixed_adapter(cell, task))]
-            record["seconds"] = time.perf_counter() - t0
-            atomic_write_json(f, record)
+            with claimed(f.with_suffix(".lock"), block=wait) as mine:
+                if not mine:
+                    complete = False
+                elif not f.exists():
+                    self._run_seed(cell, seed, f)
+        return complete
+
+    def _run_seed(self, cell: Cell, seed: int | None, f: Path) -> None:
+        ex = self.preset.experiment
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"cell": cell.name, "method": cell.method, "seed": seed, "tasks": {}}
+        if cell.method == "generator":
+            gen_dir = self.trained_generator(cell, seed)
+            model, tokenizer, _, gconf = load_generator(gen_dir)
+            record.update(generator=str(gen_dir), train_seconds=gconf["train_seconds"], n_params=gconf["n_params"])
+            n = gconf["preset"]["generator"]["n_prompts"]
+            for task in cell.tasks:
+                # scores are keyed by generator, prompt source and task, so cells that share them score once
+                key = self.root / "scores" / f"{gen_dir.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
+                if not key.exists():
+                    prompts = self.condition_prompts(cell, task)
+                    atomic_write_json(key, [
+                        self.score(task, generate_tensors(model, tokenizer, self.encoder, prompts, n, stable_seed(task, seed, d)))
+                        for d in range(ex.draws)])
+                record["tasks"][task] = read_json(key, "experiment scores")
+        elif cell.method == "retrieval":
+            index = self.retrieval_index(cell.train)
+            for task in cell.tasks:
+                rows = []
+                for d in range(ex.draws):
+                    prompts = choose_prompts(self.condition_prompts(cell, task), self.preset.generator.n_prompts,
+                                             stable_seed(task, seed, d))
+                    hit, folder = retrieve(index, prompts, self.encoder)
+                    rows.append({**self.score(task, load_file(folder / "adapter_model.safetensors"), ("retrieval", hit)),
+                                 "retrieved": hit})
+                record["tasks"][task] = rows
+        else:
+            for task in cell.tasks:
+                record["tasks"][task] = [self.score(task, self.fixed_adapter(cell, task))]
+        record["seconds"] = time.perf_counter() - t0
+        atomic_write_json(f, record)
 
     def fixed_adapter(self, cell: Cell, task: str) -> dict[str, torch.Tensor] | None:
         if cell.method == "base":
@@ -288,20 +324,27 @@ def run_experiment(preset: Preset, workspace: str | Path, results_dir: str | Pat
     runner = Runner(preset, workspace, results_dir, extra)
     cells = plan(preset, runner.domains)
     wanted = set(only or RQS)
-    todo = [c for c in cells if c.rq in wanted]
+    main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]
+    # composition right after the main grid: it reuses the main generators
+    todo: list = main + (["rq4"] if "rq4" in wanted else []) + [c for c in cells if c.rq in wanted and c not in main]
     atomic_write_json(workspace / "experiments" / "config.json", preset.to_dict())
     deltas: dict[str, torch.Tensor] = {f"ref|{t}": runner.scorer.ref(t).ref_delta for t in preset.pool
                                        if t in {*preset.experiment.seen_eval, *preset.experiment.held_out}}
     files: dict[str, Path] = {}
+    skipped: list[Cell] = []
     try:
-        bar = tqdm(todo + (["rq4"] if "rq4" in wanted else []), desc="experiment", unit="cell", disable=not progress)
+        bar = tqdm(todo, desc="experiment", unit="cell", disable=not progress)
         for cell in bar:
             if cell == "rq4":
                 bar.set_postfix_str("rq4 composition")
                 files["rq4"] = run_composition(runner, cells)
                 continue
             bar.set_postfix_str(f"{cell.rq}: {cell.name}")
-            runner.run_cell(cell)
+            if not runner.run_cell(cell):
+                skipped.append(cell)
+            files[cell.rq] = runner.write_results(cells, cell.rq, deltas)
+        for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
+            runner.run_cell(cell, wait=True)
             files[cell.rq] = runner.write_results(cells, cell.rq, deltas)
         for rq in wanted - {"rq4"}:
             files[rq] = runner.write_results(cells, rq, deltas)

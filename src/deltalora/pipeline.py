@@ -207,27 +207,8 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
             lines += [f"| {r['pair']} | {r['cos_sum']} | {r['cos_a']} | {r['cos_b']} |" for r in d["additivity"]]
             lines.append("")
         lines += [f"![δ map](delta_map_{name}.png)", ""]
-    gen_f = results_dir / f"generator_{name}.json"
-    if gen_f.exists():
-        g = read_json(gen_f)
-        first = next(iter(g["generators"].values()))
-        lines += ["## Generators", "",
-                  f"From `{gen_f}` (`experiments/generator_{name}.sh`): each generator trained on all pool tasks, then "
-                  f"assessed on {len(first['tasks'])} of them ({', '.join(first['tasks'])}), {g['draws']} generated adapters "
-                  f"per task (different draws of train-split prompts), {'first ' + str(g['n_test']) if g['n_test'] else 'all'} test items; "
-                  "reference adapters and the base model are scored on the same items. Values are mean ± std "
-                  "over tasks of the per-task means; δ distance and cosine are against the mean δ of the task's reference "
-                  "checkpoints; parameter MSE is over the raw LoRA tensors against each reference checkpoint.", "",
-                  "| generator | params | steps | train s | gen s/adapter | accuracy | reference acc | base acc | param MSE | δ distance | δ cosine |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for key, r in g["generators"].items():
-            o = r["overall"]
-            ms = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
-            lines.append(f"| {key} | {r.get('n_params', '—')} | {r.get('steps_done', '—')} | "
-                         f"{round(r['train_seconds']) if 'train_seconds' in r else '—'} | "
-                         f"{r['generation_seconds']['mean']:.3f} | {ms(o['acc'])} | {ms(o['reference_acc'])} | {ms(o['base_acc'])} | "
-                         f"{o['param_mse']['mean']:.4g} | {ms(o['delta_dist'])} | {ms(o['delta_cos'])} |")
-        lines.append("")
+    lines += ["Generators, baselines and the research questions: [report.md](report.md) "
+              f"(`deltalora experiment --preset {name}` then `deltalora report results/experiments_{name}`).", ""]
     out = docs_dir / "results.md"
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
     return out

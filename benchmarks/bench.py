@@ -1,0 +1,340 @@
+"""Speed benchmarks: every number is a median over repeats measured in this one run.
+
+    python benchmarks/bench.py --preset small            # needs `deltalora run --preset small` (zoo + δ)
+    python benchmarks/bench.py --preset small --only eval  # one section
+
+Sections (each printed as a ratio with the two absolute medians beside it):
+  generation  fine-tuning one reference LoRA (the zoo's steps) vs `generate` from 32 prompts
+  delta       Delta Activations: this project's way vs the reference recipe, >= 20 adapters
+  trainer     zoo trainer vs a plain PEFT + transformers loop, same data, hyper-parameters, loss
+  generator   generator training steps/s and peak memory per variant
+  eval        multiple-choice scoring with a shared prompt cache vs one pass per choice
+
+Model loading is excluded from every timing. Writes results/bench_<preset>.json (each
+section as it finishes; sections already there are kept) and docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SECTIONS = ("generation", "delta", "trainer", "generator", "eval")
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------- 1. generation vs fine-tuning
+
+def bench_generation(preset, ws: Path, repeats: int) -> dict:
+    from deltalora.encoder import PromptEncoder
+    from deltalora.generator import generate_tensors, load_generator, train_generator, write_adapter
+    from deltalora.models import load_base
+    from deltalora.pipeline import apply_overrides
+    from deltalora.tasks import load_task, resolve_spec
+    from deltalora.training import train_lora
+
+    task_name = preset.experiment.seen_eval[0] if preset.experiment.seen_eval else preset.pool[0]
+    task = load_task(resolve_spec(task_name), preset.tasks)
+    base, tok = load_base(preset.base)
+    ft_runs = max(2, repeats // 2)  # a fine-tuning run is long; its spread is small
+    ft, ft_all = median_time(lambda: train_lora(base, tok, task.train, preset.zoo, preset.zoo.steps, 0, f"bench__{task_name}",
+                                                lambda *a: None), ft_runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        gen_dir = Path(tmp) / "gen"
+        # generation cost does not depend on how long the generator trained
+        train_generator(apply_overrides(preset, ["generator.steps=5"]), ws, gen_dir, list(preset.pool), progress=False)
+        model, tokenizer, _, conf = load_generator(gen_dir)
+        encoder = PromptEncoder()  # loading excluded; its per-prompt cache is emptied before every run
+        prompts = [it.prompt for it in task.train]
+        n = conf["preset"]["generator"]["n_prompts"]
+        counter = iter(range(10**6))
+
+        def emit():
+            encoder.cache.clear()
+            k = next(counter)
+            tensors = generate_tensors(model, tokenizer, encoder, prompts, n, k)
+            write_adapter(Path(tmp) / f"adapter{k}", tensors, conf["adapter_config"], {"bench": True})
+
+        emit()  # warm-up: first-call allocations
+        gen, gen_all = median_time(emit, repeats)
+    return {"task": task_name, "finetune_steps": preset.zoo.steps, "batch_size": preset.zoo.batch_size, "n_prompts": n,
+            "finetune_seconds_median": ft, "finetune_seconds": ft_all, "generate_seconds_median": gen, "generate_seconds": gen_all,
+            "ratio": ft / gen, "note": "model loading excluded from both; prompt encoding (empty cache) and writing the PEFT folder included"}
+
+
+# ---------------------------------------------------------------- 2. Delta Activations throughput
+
+def bench_delta(preset, ws: Path, repeats: int, n_adapters: int = 20) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from deltalora.delta import DeltaProbe, compute_zoo_deltas, probe_prompts
+    from deltalora.io import read_json
+    from deltalora.models import _resolve, load_base
+    from deltalora.zoo import zoo_dir
+
+    root = zoo_dir(ws)
+    manifest = read_json(root / "manifest.json")[:n_adapters]
+    base, tok = load_base(preset.base)
+
+    def ours():
+        with tempfile.TemporaryDirectory() as tmp:
+            return compute_zoo_deltas(base, tok, root, manifest, preset.delta, Path(tmp), preset.base)
+
+    ours_t, ours_all = median_time(ours, repeats)
+    ours_d = ours()
+    probes = probe_prompts(preset.delta.n_probes)
+
+    @torch.inference_mode()
+    def last_state(model, prompt):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].float()
+
+    if preset.base == "tiny":  # in-memory model: give the reference recipe a folder to load from
+        path = tempfile.mkdtemp()
+        base.save_pretrained(path)
+    else:
+        path = _resolve(preset.base)
+    ref_base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base_mean = torch.stack([last_state(ref_base, p) for p in probes]).mean(0)  # once, not counted per adapter
+    per_adapter, max_diff = [], 0.0
+    for c in manifest:
+        t0 = time.perf_counter()
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(root / c["path"])).eval()
+        d = torch.stack([last_state(m, p) for p in probes]).mean(0) - base_mean
+        per_adapter.append(time.perf_counter() - t0)
+        max_diff = max(max_diff, (d - ours_d[c["path"]]).abs().max().item())
+    ref_t = statistics.median(per_adapter) * len(manifest)
+    return {"n_adapters": len(manifest), "n_probes": len(probes), "ours_seconds_median": ours_t, "ours_seconds": ours_all,
+            "reference_seconds_median": ref_t, "reference_seconds_per_adapter": per_adapter,
+            "ours_adapters_per_min": 60 * len(manifest) / ours_t, "reference_adapters_per_min": 60 * len(manifest) / ref_t,
+            "ratio": ref_t / ours_t, "max_abs_diff": max_diff,
+            "note": "reference: base + adapter loaded from disk per adapter, one probe at a time (base activations once, "
+                    "not counted); ours: base once, batched probes, adapters swapped by weights"}
+
+
+# ---------------------------------------------------------------- 3. zoo trainer vs plain loop
+
+def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] = ("arithmetic.2_digit_addition", "intent_recognition")) -> dict:
+    from peft import get_peft_model
+
+    from deltalora.adapters import lora_config
+    from deltalora.models import load_base
+    from deltalora.tasks import load_task, resolve_spec, stable_seed
+    from deltalora.training import batches, completion_batch, train_lora
+
+    tasks = tuple(t for t in tasks if t in preset.pool) or preset.pool[:2]
+    base, tok = load_base(preset.base)
+    cfg = preset.zoo
+    out = {}
+    for name in tasks:
+        items = load_task(resolve_spec(name), preset.tasks).train
+        plan = batches(items, cfg.batch_size, steps, 0)
+        n_tokens = sum(int(completion_batch(tok, b, cfg.max_length)[1].sum()) for b in plan)
+        losses: dict[str, list[float]] = {}
+
+        def plain():
+            """What one writes with PEFT + transformers: padded batch, labels=, full logits."""
+            torch.manual_seed(stable_seed("lora-init", 0) % 2**63)  # the zoo trainer's init for seed 0
+            model = get_peft_model(base, lora_config(cfg))
+            try:
+                model.train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+                ls = []
+                for b in plan:
+                    ids, mask, labels = completion_batch(tok, b, cfg.max_length)
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    ls.append(loss.item())
+                losses["plain"] = ls
+            finally:
+                model.unload()
+
+        def ours():
+            import deltalora.training as tr
+
+            orig = tr.batches
+            tr.batches = lambda *a, **k: plan  # the same batches as the plain loop
+            try:
+                losses["ours"] = train_lora(base, tok, items, cfg, steps, 0, "bench", lambda *a: None).losses
+            finally:
+                tr.batches = orig
+
+        t_plain, t_ours = [], []
+        for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+            t_plain.append(median_time(plain, 1)[0])
+            t_ours.append(median_time(ours, 1)[0])
+        out[name] = {"steps": steps, "real_tokens": n_tokens, "plain_tokens_per_s": n_tokens / statistics.median(t_plain),
+                     "ours_tokens_per_s": n_tokens / statistics.median(t_ours), "ratio": statistics.median(t_plain) / statistics.median(t_ours),
+                     "plain_seconds": t_plain, "ours_seconds": t_ours,
+                     "max_loss_diff": max(abs(a - b) for a, b in zip(losses["plain"], losses["ours"]))}
+    return {"tasks": out, "ratio": statistics.median(v["ratio"] for v in out.values()),
+            "note": "same batches, LoRA init, optimizer, schedule and loss, so the losses are compared step by step"}
+
+
+# ---------------------------------------------------------------- 4. generator training per variant
+
+_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from deltalora.config import get_preset
+from deltalora.generator import train_generator
+from deltalora.pipeline import apply_overrides
+preset, ws, out, variant, steps = sys.argv[1:6]
+p = apply_overrides(get_preset(preset), [f"generator.variant={variant}", f"generator.steps={steps}",
+                    f"generator.stage1_steps={steps}", f"generator.save_every={10**6}"])
+res = train_generator(p, Path(ws), Path(out), list(p.pool), progress=False)
+total = int(steps) * (2 if variant == "B" else 1)
+print(json.dumps({"train_seconds": res["train_seconds"], "steps": total, "n_params": res["n_params"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_generator(preset, ws: Path, repeats: int, steps: int = 10) -> dict:
+    from deltalora.config import VARIANTS
+
+    out = {}
+    for v in VARIANTS:
+        runs = []
+        for r in range(max(1, repeats // 2)):
+            with tempfile.TemporaryDirectory() as tmp:
+                res = subprocess.run([sys.executable, "-c", _CHILD, preset.name, str(ws), str(Path(tmp) / "g"), v, str(steps)],
+                                     capture_output=True, text=True, check=True)
+                runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        sps = [r["steps"] / r["train_seconds"] for r in runs]
+        out[v] = {"steps_per_s": statistics.median(sps), "seconds_per_step": 1 / statistics.median(sps),
+                  "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "n_params": runs[0]["n_params"], "runs": runs}
+    for v in out:
+        out[v]["cost_vs_dnd"] = out["dnd"]["steps_per_s"] / out[v]["steps_per_s"]
+    return {"variants": out, "steps_per_run": steps, "exact_samples": preset.generator.exact_samples,
+            "batch_size": preset.generator.batch_size, "note": "train loop only (setup excluded); peak RSS of the whole process"}
+
+
+# ---------------------------------------------------------------- 5. evaluation throughput
+
+def bench_eval(preset, repeats: int, n_items: int = 64) -> dict:
+    from deltalora.evaluate import choice_scores, choice_scores_unshared
+    from deltalora.models import load_base
+    from deltalora.tasks import load_task, resolve_spec
+
+    base, tok = load_base(preset.base)
+    out = {}
+    for name in preset.pool:
+        task = load_task(resolve_spec(name), preset.tasks)
+        if not task.test[0].is_mc or len(out) >= 2:
+            continue
+        items = task.test[:n_items]
+        args = (base, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)
+        shared, t_sh = median_time(lambda: choice_scores(*args), repeats)
+        unshared, t_un = median_time(lambda: choice_scores_unshared(*args), repeats)
+        s1, s2 = choice_scores(*args), choice_scores_unshared(*args)
+        pick = lambda s: [max(range(len(x)), key=x.__getitem__) for x in s]  # noqa: E731
+        out[name] = {"n_items": len(items), "n_choices": statistics.mean(len(it.choices) for it in items),
+                     "shared_items_per_s": len(items) / shared, "unshared_items_per_s": len(items) / unshared,
+                     "ratio": unshared / shared, "same_predictions": pick(s1) == pick(s2),
+                     "max_abs_score_diff": max(abs(a - b) for x, y in zip(s1, s2) for a, b in zip(x, y))}
+    return {"tasks": out, "ratio": statistics.median(v["ratio"] for v in out.values())}
+
+
+# ---------------------------------------------------------------- report
+
+def write_markdown(res: dict, json_file: Path, out: Path) -> None:
+    m = res["machine"]
+    L = ["# Performance", "",
+         f"Measured by `python benchmarks/bench.py --preset {res['preset']}` on {m['cpu']} ({m['cores']} cores, "
+         f"{m['threads']} torch threads, torch {m['torch']}, Python {m['python']}). Medians over repeats in one run; "
+         f"numbers are read from `{json_file}`. Model loading is excluded from every timing.", "",
+         "| benchmark | ours | baseline | ratio | target | check |", "|---|---|---|---|---|---|"]
+    if "generation" in res:
+        g = res["generation"]
+        L.append(f"| adapter from {g['n_prompts']} prompts (`generate`) vs fine-tuning one LoRA ({g['finetune_steps']} steps × {g['batch_size']}) | "
+                 f"{g['generate_seconds_median']:.3f} s | {g['finetune_seconds_median']:.1f} s | {g['ratio']:.0f}× | < 1 s, ≥ 500× | "
+                 f"{'met' if g['generate_seconds_median'] < 1 and g['ratio'] >= 500 else 'not met'} |")
+    if "delta" in res:
+        d = res["delta"]
+        L.append(f"| Delta Activations, {d['n_adapters']} adapters, {d['n_probes']} probes | {d['ours_adapters_per_min']:.0f} adapters/min | "
+                 f"{d['reference_adapters_per_min']:.0f} adapters/min | {d['ratio']:.1f}× | ≥ 5×, identical δ | "
+                 f"{'met' if d['ratio'] >= 5 else 'not met'}; max abs diff {d['max_abs_diff']:.1e} |")
+    if "trainer" in res:
+        for name, t in res["trainer"]["tasks"].items():
+            L.append(f"| zoo trainer, {name} ({t['steps']} steps) | {t['ours_tokens_per_s']:.0f} tok/s | {t['plain_tokens_per_s']:.0f} tok/s | "
+                     f"{t['ratio']:.2f}× | ≥ 1.5× | {'met' if t['ratio'] >= 1.5 else 'not met'}; max loss diff {t['max_loss_diff']:.1e} |")
+    if "eval" in res:
+        for name, e in res["eval"]["tasks"].items():
+            L.append(f"| multiple-choice scoring, {name} ({e['n_items']} items, {e['n_choices']:.1f} choices) | "
+                     f"{e['shared_items_per_s']:.1f} items/s | {e['unshared_items_per_s']:.1f} items/s | {e['ratio']:.1f}× | ≥ 3×, same accuracy | "
+                     f"{'met' if e['ratio'] >= 3 and e['same_predictions'] else 'not met'}; max score diff {e['max_abs_score_diff']:.1e} |")
+    if "generator" in res:
+        gen = res["generator"]
+        L += ["", f"Generator training ({gen['steps_per_run']} steps per run, batch {gen['batch_size']}, "
+              f"exact-δ/KL terms on {gen['exact_samples'] or 'every'} sample(s) per step):", "",
+              "| variant | steps/s | s/step | cost vs dnd | peak RSS (MB) | parameters |", "|---|---|---|---|---|---|"]
+        L += [f"| {v} | {x['steps_per_s']:.2f} | {x['seconds_per_step']:.3f} | {x['cost_vs_dnd']:.1f}× | {x['peak_rss_mb']:.0f} | {x['n_params']:,} |"
+              for v, x in gen["variants"].items()]
+    out.write_text("\n".join(L) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--workspace", type=Path, default=None, help="default runs/<preset>")
+    ap.add_argument("--only", action="append", choices=SECTIONS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="default results/bench_<preset>.json")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from deltalora.config import get_preset
+    from deltalora.io import atomic_write_json
+
+    preset = get_preset(args.preset)
+    ws = args.workspace or Path("runs") / preset.name
+    out = args.out or Path(f"results/bench_{preset.name}.json")
+    res = json.loads(out.read_text()) if out.exists() else {}
+    res.update({"preset": preset.name, "machine": machine()})
+    fns = {"generation": lambda: bench_generation(preset, ws, args.repeats), "delta": lambda: bench_delta(preset, ws, args.repeats),
+           "trainer": lambda: bench_trainer(preset, args.repeats), "generator": lambda: bench_generator(preset, ws, args.repeats),
+           "eval": lambda: bench_eval(preset, args.repeats)}
+    for name in args.only or SECTIONS:
+        print(f"[bench] {name} ...", flush=True)
+        res[name] = fns[name]()
+        res[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        atomic_write_json(out, res)
+        print(json.dumps({k: v for k, v in res[name].items() if not isinstance(v, (dict, list))}), flush=True)
+    doc = Path("docs/performance.md") if args.out is None else out.with_suffix(".md")
+    write_markdown(res, out, doc)
+    print(f"wrote {out} and {doc}")
+
+
+if __name__ == "__main__":
+    main()
