@@ -156,3 +156,12 @@ def test_unknown_part_is_refused(ws, tmp_path):
 def test_report_without_results_names_the_folder(tmp_path):
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code != 0 and str(tmp_path) in str(r.exception or r.output)
+
+
+def test_claimed_lock_is_exclusive_between_holders(tmp_path):
+    """Two experiment processes never take the same cell: a held lock is reported as not ours."""
+    with experiments.claimed(tmp_path / "cell.lock") as first:
+        with experiments.claimed(tmp_path / "cell.lock") as second:
+            assert first and not second
+    with experiments.claimed(tmp_path / "cell.lock") as again:
+        assert again
