@@ -222,6 +222,9 @@ class ExperimentConfig:
     """Test prompts on which the answer-position KL to the reference adapter is measured."""
     steps: int = 100
     """Generator optimizer steps of every cell (variant B: also its stage-1 steps)."""
+    long_steps: int = 1500
+    """dnd is also trained for this many steps, about the wall time of an exact-δ variant at ``steps``
+    on a CPU (a compute-matched baseline; 0 skips it)."""
     rq3_variants: tuple[str, ...] = ("dnd", "A2")
     """Variants of the data-scarcity and noisy-target cells."""
     fractions: tuple[float, ...] = (0.25,)
@@ -249,6 +252,7 @@ class ExperimentConfig:
         _check(self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
                "experiment.draws, n_test, n_kl and steps must be >= 1")
         _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
+        _check(self.long_steps >= 0, "experiment.long_steps must be >= 0")
         _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
         _check(all(p in (1, 5, 20) for p in self.probe_sizes), "experiment.probe_sizes must be 1, 5 or 20")
 
@@ -297,7 +301,7 @@ PRESETS: dict[str, Preset] = {
         generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
                                   warmup_steps=1, kl_prompts=2, save_every=4),
         experiment=ExperimentConfig(held_out=("syn.parity",), seen_eval=("syn.add", "syn.copy"), lodo_domain="strings",
-                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3,
+                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3, long_steps=6,
                                     rq3_variants=("dnd",), mislabel=(0.5,), probe_sizes=(1,), lambdas=(3.0,),
                                     interpolations=(0.5,), mixed_variants=("dnd",)),
     ),

@@ -82,6 +82,9 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                   Cell(rq, "retrieval", "retrieval", tasks, train)]
     for v in ex.variants:
         cells += [Cell(rq, v, "generator", tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))]
+    if ex.long_steps and "dnd" in ex.variants:  # dnd is cheap per step: also give it the exact-δ variants' wall time
+        cells += [Cell(rq, f"dnd, {ex.long_steps} steps (compute-matched)", "generator", tasks, train,
+                       (("variant", "dnd"), ("steps", ex.long_steps))) for rq, tasks in (("rq1", seen), ("rq2", held))]
     a = ex.ablation_variant
     # the main grid's generators on the ablation tasks: scores are shared, nothing is recomputed
     cells += [Cell("ablations", f"{v} (main grid{': no δ loss' if v == 'dnd' else ', |P|=5, λ_δ=1'})", "generator", seen + held,
@@ -133,7 +136,7 @@ def claimed(path: Path, block: bool = False) -> Iterator[bool]:
 def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:
     """The preset a cell's generator of this seed is trained with."""
     ex = preset.experiment
-    gen = dataclasses.replace(preset.generator, steps=ex.steps, stage1_steps=ex.steps, seed=seed, **dict(cell.changes))
+    gen = dataclasses.replace(preset.generator, **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **dict(cell.changes)})
     return preset.replace(generator=gen)
 
 

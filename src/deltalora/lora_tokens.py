@@ -78,14 +78,16 @@ class LoraTokenizer:
         return torch.cat(parts)
 
     def fit(self, sds: list[dict[str, torch.Tensor]], eps: float = 1e-8) -> "LoraTokenizer":
-        """Per-token-position mean and std over a set of adapters (over all values of the token)."""
+        """Per-element mean and std over a set of adapters.
+
+        Per element, not per token: zoo adapters share their lora_A init, so a per-token
+        statistic would leave that shared basis in every target, and the generator would
+        spend its capacity reproducing a constant instead of the task-specific part.
+        """
         raw = torch.stack([self.raw_tokens(sd) for sd in sds])  # [N, T, W]
-        mask = self.valid_mask()  # padding values do not count
-        counts = mask.sum(-1, keepdim=True).float()  # [T, 1]
-        mean = (raw * mask).sum((0, 2)) / (counts[:, 0] * len(sds))
-        var = (((raw - mean[None, :, None]) * mask) ** 2).sum((0, 2)) / (counts[:, 0] * len(sds))
-        self.mean = mean[:, None]
-        self.std = var.sqrt()[:, None].clamp(min=eps)
+        mask = self.valid_mask()  # padding values stay 0 after normalisation
+        self.mean = raw.mean(0) * mask
+        self.std = (raw.std(0, unbiased=False) * mask).clamp(min=eps)
         return self
 
     def encode(self, sd: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -107,8 +109,8 @@ class LoraTokenizer:
         return {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> "LoraTokenizer":
-        if state["mean"].shape != (self.n_tokens, 1):
-            raise ValueError(f"tokenizer statistics are for {state['mean'].shape[0]} tokens, this layout has {self.n_tokens}")
+        if state["mean"].shape != (self.n_tokens, self.width):
+            raise ValueError(f"tokenizer statistics have shape {tuple(state['mean'].shape)}, this layout needs {(self.n_tokens, self.width)}")
         self.mean, self.std = state["mean"], state["std"]
         return self
 
