@@ -86,33 +86,37 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         cells += [Cell(rq, f"dnd, {ex.long_steps} steps (compute-matched)", "generator", tasks, train,
                        (("variant", "dnd"), ("steps", ex.long_steps))) for rq, tasks in (("rq1", seen), ("rq2", held))]
     a = ex.ablation_variant
-    # the main grid's generators on the ablation tasks: scores are shared, nothing is recomputed
-    cells += [Cell("ablations", f"{v} (main grid{': no δ loss' if v == 'dnd' else ', |P|=5, λ_δ=1'})", "generator", seen + held,
-                   train, (("variant", v),)) for v in dict.fromkeys(("dnd", a)) if v in ex.variants]
-    cells += [Cell("ablations", f"{a}, δ shuffled across tasks (control)", "generator", seen + held, train,
-                   (("variant", a), ("shuffle_delta", True)))]
-    cells += [Cell("ablations", f"{v}, prompts of another domain (control)", "generator", seen + held, train,
-                   (("variant", v),), prompts="other") for v in ("dnd", a) if v in ex.variants]
+    # the main grid's generators on the ablation and RQ3 tasks: their scores are shared, nothing is recomputed
+    main_rows = [Cell("ablations", f"{v} (main grid{': no δ loss' if v == 'dnd' else ', |P|=5, λ_δ=1'})", "generator",
+                      seen + held, train, (("variant", v),)) for v in dict.fromkeys(("dnd", a)) if v in ex.variants]
+    main_rows += [Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),))
+                  for v in ex.rq3_variants if v in ex.variants]
+    shuffled = [Cell("ablations", f"{a}, δ shuffled across tasks (control)", "generator", seen + held, train,
+                     (("variant", a), ("shuffle_delta", True)))]
+    other = [Cell("ablations", f"{v}, prompts of another domain (control)", "generator", seen + held, train,
+                  (("variant", v),), prompts="other") for v in ("dnd", a) if v in ex.variants]
+    lodo: list[Cell] = []
     if ex.lodo_domain:
         lodo_train = tuple(t for t in preset.pool if domains[t] != ex.lodo_domain)
         lodo_eval = ex.lodo_eval or tuple(t for t in preset.pool if domains[t] == ex.lodo_domain)
-        cells += [Cell("rq2_lodo", "base model", "base", lodo_eval), Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
-                  Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
-                  Cell("rq2_lodo", "retrieval", "retrieval", lodo_eval, lodo_train)]
-        cells += [Cell("rq2_lodo", v, "generator", lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
-    for v in ex.rq3_variants:
-        if v in ex.variants:
-            cells.append(Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),)))
-        cells += [Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
-                  for f in ex.fractions]
-        cells += [Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
-                  for s in ex.weight_noise]
-        cells += [Cell("rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m)))
-                  for m in ex.mislabel]
-    cells += [Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
+        lodo += [Cell("rq2_lodo", "base model", "base", lodo_eval), Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
+                 Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
+                 Cell("rq2_lodo", "retrieval", "retrieval", lodo_eval, lodo_train)]
+        lodo += [Cell("rq2_lodo", v, "generator", lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
+    rq3 = {v: [Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
+               for f in ex.fractions]
+              + [Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
+                 for s in ex.weight_noise]
+              + [Cell("rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m)))
+                 for m in ex.mislabel] for v in ex.rq3_variants}
+    cheap_rq3 = [c for v, cs in rq3.items() if v in ("dnd", "A1") for c in cs]
+    costly_rq3 = [c for v, cs in rq3.items() if v not in ("dnd", "A1") for c in cs]
+    sweeps = [Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
               for p in ex.probe_sizes]
-    cells += [Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
-              for lam in ex.lambdas]
+    sweeps += [Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
+               for lam in ex.lambdas]
+    # run order = priority: the negative control and every protocol before the costlier sweeps
+    cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
     return cells
 
 
@@ -287,7 +291,8 @@ class Runner:
     def write_results(self, cells: list[Cell], rq: str, deltas: dict[str, torch.Tensor]) -> Path:
         ex = self.preset.experiment
         rows, not_run = {}, []
-        for cell in (c for c in cells if c.rq == rq):
+        # tables show the main grid's reference rows first, then cells in run order
+        for cell in sorted((c for c in cells if c.rq == rq), key=lambda c: "main grid" not in c.name):
             s = self.summarize(cell)
             if s is None:
                 not_run.append(cell.name)
