@@ -141,9 +141,6 @@ def bench_delta(preset, ws: Path, repeats: int, n_adapters: int = 20) -> dict:
 # ---------------------------------------------------------------- 3. zoo trainer vs plain loop
 
 def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] = ("arithmetic.2_digit_addition", "intent_recognition")) -> dict:
-    from peft import get_peft_model
-
-    from deltalora.adapters import lora_config
     from deltalora.models import load_base
     from deltalora.tasks import load_task, resolve_spec, stable_seed
     from deltalora.training import batches, completion_batch, train_lora
@@ -154,42 +151,20 @@ def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] =
     out = {}
     for name in tasks:
         items = load_task(resolve_spec(name), preset.tasks).train
-        plan = batches(items, cfg.batch_size, steps, 0)
+        plan = batches(items, cfg.batch_size, steps, stable_seed("batches", "bench", 0))
         n_tokens = sum(int(completion_batch(tok, b, cfg.max_length)[1].sum()) for b in plan)
         losses: dict[str, list[float]] = {}
 
-        def plain():
-            """What one writes with PEFT + transformers: padded batch, labels=, full logits."""
-            torch.manual_seed(stable_seed("lora-init", 0) % 2**63)  # the zoo trainer's init for seed 0
-            model = get_peft_model(base, lora_config(cfg))
-            try:
-                model.train()
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-                ls = []
-                for b in plan:
-                    ids, mask, labels = completion_batch(tok, b, cfg.max_length)
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    ls.append(loss.item())
-                losses["plain"] = ls
-            finally:
-                model.unload()
+        def transformers_loss(model, batch):
+            """What one writes with PEFT + transformers: a padded batch, labels=, logits at every position."""
+            ids, mask, labels = completion_batch(tok, batch, cfg.max_length)
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-        def ours():
-            import deltalora.training as tr
+        def run(key, loss_fn):  # same run name and seed: the same init and batches (`plan`)
+            losses[key] = train_lora(base, tok, items, cfg, steps, 0, "bench", lambda *a: None, loss_fn).losses
 
-            orig = tr.batches
-            tr.batches = lambda *a, **k: plan  # the same batches as the plain loop
-            try:
-                losses["ours"] = train_lora(base, tok, items, cfg, steps, 0, "bench", lambda *a: None).losses
-            finally:
-                tr.batches = orig
+        plain = lambda: run("plain", transformers_loss)  # noqa: E731
+        ours = lambda: run("ours", None)  # noqa: E731
 
         t_plain, t_ours = [], []
         for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
@@ -200,7 +175,8 @@ def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] =
                      "plain_seconds": t_plain, "ours_seconds": t_ours,
                      "max_loss_diff": max(abs(a - b) for a, b in zip(losses["plain"], losses["ours"]))}
     return {"tasks": out, "ratio": statistics.median(v["ratio"] for v in out.values()),
-            "note": "same batches, LoRA init, optimizer, schedule and loss, so the losses are compared step by step"}
+            "note": "the same loop (init, batches, AdamW, schedule, clipping); only the loss computation differs: "
+                    "transformers' labels= loss on the padded batch vs the lean completion loss; losses compared step by step"}
 
 
 # ---------------------------------------------------------------- 4. generator training per variant

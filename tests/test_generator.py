@@ -73,6 +73,18 @@ def test_tokenizer_round_trip_exact(shapes, width, seed):
     assert tok.n_params == sum(a * b for a, b in shapes.values())
 
 
+def test_tokenizer_removes_a_shared_init_from_the_targets():
+    """Adapters that share lora_A (the zoo's init) differ only in B: A normalises to zero, the zoo mean too."""
+    g = torch.Generator().manual_seed(0)
+    shared_a = torch.randn(2, 8, generator=g)
+    sds = [{"a.lora_A.weight": shared_a.clone(), "a.lora_B.weight": torch.randn(8, 2, generator=g)} for _ in range(4)]
+    tok = LoraTokenizer.from_state_dict(sds[0]).fit(sds)
+    mean_sd = {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
+    assert tok.encode(mean_sd).abs().max() < 1e-5
+    assert int((tok.encode(sds[1]).abs() > 1e-6).sum()) == sds[1]["a.lora_B.weight"].numel()  # only B is a target
+    assert torch.allclose(tok.decode(tok.encode(sds[1]))["a.lora_A.weight"], shared_a, atol=1e-6)
+
+
 def test_tokenizer_derives_width_without_padding_waste():
     shapes = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 576),
               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (576, 8),

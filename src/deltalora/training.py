@@ -80,11 +80,14 @@ def batches(items: Sequence[Item], batch_size: int, steps: int, seed: int) -> li
 
 def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item], cfg: ZooConfig,
                steps: int, seed: int, run_name: str,
-               on_checkpoint: Callable[[PeftModel, int, float], None]) -> TrainResult:
+               on_checkpoint: Callable[[PeftModel, int, float], None],
+               loss_fn: Callable[[PeftModel, Sequence[Item]], torch.Tensor] | None = None) -> TrainResult:
     """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return).
 
-    ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps.
+    ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps;
+    ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss).
     """
+    loss_fn = loss_fn or (lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch))
     torch.manual_seed(stable_seed("lora-init", *([run_name] if cfg.init_per_task else []), seed) % 2**63)
     model = get_peft_model(base, lora_config(cfg))
     try:
@@ -98,7 +101,7 @@ def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Seque
         bar = tqdm(batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)),
                    desc=run_name, unit="step", leave=False)
         for step, batch in enumerate(bar, 1):
-            loss = completion_loss(model, tok, batch, cfg.max_length, cfg.micro_batch)
+            loss = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
