@@ -36,12 +36,12 @@ def diff_ci(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def _table(cells: dict, with_gen: bool = True) -> list[str]:
-    head = "| method | accuracy | KL to reference | δ cosine | ‖δ̂ − δ‖ | parameter MSE | n adapters |" + (" train s |" if with_gen else "")
+    head = "| method | accuracy | KL to reference | δ cosine | ‖δ̂ − δ‖ | parameter MSE | n adapters (seeds) |" + (" train s |" if with_gen else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, c in cells.items():
         o = c["overall"]
         row = (f"| {name} | {_fmt(o['acc'])} | {_fmt(o['kl'])} | {_fmt(o['delta_cos'], 2)} | {_fmt(o['delta_dist'], 2)} | "
-               f"{_sci(o['param_mse'])} | {o['acc']['n']} |")
+               f"{_sci(o['param_mse'])} | {o['acc']['n']} ({len(c['seeds_done']) if c['seeds_done'] != [None] else '—'}) |")
         if with_gen:
             row += f" {c['train_seconds']['mean']:.0f} |" if "train_seconds" in c else " — |"
         lines.append(row)
