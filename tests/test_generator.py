@@ -106,15 +106,16 @@ def test_tokenizer_rejects_other_layout():
 
 @pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C"])
 def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
-    preset = _preset(ws, variant=variant, steps=24, stage1_steps=24, lr=3e-3)
+    # per-element normalisation starts every target at the zoo mean (loss ~1), so give it room to fit
+    preset = _preset(ws, variant=variant, steps=60, stage1_steps=24, lr=1e-2, warmup_steps=2)
     out = tmp_path / variant
     res = train_generator(preset, ws.workspace, out, list(preset.pool), progress=False)
     assert res["n_params"] > 0 and res["lora_params"] > 0
     log = _log(out)
     stages = [log[:24], log[24:]] if variant == "B" else [log]
     for rows in stages:
-        first = sum(r["loss"] for r in rows[:4]) / 4
-        last = sum(r["loss"] for r in rows[-4:]) / 4
+        first = sum(r["loss"] for r in rows[:8]) / 8
+        last = sum(r["loss"] for r in rows[-8:]) / 8
         assert last < first, f"{variant}: loss {first:.4f} -> {last:.4f}"
     model, tok, scale, config = load_generator(out)
     assert config["preset"]["generator"]["variant"] == variant and scale > 0
