@@ -106,12 +106,17 @@ class Scorer:
 
     def score(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics of rank-r LoRA tensors of the zoo's layout on task ``name``."""
-        ref = self.ref(name)
+        self.ref(name)  # computed before the swap: it sets the reference tensors itself
         self.swapper.set_tensors(tensors)
         out = self.score_active(name)
-        out["param_mse"] = statistics.fmean(
-            statistics.fmean(((tensors[k] - r[k]) ** 2).mean().item() for k in r) for r in ref.ref_tensors)
+        out["param_mse"] = self.param_mse(name, tensors)
         return out
+
+    def param_mse(self, name: str, tensors: dict[str, torch.Tensor] | None) -> float:
+        """Mean squared difference to each reference adapter (None: the base model, a zero update)."""
+        refs = self.ref(name).ref_tensors
+        return statistics.fmean(statistics.fmean(((r[k] - (tensors[k] if tensors else 0)) ** 2).mean().item() for k in r)
+                                for r in refs)
 
     def score_active(self, name: str) -> dict[str, float]:
         """Metrics of the PEFT model with whatever adapter is active now (e.g. a merged one)."""

@@ -155,6 +155,7 @@ class Runner:
         self.scorer = Scorer(preset, workspace, preset.experiment.n_test, preset.experiment.n_kl, extra)
         self.encoder = PromptEncoder(workspace / "cache" / "prompt_embeddings.safetensors")
         self._scored: dict[tuple, dict] = {}  # identical adapters (retrieval hits) are scored once
+        self._mean_adapters: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- generators
     def generator_dir(self, preset: Preset, train: tuple[str, ...]) -> Path:
@@ -195,8 +196,7 @@ class Runner:
             self.scorer.ref(task)  # computed with the adapter enabled, before disabling it
             with self.scorer.model.disable_adapter():
                 out = self.scorer.score_active(task)
-            out["param_mse"] = statistics.fmean(statistics.fmean((r[k] ** 2).mean().item() for k in r)
-                                                for r in self.scorer.ref(task).ref_tensors)
+            out["param_mse"] = self.scorer.param_mse(task, None)
         else:
             out = self.scorer.score(task, tensors)
         out["delta"] = [round(x, 6) for x in self.scorer.last_delta.tolist()]
@@ -261,9 +261,11 @@ class Runner:
             return None
         if cell.method == "oracle":
             return self.scorer.ref(task).ref_tensors[0]
-        finals = [self.scorer.final_adapters(t)[0] for t in cell.train]
-        sds = [load_file(self.scorer.root / c["path"] / "adapter_model.safetensors") for c in finals]
-        return {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
+        if cell.train not in self._mean_adapters:  # one average per training set, not one per scored task
+            finals = [self.scorer.final_adapters(t)[0] for t in cell.train]
+            sds = [load_file(self.scorer.root / c["path"] / "adapter_model.safetensors") for c in finals]
+            self._mean_adapters[cell.train] = {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
+        return self._mean_adapters[cell.train]
 
     # ---------------------------------------------------------------- results
     def summarize(self, cell: Cell) -> dict | None:
