@@ -440,6 +440,17 @@ def test_apply_overrides_parses_types(tiny_preset):
     assert apply_overrides(tiny_preset, ["zoo.steps=3", "zoo.steps=4"]).zoo.steps == 4
 
 
+def test_apply_overrides_pool_keeps_only_pairs_inside_it(tiny_preset):
+    (a, b), = tiny_preset.pairs
+    others = tuple(t for t in tiny_preset.pool if t not in (a, b))
+    p = apply_overrides(tiny_preset, [f"pool={a},{b}"])
+    assert p.pool == (a, b) and p.pairs == ((a, b),)
+    p = apply_overrides(tiny_preset, [f"pool={a},{','.join(others)}"])
+    assert p.pool == (a, *others) and p.pairs == ()
+    with pytest.raises(ConfigError, match="preset.pool must name at least one task"):
+        apply_overrides(tiny_preset, ["pool="])
+
+
 def test_apply_overrides_bool(tiny_preset):
     for value, want in (("true", True), ("1", True), ("False", False), ("0", False)):
         assert apply_overrides(tiny_preset, [f"generator.shuffle_delta={value}"]).generator.shuffle_delta is want

@@ -269,6 +269,15 @@ def test_rebuild_with_different_config_is_refused(reference_zoo, two_task_preset
     assert (zoo_dir(tmp_path) / "config.json").read_bytes() == before
 
 
+def test_resume_under_speed_only_settings_trains_nothing(reference_zoo, two_task_preset, tmp_path, monkeypatch):
+    """micro_batch, prefix sharing and the eval batch change speed, not adapters: a built zoo resumes under new ones."""
+    ws_ref, manifest = reference_zoo
+    shutil.copytree(zoo_dir(ws_ref), zoo_dir(tmp_path))
+    monkeypatch.setattr(zoo_mod, "_run_job", lambda *a: pytest.fail("a finished run was trained again"))
+    faster = two_task_preset.replace(zoo=dataclasses.replace(two_task_preset.zoo, micro_batch=2, min_shared_prefix=0, eval_batch_size=3))
+    assert build_zoo(faster, tmp_path) == manifest
+
+
 def test_checkpoint_saving_never_contacts_the_hub(two_task_preset, tmp_path, monkeypatch):
     """The zoo is built offline: saving a checkpoint must not ask the Hugging Face Hub anything.
 
@@ -342,6 +351,42 @@ def test_lean_completion_loss_equals_transformers_loss_and_gradient(two_task_pre
         assert lean.item() == pytest.approx(ref.item(), rel=1e-5)
         for g, r in zip(torch.autograd.grad(lean, params), ref_grads):
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("micro", [1, 3, 9])
+def test_shared_prefix_loss_equals_transformers_loss_and_gradient(two_task_preset, micro):
+    """A task prefix run once with its keys/values shared by every row: same loss, same gradient."""
+    from peft import get_peft_model
+
+    from deltalora.adapters import lora_config
+    from deltalora.evaluate import encode
+    from deltalora.tasks import Item, load_task, resolve_spec
+    from deltalora.training import completion_batch, completion_loss, shared_prefix_length
+
+    base, tok = tiny_llama()
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(two_task_preset.zoo))
+    items = [Item("Answer with the copy of the word below, nothing else.\n" + it.prompt, it.answer, it.choices)
+             for it in load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:9]]
+    shared = shared_prefix_length([encode(tok, it.prompt, it.completion(), 96, eos=True) for it in items])
+    assert shared >= 50  # the sharing path really runs on this batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, labels = completion_batch(tok, items, 96)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_grads = torch.autograd.grad(ref, params)
+    lean = completion_loss(model, tok, items, 96, micro, min_shared_prefix=8)
+    assert lean.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(torch.autograd.grad(lean, params), ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_shared_prefix_stops_before_the_first_supervised_logit():
+    from deltalora.training import shared_prefix_length
+
+    # the last prompt token of the shortest prompt (index 2) predicts its first answer token
+    assert shared_prefix_length([([1, 2, 3, 9], 3), ([1, 2, 3, 4, 5, 9], 5)]) == 2
+    assert shared_prefix_length([([1, 2, 3, 9], 4), ([1, 2, 7, 4, 9], 4)]) == 2
+    assert shared_prefix_length([([5, 2, 9], 2), ([1, 2, 9], 2)]) == 0
 
 
 @pytest.mark.parametrize("per_task", [False, True])

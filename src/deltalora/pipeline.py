@@ -19,12 +19,17 @@ from .zoo import build_zoo, zoo_dir, zoo_summary
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
-    """``section.field=value`` overrides, e.g. ``zoo.steps=10`` or ``zoo.seeds=0,1``."""
+    """``section.field=value`` overrides, e.g. ``zoo.steps=10`` or ``zoo.seeds=0,1``; ``pool=a,b,c``
+    replaces the task pool and keeps the preset's pairs whose two tasks are both still in it."""
     for ov in overrides:
         key, sep, value = ov.partition("=")
+        if key == "pool" and sep:
+            pool = tuple(v for v in value.split(",") if v)
+            preset = preset.replace(pool=pool, pairs=tuple(p for p in preset.pairs if set(p) <= set(pool)))
+            continue
         section, _, name = key.partition(".")
         if not sep or not name or section not in ("tasks", "zoo", "delta", "generator", "experiment"):
-            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value>")
+            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value> or pool=<task>,<task>")
         sub = getattr(preset, section)
         fields = {f.name: f for f in dataclasses.fields(sub)}
         if name not in fields:

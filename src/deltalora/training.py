@@ -42,25 +42,48 @@ def _labelled(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[to
 
 
 def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int,
-                    micro_batch: int) -> torch.Tensor:
+                    micro_batch: int, min_shared_prefix: int = 0) -> torch.Tensor:
     """Mean cross-entropy over every answer token of the batch: the value of transformers'
     padded ``labels=`` loss on ``completion_batch``, computed leaner.
 
     Sequences are sorted by length into micro-batches, so each pads only to its own longest,
     and the LM head (a fifth of SmolLM2's FLOPs) runs only at the supervised positions,
-    which are a few tokens at the end of each sequence.
+    which are a few tokens at the end of each sequence. With ``min_shared_prefix`` > 0, a
+    token prefix common to a whole micro-batch (a task's instructions, often most of the
+    prompt) that long or longer is run once and its keys/values are shared by every row;
+    gradients from all rows flow back through that one pass, so the loss is unchanged.
     """
     encoded = sorted((encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items), key=lambda e: len(e[0]))
     body, head = model.get_decoder(), model.get_output_embeddings()
     total, n_tokens = torch.zeros(()), 0
     for start in range(0, len(encoded), micro_batch):
-        ids, mask, labels = _labelled(encoded[start: start + micro_batch], tok.pad_token_id)
+        chunk = encoded[start: start + micro_batch]
+        ids, mask, labels = _labelled(chunk, tok.pad_token_id)
         target = labels[:, 1:]
         keep = target != -100
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
+        shared = shared_prefix_length(chunk) if min_shared_prefix else 0
+        if len(chunk) > 1 and shared >= min_shared_prefix > 0:
+            past = body(input_ids=ids[:1, :shared], use_cache=True).cache
+            past.batch_repeat_interleave(len(chunk))
+            # the prefix's own positions carry no supervised logit (shared_prefix_length stops before them)
+            hidden = body(input_ids=ids[:, shared:], attention_mask=mask, cache=past,
+                          use_cache=True).last_hidden_state[:, :-1][keep[:, shared:]]
+        else:
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
         total = total + F.cross_entropy(head(hidden).float(), target[keep], reduction="sum")
         n_tokens += int(keep.sum())
     return total / max(1, n_tokens)
+
+
+def shared_prefix_length(encoded: Sequence[tuple[list[int], int]]) -> int:
+    """Tokens common to the start of every sequence, stopping before the last prompt token of
+    the shortest prompt (whose logit predicts a supervised answer token)."""
+    limit = min(n_prompt for _, n_prompt in encoded) - 1
+    first = encoded[0][0]
+    n = 0
+    while n < limit and all(seq[n] == first[n] for seq, _ in encoded):
+        n += 1
+    return n
 
 
 def batches(items: Sequence[Item], batch_size: int, steps: int, seed: int) -> list[list[Item]]:
@@ -87,7 +110,7 @@ def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Seque
     ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps;
     ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss).
     """
-    loss_fn = loss_fn or (lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch))
+    loss_fn = loss_fn or (lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch, cfg.min_shared_prefix))
     torch.manual_seed(stable_seed("lora-init", *([run_name] if cfg.init_per_task else []), seed) % 2**63)
     model = get_peft_model(base, lora_config(cfg))
     try:

@@ -100,10 +100,15 @@ def build_zoo(preset: Preset, workspace: str | Path, extra: list[TaskSpec] | Non
     return read_json(root / "manifest.json", "zoo manifest")
 
 
+# same loss and gradients whatever their value (tested), so a zoo may resume under new ones
+_SPEED_ONLY = ("micro_batch", "min_shared_prefix", "eval_batch_size")
+
+
 def _check_same_preset(root: Path, preset: Preset) -> None:
     """Resuming with different hyper-parameters would mix incompatible adapters in one zoo.
 
-    Adding seeds or tasks only adds runs, so ``zoo.seeds`` (and the pool) may change.
+    Adding seeds or tasks only adds runs, so ``zoo.seeds`` (and the pool) may change, and so
+    may the fields that set speed but not the adapters (``_SPEED_ONLY``).
     """
     f = root / "config.json"
     if f.exists():
@@ -112,8 +117,8 @@ def _check_same_preset(root: Path, preset: Preset) -> None:
         for key in ("base", "tasks", "zoo"):
             a, b = dict(old.get(key) or {}) if key != "base" else old.get(key), new[key]
             if key == "zoo":
-                a.pop("seeds", None)
-                b = {k: v for k, v in b.items() if k != "seeds"}
+                a = {k: v for k, v in a.items() if k not in ("seeds", *_SPEED_ONLY)}
+                b = {k: v for k, v in b.items() if k not in ("seeds", *_SPEED_ONLY)}
             if a != b:
                 raise ValueError(f"{f}: zoo was built with a different {key!r} config; use a new workspace or the same preset")
 
