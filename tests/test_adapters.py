@@ -212,6 +212,27 @@ def test_swapper_rejects_adapters_of_other_modules(tiny_zoo, tmp_path):
                        "smollm2-135m").load(tiny_zoo.folder("syn.add"))
 
 
+def test_swapper_set_tensors_refuses_partial_or_misshapen_tensors(tiny_zoo):
+    """A generated adapter missing a tensor must not silently keep the previous adapter's."""
+    swapper = AdapterSwapper(load_base("tiny")[0], PeftConfig.from_pretrained(str(tiny_zoo.folder("syn.add"))), "tiny")
+    tensors = load_file(tiny_zoo.folder("syn.add") / WEIGHTS)
+    before = {k: v.clone() for k, v in swapper._params.items()}
+    first = next(iter(tensors))
+    with pytest.raises(AdapterError, match="missing"):
+        swapper.set_tensors({k: v for k, v in tensors.items() if k != first})
+    with pytest.raises(AdapterError, match=r"unexpected \['extra'\]"):
+        swapper.set_tensors({**tensors, "extra": tensors[first]})
+    last = list(tensors)[-1]
+    with pytest.raises(AdapterError, match="shape"):
+        swapper.set_tensors({**tensors, last: tensors[last][:1]})
+    for k, p in swapper._params.items():  # nothing was copied
+        torch.testing.assert_close(p, before[k], atol=0, rtol=0)
+    swapper.set_tensors(tensors)
+    for k, p in swapper._params.items():
+        torch.testing.assert_close(p, tensors[k], atol=0, rtol=0)
+    assert any(not torch.equal(before[k], tensors[k]) for k in tensors)
+
+
 # ---------------------------------------------------------------- evaluation
 
 def _mixed_mc_items():

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -93,30 +93,39 @@ class AdapterSwapper:
     """One PEFT wrapper around the base; adapters of the same config are swapped in by weights.
 
     Loading the base once and copying r x d tensors per adapter is what makes scoring a
-    whole zoo cheap; ``set_peft_model_state_dict`` keeps PEFT's own key mapping.
+    whole zoo cheap; keys are PEFT's saved form, read off the wrapper's own parameter names.
     """
 
     def __init__(self, base: torch.nn.Module, config: LoraConfig, base_name: str | None = None):
         self.base_name = base_name
         self.model = get_peft_model(base, config)
         self.model.eval()
+        # saved key -> live parameter, mapped once: a swap is then one copy per tensor
+        # (set_peft_model_state_dict re-maps every key on every call, a tenth of a δ's cost)
+        self._params = {n.replace(".default.weight", ".weight"): p for n, p in self.model.named_parameters() if ".lora_" in n}
 
     def load(self, folder: str | Path, sha256: str | None = None) -> PeftModel:
         _, tensors = check_adapter(self.model.base_model.model, folder, self.base_name, sha256)
-        expected = {k for k in self.lora_keys()}
-        if set(tensors) != expected:
-            raise AdapterError(f"{folder}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(expected)} tensors)")
+        if set(tensors) != set(self._params):
+            raise AdapterError(f"{folder}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(self._params)} tensors)")
         self.set_tensors(tensors)
         return self.model
 
+    @torch.no_grad()
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        result = set_peft_model_state_dict(self.model, tensors)
-        if getattr(result, "unexpected_keys", None):
-            raise AdapterError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")
+        """Copy LoRA tensors (PEFT's saved key form, exactly this zoo's keys) into the wrapper."""
+        if set(tensors) != set(self._params):
+            missing, extra = sorted(set(self._params) - set(tensors)), sorted(set(tensors) - set(self._params))
+            raise AdapterError(f"LoRA tensors do not match this zoo's layout: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, param in self._params.items():  # all checked before any is copied: no half-swapped adapter
+            if tensors[key].shape != param.shape:
+                raise AdapterError(f"LoRA tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+        for key, param in self._params.items():
+            param.copy_(tensors[key])
 
     def lora_keys(self) -> list[str]:
         """Adapter keys in PEFT's saved form, in module order."""
-        return [n.replace(".default.weight", ".weight") for n, _ in self.model.named_parameters() if ".lora_" in n]
+        return list(self._params)
 
     def unload(self) -> torch.nn.Module:
         return self.model.unload()
