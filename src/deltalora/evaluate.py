@@ -85,13 +85,17 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
         c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
         full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
         c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1])
-        logits = model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache).logits
-        logp = torch.log_softmax(logits.float(), -1)
-        for r, (b, j) in enumerate(rows):
-            if j >= len(conts[idx[b]]):
-                continue
-            s = seqs[r]
-            lp = first[b, s[0]] + logp[r, torch.arange(len(s) - 1), torch.tensor(s[1:], dtype=torch.long)].sum()
+        hidden = model.get_decoder()(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache).last_hidden_state
+        # the LM head only where a position predicts a later token of its own choice: with short
+        # prompts, logits at padding and at each choice's last token would cost more than the body
+        real = [r for r, (b, j) in enumerate(rows) if j < len(conts[idx[b]])]
+        at = torch.tensor([(r, p) for r in real for p in range(len(seqs[r]) - 1)], dtype=torch.long).reshape(-1, 2)
+        target = torch.tensor([t for r in real for t in seqs[r][1:]], dtype=torch.long)
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden[at[:, 0], at[:, 1]]).float(), -1)
+        later = torch.zeros(len(rows)).index_add_(0, at[:, 0], logp[torch.arange(len(target)), target])
+        for r in real:
+            b, j = rows[r]
+            lp = first[b, seqs[r][0]] + later[r]
             scores[idx[b]].append(lp.item() / _n_bytes(items[idx[b]].choices[j]))
     return scores
 
