@@ -50,17 +50,16 @@ def machine() -> dict:
 
 def tokens_run(tok, items, cfg, steps: int, run_name: str, seed: int = 0) -> tuple[int, int]:
     """(real tokens, tokens the zoo trainer runs through the body) over ``train_lora``'s batches:
-    a prefix shared by a whole batch runs once, not once per row."""
-    from deltalora.evaluate import encode
+    a prefix shared by a whole micro-batch runs once, not once per row."""
     from deltalora.tasks import stable_seed
-    from deltalora.training import batches, shared_prefix_length
+    from deltalora.training import batches, micro_batches, shared_prefix_length
 
     total = run = 0
     for b in batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)):
-        enc = [encode(tok, it.prompt, it.completion(), cfg.max_length, eos=True) for it in b]
-        p = shared_prefix_length(enc)
-        total += sum(len(e[0]) for e in enc)
-        run += sum(len(e[0]) for e in enc) - ((len(b) - 1) * p if cfg.min_shared_prefix and p >= cfg.min_shared_prefix else 0)
+        for chunk in micro_batches(tok, b, cfg.max_length, cfg.micro_batch):
+            n = sum(len(ids) for ids, _ in chunk)
+            total += n
+            run += n - (len(chunk) - 1) * shared_prefix_length(chunk, cfg.min_shared_prefix)
     return total, run
 
 
@@ -114,9 +113,8 @@ def bench_generation(preset, ws: Path, repeats: int) -> dict:
         enc_tokens = sum(len(x) for x in encoder.model.tokenizer(chosen).input_ids)
         int8 = _int8_encoder(encoder, chosen, repeats)
         enc_flops = 2 * linear_params(encoder.model) * enc_tokens
-    body = base.get_decoder() if hasattr(base, "get_decoder") else base
     ft_tokens = tokens_run(tok, task.train, preset.zoo, preset.zoo.steps, f"bench__{task_name}")[1]
-    ft_flops = 4 * linear_params(body) * ft_tokens  # forward, and a backward of the same size (input gradients only: the base is frozen)
+    ft_flops = 4 * linear_params(base.get_decoder()) * ft_tokens  # forward, and a backward of the same size (input gradients only: the base is frozen)
     return {"task": task_name, "finetune_steps": preset.zoo.steps, "batch_size": preset.zoo.batch_size, "n_prompts": n,
             "finetune_seconds_median": ft, "finetune_seconds": ft_all, "generate_seconds_median": gen, "generate_seconds": gen_all,
             "ratio": ft / gen, "encode_seconds_median": encode, "generator_forward_and_decode_seconds_median": decode,
@@ -208,16 +206,17 @@ def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] =
     base, tok = load_base(preset.base)
     cfg = preset.zoo
 
-    def shared_fraction(name: str, n_steps: int, run: str) -> float:
-        total, run_ = tokens_run(tok, load_task(resolve_spec(name), preset.tasks).train, cfg, n_steps, run)
+    def shared_fraction(items, n_steps: int, run: str) -> float:
+        total, run_ = tokens_run(tok, items, cfg, n_steps, run)
         return 1 - run_ / total
 
     pool = get_preset(preset.name).pool  # the preset's whole default pool, whatever --set pool= says
-    pool_fractions = {name: shared_fraction(name, cfg.steps, f"{name}__seed0") for name in pool}
+    train = {name: load_task(resolve_spec(name), preset.tasks).train for name in pool}
+    pool_fractions = {name: shared_fraction(train[name], cfg.steps, f"{name}__seed0") for name in pool}
     tasks = tuple(t for t in tasks if t in pool) or pool[:2]
     out = {}
     for name in tasks:
-        items = load_task(resolve_spec(name), preset.tasks).train
+        items = train[name]
         plan = batches(items, cfg.batch_size, steps, stable_seed("batches", "bench", 0))
         n_tokens = sum(int(completion_batch(tok, b, cfg.max_length)[1].sum()) for b in plan)
         losses: dict[str, list[float]] = {}
@@ -241,7 +240,7 @@ def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] =
                      "ours_tokens_per_s": n_tokens / statistics.median(t_ours), "ratio": statistics.median(t_plain) / statistics.median(t_ours),
                      "plain_seconds": t_plain, "ours_seconds": t_ours,
                      "max_loss_diff": max(abs(a - b) for a, b in zip(losses["plain"], losses["ours"])),
-                     "shared_prefix_token_fraction": shared_fraction(name, steps, "bench")}
+                     "shared_prefix_token_fraction": shared_fraction(items, steps, "bench")}
     return {"tasks": out, "ratio": statistics.median(v["ratio"] for v in out.values()),
             "pool_shared_prefix_token_fraction": pool_fractions,
             "pool_shared_prefix_token_fraction_overall": statistics.mean(pool_fractions.values()),
@@ -305,12 +304,11 @@ def bench_eval(preset, repeats: int, n_items: int = 64,
     from deltalora.tasks import load_task, resolve_spec
 
     base, tok = load_base(preset.base)
-    pool = get_preset(preset.name).pool
-    mc = [n for n in pool if load_task(resolve_spec(n), preset.tasks).test[0].is_mc]
+    loaded = {n: load_task(resolve_spec(n), preset.tasks) for n in get_preset(preset.name).pool}
+    mc = [n for n, t in loaded.items() if t.test[0].is_mc]
     out = {}
     for name in [t for t in tasks if t in mc] or mc[:2]:
-        task = load_task(resolve_spec(name), preset.tasks)
-        items = task.test[:n_items]
+        items = loaded[name].test[:n_items]
         args = (base, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)
         shared, t_sh = median_time(lambda: choice_scores(*args), repeats)
         unshared, t_un = median_time(lambda: choice_scores_unshared(*args), repeats)

@@ -106,20 +106,20 @@ class AdapterSwapper:
 
     def load(self, folder: str | Path, sha256: str | None = None) -> PeftModel:
         _, tensors = check_adapter(self.model.base_model.model, folder, self.base_name, sha256)
-        if set(tensors) != set(self._params):
-            raise AdapterError(f"{folder}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(self._params)} tensors)")
-        self.set_tensors(tensors)
+        self.set_tensors(tensors, str(folder))
         return self.model
 
     @torch.no_grad()
-    def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy LoRA tensors (PEFT's saved key form, exactly this zoo's keys) into the wrapper."""
+    def set_tensors(self, tensors: dict[str, torch.Tensor], source: str = "LoRA tensors") -> None:
+        """Copy LoRA tensors (PEFT's saved key form, exactly this zoo's keys) into the wrapper;
+        ``source`` names them in errors."""
         if set(tensors) != set(self._params):
             missing, extra = sorted(set(self._params) - set(tensors)), sorted(set(tensors) - set(self._params))
-            raise AdapterError(f"LoRA tensors do not match this zoo's layout: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise AdapterError(f"{source}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(self._params)} "
+                               f"tensors): missing {missing[:3]}, unexpected {extra[:3]}")
         for key, param in self._params.items():  # all checked before any is copied: no half-swapped adapter
             if tensors[key].shape != param.shape:
-                raise AdapterError(f"LoRA tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+                raise AdapterError(f"{source}: LoRA tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
         for key, param in self._params.items():
             param.copy_(tensors[key])
 

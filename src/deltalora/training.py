@@ -53,16 +53,14 @@ def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items:
     prompt) that long or longer is run once and its keys/values are shared by every row;
     gradients from all rows flow back through that one pass, so the loss is unchanged.
     """
-    encoded = sorted((encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items), key=lambda e: len(e[0]))
     body, head = model.get_decoder(), model.get_output_embeddings()
     total, n_tokens = torch.zeros(()), 0
-    for start in range(0, len(encoded), micro_batch):
-        chunk = encoded[start: start + micro_batch]
+    for chunk in micro_batches(tok, items, max_length, micro_batch):
         ids, mask, labels = _labelled(chunk, tok.pad_token_id)
         target = labels[:, 1:]
         keep = target != -100
-        shared = shared_prefix_length(chunk) if min_shared_prefix else 0
-        if len(chunk) > 1 and shared >= min_shared_prefix > 0:
+        shared = shared_prefix_length(chunk, min_shared_prefix)
+        if shared:
             past = body(input_ids=ids[:1, :shared], use_cache=True).cache
             past.batch_repeat_interleave(len(chunk))
             # the prefix's own positions carry no supervised logit (shared_prefix_length stops before them)
@@ -75,15 +73,25 @@ def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items:
     return total / max(1, n_tokens)
 
 
-def shared_prefix_length(encoded: Sequence[tuple[list[int], int]]) -> int:
+def micro_batches(tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int,
+                  micro_batch: int) -> list[list[tuple[list[int], int]]]:
+    """A batch as ``completion_loss`` runs it: (ids, prompt length) pairs sorted by length, cut into micro-batches."""
+    encoded = sorted((encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items), key=lambda e: len(e[0]))
+    return [encoded[start: start + micro_batch] for start in range(0, len(encoded), micro_batch)]
+
+
+def shared_prefix_length(encoded: Sequence[tuple[list[int], int]], minimum: int = 1) -> int:
     """Tokens common to the start of every sequence, stopping before the last prompt token of
-    the shortest prompt (whose logit predicts a supervised answer token)."""
+    the shortest prompt (whose logit predicts a supervised answer token); 0 when fewer than
+    ``minimum`` are shared, for a single sequence, or when ``minimum`` is 0 (sharing off)."""
+    if minimum == 0 or len(encoded) < 2:
+        return 0
     limit = min(n_prompt for _, n_prompt in encoded) - 1
     first = encoded[0][0]
     n = 0
     while n < limit and all(seq[n] == first[n] for seq, _ in encoded):
         n += 1
-    return n
+    return n if n >= minimum else 0
 
 
 def batches(items: Sequence[Item], batch_size: int, steps: int, seed: int) -> list[list[Item]]:
