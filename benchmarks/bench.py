@@ -51,8 +51,8 @@ def machine() -> dict:
 def tokens_run(tok, items, cfg, steps: int, run_name: str, seed: int = 0) -> tuple[int, int]:
     """(real tokens, tokens the zoo trainer runs through the body) over ``train_lora``'s batches:
     a prefix shared by a whole micro-batch runs once, not once per row."""
-    from deltalora.tasks import stable_seed
-    from deltalora.training import batches, micro_batches, shared_prefix_length
+    from deltalora.data.items import stable_seed
+    from deltalora.zoo.training import batches, micro_batches, shared_prefix_length
 
     total = run = 0
     for b in batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)):
@@ -70,13 +70,15 @@ def linear_params(module: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------- 1. generation vs fine-tuning
 
-def bench_generation(preset, ws: Path, repeats: int) -> dict:
-    from deltalora.encoder import PromptEncoder
-    from deltalora.generator import choose_prompts, generate_tensors, load_generator, train_generator, write_adapter
-    from deltalora.models import load_base
-    from deltalora.pipeline import apply_overrides
-    from deltalora.tasks import load_task, resolve_spec
-    from deltalora.training import train_lora
+def bench_generation(preset, ws, repeats: int) -> dict:
+    from deltalora.data.tasks import load_task, resolve_spec
+    from deltalora.generator.artifact import load_generator
+    from deltalora.generator.encoder import PromptEncoder
+    from deltalora.generator.generate import choose_prompts, generate_tensors, write_adapter
+    from deltalora.generator.train import train_generator
+    from deltalora.lm.models import load_base
+    from deltalora.presets import apply_overrides
+    from deltalora.zoo.training import train_lora
 
     task_name = preset.experiment.seen_eval[0] if preset.experiment.seen_eval else preset.pool[0]
     task = load_task(resolve_spec(task_name), preset.tasks)
@@ -88,17 +90,18 @@ def bench_generation(preset, ws: Path, repeats: int) -> dict:
         gen_dir = Path(tmp) / "gen"
         # generation cost does not depend on how long the generator trained
         train_generator(apply_overrides(preset, ["generator.steps=5"]), ws, gen_dir, list(preset.pool), progress=False)
-        model, tokenizer, _, conf = load_generator(gen_dir)
+        loaded = load_generator(gen_dir)
+        model, tokenizer = loaded.model, loaded.tokenizer
         encoder = PromptEncoder()  # loading excluded; its per-prompt cache is emptied before every run
         prompts = [it.prompt for it in task.train]
-        n = conf["preset"]["generator"]["n_prompts"]
+        n = loaded.card.n_prompts
         counter = iter(range(10**6))
 
         def emit():
             encoder.cache.clear()
             k = next(counter)
-            tensors = generate_tensors(model, tokenizer, encoder, prompts, n, k)
-            write_adapter(Path(tmp) / f"adapter{k}", tensors, conf["adapter_config"], {"bench": True})
+            tensors = generate_tensors(loaded, encoder, prompts, k)
+            write_adapter(Path(tmp) / f"adapter{k}", tensors, loaded.card.adapter_config, {"bench": True})
 
         emit()  # warm-up: first-call allocations
         gen, gen_all = median_time(emit, repeats)
@@ -109,7 +112,7 @@ def bench_generation(preset, ws: Path, repeats: int) -> dict:
         with torch.inference_mode():  # as in generate_tensors
             decode = median_time(lambda: tokenizer.decode(model(cond)), repeats)[0]
             tensors = {k: v[0] for k, v in tokenizer.decode(model(cond)).items()}
-        write = median_time(lambda: write_adapter(Path(tmp) / f"adapter{next(counter)}", tensors, conf["adapter_config"], {}), repeats)[0]
+        write = median_time(lambda: write_adapter(Path(tmp) / f"adapter{next(counter)}", tensors, loaded.card.adapter_config, {}), repeats)[0]
         enc_tokens = sum(len(x) for x in encoder.model.tokenizer(chosen).input_ids)
         int8 = _int8_encoder(encoder, chosen, repeats)
         enc_flops = 2 * linear_params(encoder.model) * enc_tokens
@@ -143,22 +146,25 @@ def _int8_encoder(encoder, prompts: list[str], repeats: int) -> dict:
 
 # ---------------------------------------------------------------- 2. Delta Activations throughput
 
-def bench_delta(preset, ws: Path, repeats: int, n_adapters: int = 20) -> dict:
+def bench_delta(preset, ws, repeats: int, n_adapters: int = 20) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from deltalora.delta import DeltaProbe, compute_zoo_deltas, probe_prompts
-    from deltalora.io import read_json
-    from deltalora.models import _resolve, load_base
-    from deltalora.zoo import zoo_dir
+    from deltalora.delta.compute import compute_zoo_deltas
+    from deltalora.delta.probes import probe_prompts
+    from deltalora.lm.models import _resolve, load_base
+    from deltalora.workspace import Workspace
+    from deltalora.zoo.manifest import Manifest
 
-    root = zoo_dir(ws)
-    manifest = read_json(root / "manifest.json")[:n_adapters]
+    root = ws.zoo
+    manifest = list(Manifest.from_file(ws.manifest))[:n_adapters]
     base, tok = load_base(preset.base)
 
     def ours():
         with tempfile.TemporaryDirectory() as tmp:
-            return compute_zoo_deltas(base, tok, root, manifest, preset.delta, Path(tmp), preset.base)
+            scratch = Workspace(Path(tmp))  # δ written here; its zoo is the benchmarked one
+            scratch.zoo.symlink_to(root.resolve(), target_is_directory=True)
+            return compute_zoo_deltas(base, tok, scratch, manifest, preset.delta, preset.base)
 
     ours_t, ours_all = median_time(ours, repeats)
     ours_d = ours()
@@ -179,11 +185,11 @@ def bench_delta(preset, ws: Path, repeats: int, n_adapters: int = 20) -> dict:
     per_adapter, loading, max_diff = [], [], 0.0
     for c in manifest:
         t0 = time.perf_counter()
-        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(root / c["path"])).eval()
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(root / c.path)).eval()
         loading.append(time.perf_counter() - t0)
         d = torch.stack([last_state(m, p) for p in probes]).mean(0) - base_mean
         per_adapter.append(time.perf_counter() - t0)
-        max_diff = max(max_diff, (d - ours_d[c["path"]]).abs().max().item())
+        max_diff = max(max_diff, (d - ours_d[c.path]).abs().max().item())
     ref_t = statistics.median(per_adapter) * len(manifest)
     return {"n_adapters": len(manifest), "n_probes": len(probes), "ours_seconds_median": ours_t, "ours_seconds": ours_all,
             "reference_seconds_median": ref_t, "reference_seconds_per_adapter": per_adapter,
@@ -198,10 +204,11 @@ def bench_delta(preset, ws: Path, repeats: int, n_adapters: int = 20) -> dict:
 # ---------------------------------------------------------------- 3. zoo trainer vs plain loop
 
 def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] = ("arithmetic.2_digit_addition", "intent_recognition")) -> dict:
-    from deltalora.config import get_preset
-    from deltalora.models import load_base
-    from deltalora.tasks import load_task, resolve_spec, stable_seed
-    from deltalora.training import batches, completion_batch, train_lora
+    from deltalora.data.items import stable_seed
+    from deltalora.data.tasks import load_task, resolve_spec
+    from deltalora.lm.models import load_base
+    from deltalora.presets import get_preset
+    from deltalora.zoo.training import batches, completion_batch, train_lora
 
     base, tok = load_base(preset.base)
     cfg = preset.zoo
@@ -255,31 +262,31 @@ def bench_trainer(preset, repeats: int, steps: int = 8, tasks: tuple[str, ...] =
 _CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from deltalora.config import get_preset
-from deltalora.generator import train_generator
-from deltalora.pipeline import apply_overrides
+from deltalora.generator.train import train_generator
+from deltalora.presets import apply_overrides, get_preset
+from deltalora.workspace import Workspace
 preset, ws, out, variant, steps, overrides = sys.argv[1:7]
 p = apply_overrides(get_preset(preset), json.loads(overrides) + [f"generator.variant={variant}", f"generator.steps={steps}",
                     f"generator.stage1_steps={steps}", f"generator.save_every={10**6}"])
-res = train_generator(p, Path(ws), Path(out), list(p.pool), progress=False)
+card = train_generator(p, Workspace(Path(ws)), Path(out), list(p.pool), progress=False)
 total = int(steps) * (2 if variant == "B" else 1)
 # VmHWM is this process image's own peak; ru_maxrss carries the parent's peak across fork + exec on Linux
 status = Path("/proc/self/status")
 hwm = [int(ln.split()[1]) / 1024 for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")] if status.exists() else []
-print(json.dumps({"train_seconds": res["train_seconds"], "steps": total, "n_params": res["n_params"],
+print(json.dumps({"train_seconds": card.train_seconds, "steps": total, "n_params": card.n_params,
                   "peak_rss_mb": hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def bench_generator(preset, ws: Path, repeats: int, overrides: list[str], steps: int = 10) -> dict:
-    from deltalora.config import VARIANTS
+def bench_generator(preset, ws, repeats: int, overrides: list[str], steps: int = 10) -> dict:
+    from deltalora.generator.variants import VARIANTS
 
     out = {}
     for v in VARIANTS:
         runs = []
         for r in range(repeats):  # a dnd run of 10 steps lasts about a second: take the median of several
             with tempfile.TemporaryDirectory() as tmp:
-                res = subprocess.run([sys.executable, "-c", _CHILD, preset.name, str(ws), str(Path(tmp) / "g"), v, str(steps),
+                res = subprocess.run([sys.executable, "-c", _CHILD, preset.name, str(ws.root), str(Path(tmp) / "g"), v, str(steps),
                                       json.dumps(overrides)],
                                      capture_output=True, text=True, check=True)
                 runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -298,10 +305,10 @@ def bench_eval(preset, repeats: int, n_items: int = 64,
                tasks: tuple[str, ...] = ("arithmetic.2_digit_addition", "unit_conversion.si_conversion")) -> dict:
     """A long prompt with its choices listed (arithmetic) and a short one (SI units): sharing the
     prompt's cache saves the most on the first, the trimmed LM head on the second."""
-    from deltalora.config import get_preset
-    from deltalora.evaluate import choice_scores, choice_scores_unshared
-    from deltalora.models import load_base
-    from deltalora.tasks import load_task, resolve_spec
+    from deltalora.data.tasks import load_task, resolve_spec
+    from deltalora.lm.evaluate import choice_scores, choice_scores_unshared
+    from deltalora.lm.models import load_base
+    from deltalora.presets import get_preset
 
     base, tok = load_base(preset.base)
     loaded = {n: load_task(resolve_spec(n), preset.tasks) for n in get_preset(preset.name).pool}
@@ -427,12 +434,12 @@ def main() -> None:
                     help="preset overrides as in `deltalora --set`, e.g. pool=a,b,c,d for a smaller benchmark zoo")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from deltalora.config import get_preset
     from deltalora.io import atomic_write_json
-    from deltalora.pipeline import apply_overrides
+    from deltalora.presets import apply_overrides, get_preset
+    from deltalora.workspace import Workspace
 
     preset = apply_overrides(get_preset(args.preset), args.overrides)
-    ws = args.workspace or Path("runs") / preset.name
+    ws = Workspace.of(args.workspace, preset.name)
     out = args.out or Path(f"results/bench_{preset.name}.json")
     res = json.loads(out.read_text()) if out.exists() else {}
     res.update({"preset": preset.name, "overrides": args.overrides, "pool": list(preset.pool), "machine": machine()})

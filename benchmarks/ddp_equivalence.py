@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+
 def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,7 +31,7 @@ def main() -> None:
             for n in (1, 2):
                 f = tmp / f"{variant}_{n}.safetensors"
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                                "-m", "deltalora.ddp_check", str(ws), str(f), variant], env=env, check=True, capture_output=True)
+                                "-m", "deltalora.generator.ddp_check", str(ws), str(f), variant], env=env, check=True, capture_output=True)
                 files.append(load_file(f))
             g1, g2 = files
             out[variant] = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)

@@ -1,6 +1,6 @@
 """Shared fixtures: one tiny zoo per session, tiny JSONL tasks, a fresh tiny base model.
 
-Everything runs on the random 2-layer llama (`deltalora.models.tiny_llama`, base name
+Everything runs on the random 2-layer llama (`deltalora.lm.models.tiny_llama`, base name
 "tiny") and synthetic or small JSONL tasks: no downloads, a few seconds of CPU.
 """
 
@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltalora.config import Preset, get_preset
-from deltalora.zoo import build_zoo, zoo_dir
+from deltalora.config import Preset
+from deltalora.presets import get_preset
+from deltalora.workspace import Workspace
+from deltalora.zoo.build import build_zoo
+from deltalora.zoo.manifest import Checkpoint, Manifest
 
 # Keep torch polite on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -30,18 +33,27 @@ torch.set_num_threads(1)
 @dataclass
 class Zoo:
     preset: Preset
-    workspace: Path
-    root: Path
-    manifest: list[dict]
+    ws: Workspace
+    manifest: Manifest
+
+    @property
+    def workspace(self) -> Path:
+        """The workspace folder (``ws.root``)."""
+        return self.ws.root
+
+    @property
+    def root(self) -> Path:
+        """The zoo root (``ws.zoo``); manifest paths are relative to it."""
+        return self.ws.zoo
 
     def folder(self, task: str, final: bool = True, seed: int = 0) -> Path:
         """Adapter folder of a task's (final or first kept) checkpoint."""
-        cands = [c for c in self.manifest if c["task"] == task and c["seed"] == seed and c["final"] == final]
+        cands = [c for c in self.manifest if c.task == task and c.seed == seed and c.final == final]
         assert cands, f"no checkpoint for {task} (final={final}) in the manifest"
-        return self.root / cands[0]["path"]
+        return self.root / cands[0].path
 
-    def checkpoint(self, task: str, final: bool = True, seed: int = 0) -> dict:
-        return next(c for c in self.manifest if c["task"] == task and c["seed"] == seed and c["final"] == final)
+    def checkpoint(self, task: str, final: bool = True, seed: int = 0) -> Checkpoint:
+        return next(c for c in self.manifest if c.task == task and c.seed == seed and c.final == final)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +64,9 @@ def tiny_preset() -> Preset:
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory, tiny_preset) -> Zoo:
     """The whole `tiny` preset zoo (4 tasks, 1 seed, 2 checkpoints each, one pair), built once."""
-    ws = tmp_path_factory.mktemp("tiny_ws")
+    ws = Workspace(tmp_path_factory.mktemp("tiny_ws"))
     manifest = build_zoo(tiny_preset, ws)
-    return Zoo(tiny_preset, ws, zoo_dir(ws), manifest)
+    return Zoo(tiny_preset, ws, manifest)
 
 
 @pytest.fixture
@@ -68,7 +80,7 @@ def adapter_copy(tiny_zoo, tmp_path) -> Path:
 @pytest.fixture
 def tiny_base():
     """A fresh tiny base model (fp32, eval) and its tokenizer, named "tiny"."""
-    from deltalora.models import load_base
+    from deltalora.lm.models import load_base
 
     return load_base("tiny")
 

@@ -9,11 +9,13 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from deltalora.adapters import AdapterError, AdapterSwapper, check_adapter, load_adapter, lora_config, read_adapter
 from deltalora.config import ZooConfig
-from deltalora.evaluate import accuracy, answer_span, choice_scores, choice_scores_unshared, encode, greedy_answers
-from deltalora.models import load_base, tiny_llama
-from deltalora.tasks import Item, load_task, resolve_spec
+from deltalora.data.items import Item
+from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.errors import AdapterError
+from deltalora.lm.evaluate import accuracy, answer_span, choice_scores, choice_scores_unshared, encode, greedy_answers
+from deltalora.lm.models import load_base, tiny_llama
+from deltalora.zoo.adapters import AdapterSwapper, check_adapter, load_adapter, lora_config, read_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -202,7 +204,8 @@ def test_swapper_matches_fresh_peft_models(tiny_zoo):
 
 def test_swapper_rejects_adapters_of_other_modules(tiny_zoo, tmp_path):
     base, tok = load_base("tiny")
-    other = get_peft_model(load_base("tiny")[0], lora_config(ZooConfig(rank=2, alpha=4.0, target_modules=("q_proj",))))
+    cfg = ZooConfig(rank=2, alpha=4.0, target_modules=("q_proj",))
+    other = get_peft_model(load_base("tiny")[0], lora_config(cfg.rank, cfg.alpha, cfg.target_modules))
     other.save_pretrained(tmp_path / "q_only", save_embedding_layers=False)
     swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(tiny_zoo.folder("syn.add"))), "tiny")
     with pytest.raises(AdapterError, match="other modules"):

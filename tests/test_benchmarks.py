@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deltalora.pipeline import delta_stage
+from deltalora.delta.compute import delta_stage
+from deltalora.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_script_runs_and_fast_paths_match(tiny_zoo, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(tiny_zoo.workspace, ws)
-    delta_stage(tiny_zoo.preset, ws)
+    delta_stage(tiny_zoo.preset, Workspace(ws))
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--preset", "tiny", "--workspace", str(ws),
            "--out", str(out), "--repeats", "1"]

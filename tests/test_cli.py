@@ -10,10 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import mc_rows, write_jsonl
-from deltalora.adapters import AdapterError
-from deltalora.cli import UserError, app, main
-from deltalora.config import ConfigError
-from deltalora.tasks import TaskError
+from deltalora.cli import app, main
+from deltalora.errors import AdapterError, ConfigError, TaskError, UsageError
 
 runner = CliRunner()
 
@@ -71,7 +69,7 @@ def test_run_writes_results(run_outputs, tiny_preset):
 
 def test_run_again_reuses_the_zoo(run_outputs, monkeypatch):
     _, ws, res, docs = run_outputs
-    import deltalora.zoo as zoo_mod
+    import deltalora.zoo.build as zoo_mod
 
     monkeypatch.setattr(zoo_mod, "_run_job", lambda *a, **k: pytest.fail("retrained a finished adapter"))
     before = json.loads((res / "delta_tiny.json").read_text())
@@ -110,13 +108,13 @@ def test_tasks_show():
 
 def test_evaluate_adapter_matches_the_zoo_record(tiny_zoo):
     ckpt = tiny_zoo.checkpoint("syn.add")
-    folder = tiny_zoo.root / ckpt["path"]
+    folder = tiny_zoo.root / ckpt.path
     out = ok(invoke("evaluate", "--task", "syn.add", "--preset", "tiny", "--adapter", folder))
     res = json.loads(out.strip().splitlines()[-1])
     assert res["task"] == "syn.add" and res["split"] == "test" and res["n"] == 16 and res["base"] == "tiny"
     assert res["adapter"] == str(folder)
     assert 0 <= res["accuracy"] <= 1
-    assert res["accuracy"] == round(ckpt["test_acc"], 4)  # same as measured at the end of training
+    assert res["accuracy"] == round(ckpt.test_acc, 4)  # same as measured at the end of training
 
 
 def test_evaluate_base_matches_the_zoo_record(tiny_zoo):
@@ -136,8 +134,8 @@ def test_evaluate_base_matches_the_zoo_record(tiny_zoo):
     (["tasks", "list", "--preset", "huge"], ConfigError, "known presets: small, tiny"),
     (["tasks", "show", "no.such", "--preset", "tiny"], TaskError, "known tasks: .*syn.add"),
     (["run", "--preset", "tiny", "--tasks", "syn.add,no.such"], TaskError, "unknown task 'no.such'"),
-    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--split", "dev"], UserError, "--split must be test or train"),
-    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--base", "nope"], ValueError, "unknown model 'nope'"),
+    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--split", "dev"], UsageError, "--split must be test or train"),
+    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--base", "nope"], ConfigError, "unknown model 'nope'"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, args, exc, match):
     result = invoke(*args, *(["--workspace", tmp_path / "ws"] if args[0] in ("run", "zoo") else []))
@@ -155,7 +153,7 @@ def test_evaluate_rejects_a_broken_adapter(tmp_path):
 
 
 def test_evaluate_rejects_an_adapter_for_another_base(tiny_zoo, tmp_path):
-    from deltalora.models import tiny_llama
+    from deltalora.lm.models import tiny_llama
 
     model, tok = tiny_llama(seed=1)
     model.save_pretrained(tmp_path / "other_base")

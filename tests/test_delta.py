@@ -10,12 +10,16 @@ import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 
-import deltalora.delta as delta_mod
-from deltalora.adapters import AdapterSwapper
-from deltalora.analysis import additivity, cosine_distance, silhouette
+import deltalora.delta.compute as delta_mod
 from deltalora.config import DeltaConfig
-from deltalora.delta import DeltaProbe, compute_zoo_deltas, probe_prompts
-from deltalora.models import load_base
+from deltalora.delta.analysis import additivity, cosine_distance, silhouette
+from deltalora.delta.compute import compute_zoo_deltas
+from deltalora.delta.probes import DeltaProbe, probe_prompts
+from deltalora.errors import ArtifactError
+from deltalora.lm.models import load_base
+from deltalora.workspace import Workspace
+from deltalora.zoo.adapters import AdapterSwapper
+from deltalora.zoo.manifest import Checkpoint, Manifest
 
 FIRST_PROBE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -109,28 +113,36 @@ def test_differentiable_delta_matches_and_has_gradients(trained):
 
 # ---------------------------------------------------------------- zoo deltas
 
+def _ws_on_zoo(tiny_zoo, folder) -> Workspace:
+    """A fresh workspace in ``folder`` whose zoo is the session's tiny zoo (its δ files are its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zoo").symlink_to(tiny_zoo.root, target_is_directory=True)
+    return Workspace(folder)
+
+
 def test_compute_zoo_deltas_resumes(tiny_zoo, tmp_path, monkeypatch):
     base, tok = load_base("tiny")
     cfg = DeltaConfig(n_probes=5, batch_size=5)
-    manifest = tiny_zoo.manifest
-    out = tmp_path / "delta"
+    manifest = list(tiny_zoo.manifest)
+    ws = _ws_on_zoo(tiny_zoo, tmp_path / "ws")
+    out = ws.delta
 
-    first = compute_zoo_deltas(base, tok, tiny_zoo.root, manifest[:3], cfg, out, base_name="tiny", save_every=2)
-    assert set(first) == {c["path"] for c in manifest[:3]}
+    first = compute_zoo_deltas(base, tok, ws, manifest[:3], cfg, base_name="tiny", save_every=2)
+    assert set(first) == {c.path for c in manifest[:3]}
     assert not any(".lora_" in n for n, _ in base.named_parameters())  # the base is unwrapped again
 
     loaded = []
     real_load = AdapterSwapper.load
     monkeypatch.setattr(AdapterSwapper, "load", lambda self, folder, sha256=None: (loaded.append(folder), real_load(self, folder, sha256))[1])
-    full = compute_zoo_deltas(base, tok, tiny_zoo.root, manifest, cfg, out, base_name="tiny")
+    full = compute_zoo_deltas(base, tok, ws, manifest, cfg, base_name="tiny")
     assert len(loaded) == len(manifest) - 3  # only the new checkpoints
-    assert set(full) == {c["path"] for c in manifest}
+    assert set(full) == {c.path for c in manifest}
     for k, v in first.items():
         assert torch.equal(full[k], v)
 
     # a third call computes nothing and returns the stored values
     monkeypatch.setattr(delta_mod, "AdapterSwapper", lambda *a, **k: pytest.fail("recomputed finished deltas"))
-    again = compute_zoo_deltas(base, tok, tiny_zoo.root, manifest, cfg, out, base_name="tiny")
+    again = compute_zoo_deltas(base, tok, ws, manifest, cfg, base_name="tiny")
     assert again.keys() == full.keys() and all(torch.equal(again[k], full[k]) for k in full)
     stored = load_file(out / "deltas_p5.safetensors")
     assert stored.keys() == full.keys()
@@ -140,17 +152,18 @@ def test_compute_zoo_deltas_resumes(tiny_zoo, tmp_path, monkeypatch):
 
     # resumed values equal a fresh computation of everything
     monkeypatch.undo()
-    fresh = compute_zoo_deltas(load_base("tiny")[0], tok, tiny_zoo.root, manifest, cfg, tmp_path / "fresh", base_name="tiny")
+    fresh = compute_zoo_deltas(load_base("tiny")[0], tok, _ws_on_zoo(tiny_zoo, tmp_path / "fresh"), manifest, cfg,
+                               base_name="tiny")
     for k in fresh:
         torch.testing.assert_close(full[k], fresh[k], atol=1e-6, rtol=0)
     # different checkpoints have different deltas
-    vals = [fresh[c["path"]] for c in manifest]
+    vals = [fresh[c.path] for c in manifest]
     assert all(not torch.equal(vals[0], v) for v in vals[1:])
 
 
 def test_load_deltas_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--probes 20"):
-        delta_mod.load_deltas(tmp_path, 20)
+    with pytest.raises(ArtifactError, match="--probes 20"):
+        delta_mod.load_deltas(Workspace(tmp_path), 20)
 
 
 # ---------------------------------------------------------------- analysis
@@ -192,15 +205,19 @@ def test_additivity_rows():
     da, db = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
     deltas = {"a/f": da, "b/f": db, "a/early": torch.tensor([5.0, 5.0, 5.0]), "ab/f": da + db,
               "b/s1": torch.tensor([0.0, 0.0, 1.0]), "ab2/f": torch.tensor([1.0, 1.0, 1.0])}
-    manifest = [
-        {"task": "a", "seed": 0, "path": "a/early", "final": False, "pair_of": None},
-        {"task": "a", "seed": 0, "path": "a/f", "final": True, "pair_of": None},
-        {"task": "b", "seed": 0, "path": "b/f", "final": True, "pair_of": None},
-        {"task": "b", "seed": 1, "path": "b/s1", "final": True, "pair_of": None},
-        {"task": "a+b", "seed": 0, "path": "ab/f", "final": True, "pair_of": ["a", "b"]},
-        {"task": "a+b", "seed": 0, "path": "ab/early", "final": False, "pair_of": ["a", "b"]},  # not final
-        {"task": "a+c", "seed": 0, "path": "ab2/f", "final": True, "pair_of": ["a", "c"]},  # no δ for c
-    ]
+    def ckpt(task, seed, path, final, pair_of):
+        return Checkpoint(task=task, domain="d", seed=seed, step=1, loss=0.0, path=path, sha256="", final=final,
+                          pair_of=pair_of)
+
+    manifest = Manifest((
+        ckpt("a", 0, "a/early", False, None),
+        ckpt("a", 0, "a/f", True, None),
+        ckpt("b", 0, "b/f", True, None),
+        ckpt("b", 1, "b/s1", True, None),
+        ckpt("a+b", 0, "ab/f", True, ("a", "b")),
+        ckpt("a+b", 0, "ab/early", False, ("a", "b")),  # not final
+        ckpt("a+c", 0, "ab2/f", True, ("a", "c")),  # no δ for c
+    ))
     rows = additivity(deltas, manifest)
     assert len(rows) == 1
     r = rows[0]
@@ -208,12 +225,13 @@ def test_additivity_rows():
     assert r["cos_sum"] == pytest.approx(1.0)
     assert r["cos_a"] == pytest.approx(round(1 / np.sqrt(5), 4))
     assert r["cos_b"] == pytest.approx(round(2 / np.sqrt(5), 4))
-    assert additivity(deltas, [m for m in manifest if m["task"] != "a"]) == []
+    assert additivity(deltas, Manifest(tuple(m for m in manifest if m.task != "a"))) == []
 
 
 def test_additivity_on_zoo_deltas(tiny_zoo, tmp_path):
     base, tok = load_base("tiny")
-    deltas = compute_zoo_deltas(base, tok, tiny_zoo.root, tiny_zoo.manifest, DeltaConfig(5, 5), tmp_path, base_name="tiny")
+    ws = _ws_on_zoo(tiny_zoo, tmp_path / "ws")
+    deltas = compute_zoo_deltas(base, tok, ws, list(tiny_zoo.manifest), DeltaConfig(5, 5), base_name="tiny")
     rows = additivity(deltas, tiny_zoo.manifest)
     assert [r["pair"] for r in rows] == ["syn.add+syn.copy"]
     for k in ("cos_sum", "cos_a", "cos_b"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltalora.pipeline import delta_stage
+from deltalora.delta.compute import delta_stage
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -32,9 +32,9 @@ def sharded_ws(tmp_path_factory):
 
 
 def test_sharded_zoo_equals_single_process(tiny_zoo, sharded_ws):
-    manifest = json.loads((sharded_ws / "zoo" / "manifest.json").read_text())
+    manifest = json.loads((sharded_ws / "zoo" / "manifest.json").read_text())["checkpoints"]
     key = lambda c: (c["task"], c["seed"], c["step"])  # noqa: E731
-    single = sorted(tiny_zoo.manifest, key=key)
+    single = sorted((c.to_dict() for c in tiny_zoo.manifest), key=key)
     assert [key(c) for c in sorted(manifest, key=key)] == [key(c) for c in single]
     for a, b in zip(sorted(manifest, key=key), single):
         assert a["sha256"] == b["sha256"], a["path"]  # byte-identical adapters
@@ -44,7 +44,7 @@ def test_sharded_zoo_equals_single_process(tiny_zoo, sharded_ws):
 
 
 def test_sharded_delta_equals_single_process(tiny_zoo, sharded_ws):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     single = load_file(tiny_zoo.workspace / "delta" / "deltas_p5.safetensors")
     sharded = load_file(sharded_ws / "delta" / "deltas_p5.safetensors")
     assert sharded.keys() == single.keys()
@@ -55,9 +55,11 @@ def test_sharded_delta_equals_single_process(tiny_zoo, sharded_ws):
 
 @pytest.mark.parametrize("variant", ["dnd", "A2", "C"])
 def test_ddp_gradient_equals_single_process(tiny_zoo, tmp_path, variant):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
-    torchrun(1, "-m", "deltalora.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"), variant)
-    torchrun(2, "-m", "deltalora.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"), variant)
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
+    torchrun(1, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"),
+             variant)
+    torchrun(2, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"),
+             variant)
     g1, g2 = load_file(tmp_path / "g1.safetensors"), load_file(tmp_path / "g2.safetensors")
     assert g1.keys() == g2.keys() and len(g1) > 0
     worst = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)
@@ -65,7 +67,7 @@ def test_ddp_gradient_equals_single_process(tiny_zoo, tmp_path, variant):
 
 
 def test_train_generator_under_torchrun_only_rank0_writes(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     out = tmp_path / "gen"
     torchrun(2, "-m", "deltalora", "train-generator", "--preset", "tiny", "--workspace", str(tiny_zoo.workspace),
              "--variant", "dnd", "--out", str(out), "--set", "generator.steps=4", "--set", "generator.save_every=2")
@@ -76,7 +78,7 @@ def test_train_generator_under_torchrun_only_rank0_writes(tiny_zoo, tmp_path):
 
 
 def test_batch_not_divisible_by_ranks_is_refused(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "deltalora",
            "train-generator", "--preset", "tiny", "--workspace", str(tiny_zoo.workspace), "--out", str(tmp_path / "g"),
            "--set", "generator.batch_size=3"]

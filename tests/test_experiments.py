@@ -11,12 +11,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import deltalora.composition as composition
-import deltalora.experiments as experiments
+import deltalora.experiments.composition as composition
+import deltalora.experiments.grid as grid
+import deltalora.experiments.runner as runner_mod
 from deltalora.cli import app
-from deltalora.encoder import PromptEncoder
-from deltalora.generator import training_set
-from deltalora.pipeline import apply_overrides, delta_stage
+from deltalora.delta.compute import delta_stage
+from deltalora.experiments.run import run_experiment
+from deltalora.generator.dataset import training_set
+from deltalora.generator.encoder import PromptEncoder
+from deltalora.io import file_lock
+from deltalora.presets import apply_overrides
+from deltalora.workspace import Workspace
 
 RQ_FILES = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
 
@@ -24,8 +29,8 @@ RQ_FILES = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
 @pytest.fixture(scope="module")
 def ws(tiny_zoo, tmp_path_factory):
     """A private copy of the tiny zoo with δ for the probe sets the grid uses."""
-    dst = tmp_path_factory.mktemp("exp") / "ws"
-    shutil.copytree(tiny_zoo.workspace, dst)
+    dst = Workspace(tmp_path_factory.mktemp("exp") / "ws")
+    shutil.copytree(tiny_zoo.workspace, dst.root)
     delta_stage(tiny_zoo.preset, dst, (1, 5))
     return dst
 
@@ -34,17 +39,17 @@ def ws(tiny_zoo, tmp_path_factory):
 def run(ws, tmp_path_factory):
     """The whole grid through the CLI, recording every prompt list that conditions a generator."""
     seen: list[list[str]] = []
-    orig = experiments.generate_tensors
+    orig = runner_mod.generate_tensors
 
-    def recording(model, tokenizer, encoder, prompts, n, seed):
+    def recording(gen, encoder, prompts, seed):
         seen.append(list(prompts))
-        return orig(model, tokenizer, encoder, prompts, n, seed)
+        return orig(gen, encoder, prompts, seed)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(experiments, "generate_tensors", recording)
+    mp.setattr(runner_mod, "generate_tensors", recording)
     mp.setattr(composition, "generate_tensors", recording)
     results = tmp_path_factory.mktemp("exp_results")
-    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws), "--results-dir", str(results)])
+    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws.root), "--results-dir", str(results)])
     mp.undo()
     assert r.exit_code == 0, r.output
     return results, seen
@@ -80,7 +85,7 @@ def test_every_rq_file_and_cell_is_written(run, tiny_preset):
 
 
 def test_no_conditioning_prompt_is_a_scored_item(run, tiny_zoo):
-    from deltalora.tasks import load_task, resolve_spec
+    from deltalora.data.tasks import load_task, resolve_spec
 
     _, seen = run
     assert seen
@@ -96,8 +101,8 @@ def test_rerun_skips_finished_cells_and_changes_nothing(run, ws, tiny_preset, mo
     def no_training(*a, **k):
         raise AssertionError("a finished generator was trained again")
 
-    monkeypatch.setattr(experiments, "train_generator", no_training)
-    experiments.run_experiment(tiny_preset, ws, results, progress=False)
+    monkeypatch.setattr(runner_mod, "train_generator", no_training)
+    run_experiment(tiny_preset, ws, results, progress=False)
     assert {rq: (results / f"{rq}.json").read_text() for rq in RQ_FILES} == before
 
 
@@ -116,14 +121,14 @@ def test_report_is_built_from_the_results(run, tmp_path):
 
 
 def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):
-    cells = experiments.plan(tiny_preset, {t: "math" if t in ("syn.add", "syn.parity") else "strings" for t in tiny_preset.pool})
+    cells = grid.plan(tiny_preset, {t: "math" if t in ("syn.add", "syn.parity") else "strings" for t in tiny_preset.pool})
     control = next(c for c in cells if "shuffled" in c.name)
-    preset = experiments.generator_preset(tiny_preset, control, 0)
+    preset = grid.generator_preset(tiny_preset, control, 0)
     assert preset.generator.shuffle_delta
     enc = PromptEncoder()
-    shuffled, _, _ = training_set(preset, ws, list(control.train), None, enc, save_cache=False)
+    shuffled, _ = training_set(preset, ws, list(control.train), None, enc, save_cache=False)
     clean_preset = preset.replace(generator=dataclasses.replace(preset.generator, shuffle_delta=False))
-    clean, _, _ = training_set(clean_preset, ws, list(control.train), None, enc, save_cache=False)
+    clean, _ = training_set(clean_preset, ws, list(control.train), None, enc, save_cache=False)
     for i in range(len(clean.paths)):
         src = [j for j in range(len(clean.paths)) if torch.equal(clean.deltas[j], shuffled.deltas[i])]
         assert src and all(clean.ckpt_task[j] != clean.ckpt_task[i] for j in src)
@@ -132,15 +137,15 @@ def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):
 def test_rq3_data_fraction_noise_and_mislabels(ws, tiny_preset):
     enc = PromptEncoder()
     train = ["syn.add", "syn.copy", "syn.first"]
-    clean, tok, _ = training_set(tiny_preset, ws, train, None, enc, save_cache=False)
+    clean, tok = training_set(tiny_preset, ws, train, None, enc, save_cache=False)
     k = tiny_preset.zoo.keep_last
-    half, _, _ = training_set(apply_overrides(tiny_preset, ["generator.data_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    half, _ = training_set(apply_overrides(tiny_preset, ["generator.data_fraction=0.5"]), ws, train, None, enc, save_cache=False)
     assert len(half.paths) == len(train) * math.ceil(0.5 * k)
     assert all(len(h) == max(1, math.ceil(0.5 * len(c))) for h, c in zip(half.prompts, clean.prompts))
-    noisy, _, _ = training_set(apply_overrides(tiny_preset, ["generator.weight_noise=1.0"]), ws, train, None, enc, save_cache=False)
+    noisy, _ = training_set(apply_overrides(tiny_preset, ["generator.weight_noise=1.0"]), ws, train, None, enc, save_cache=False)
     assert not torch.allclose(noisy.tokens, clean.tokens)
     assert not torch.allclose(noisy.deltas * noisy.delta_scale, clean.deltas * clean.delta_scale)  # δ re-measured
-    mis, _, _ = training_set(apply_overrides(tiny_preset, ["generator.mislabel_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    mis, _ = training_set(apply_overrides(tiny_preset, ["generator.mislabel_fraction=0.5"]), ws, train, None, enc, save_cache=False)
     swapped = [i for i in range(len(clean.paths)) if not torch.equal(mis.tokens[i], clean.tokens[i])]
     assert len(swapped) == round(0.5 * len(clean.paths))
     for i in swapped:  # each carries the weights of a checkpoint of another task
@@ -149,7 +154,7 @@ def test_rq3_data_fraction_noise_and_mislabels(ws, tiny_preset):
 
 
 def test_unknown_part_is_refused(ws, tmp_path):
-    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws), "--only", "rq9", "--results-dir", str(tmp_path)])
+    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws.root), "--only", "rq9", "--results-dir", str(tmp_path)])
     assert r.exit_code != 0 and "rq9" in str(r.exception or r.output)
 
 
@@ -160,8 +165,8 @@ def test_report_without_results_names_the_folder(tmp_path):
 
 def test_claimed_lock_is_exclusive_between_holders(tmp_path):
     """Two experiment processes never take the same cell: a held lock is reported as not ours."""
-    with experiments.claimed(tmp_path / "cell.lock") as first:
-        with experiments.claimed(tmp_path / "cell.lock") as second:
+    with file_lock(tmp_path / "cell.lock") as first:
+        with file_lock(tmp_path / "cell.lock") as second:
             assert first and not second
-    with experiments.claimed(tmp_path / "cell.lock") as again:
+    with file_lock(tmp_path / "cell.lock") as again:
         assert again

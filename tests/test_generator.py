@@ -12,20 +12,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
-from deltalora.config import ConfigError
-from deltalora.generator import (ExactBehaviour, Generator, GeneratorError, GeneratorLoss, choose_prompts, generate,
-                                 load_generator, read_prompts, shuffled_deltas, train_generator, training_set)
-from deltalora.encoder import PromptEncoder
-from deltalora.lora_tokens import LoraTokenizer
-from deltalora.models import load_base
-from deltalora.pipeline import apply_overrides, delta_stage
-from deltalora.retrieval import build_retrieval, retrieve
-from deltalora.tasks import load_task, resolve_spec
+from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.delta.compute import delta_stage
+from deltalora.errors import AdapterError, ConfigError, GeneratorError
+from deltalora.generator.artifact import load_generator
+from deltalora.generator.dataset import shuffled_deltas, training_set
+from deltalora.generator.encoder import PromptEncoder
+from deltalora.generator.generate import choose_prompts, generate, read_prompts
+from deltalora.generator.lora_tokens import LoraTokenizer
+from deltalora.generator.loss import ExactBehaviour, GeneratorLoss
+from deltalora.generator.model import Generator
+from deltalora.generator.retrieval import build_retrieval, retrieve
+from deltalora.generator.train import train_generator
+from deltalora.lm.models import load_base
+from deltalora.presets import apply_overrides
+from deltalora.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
 def ws(tiny_zoo):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     return tiny_zoo
 
 
@@ -96,9 +102,9 @@ def test_tokenizer_derives_width_without_padding_waste():
 
 def test_tokenizer_rejects_other_layout():
     tok = LoraTokenizer({"a.lora_A.weight": (2, 8), "a.lora_B.weight": (8, 2)})
-    with pytest.raises(ValueError, match="wrong shape"):
+    with pytest.raises(AdapterError, match="wrong shape"):
         tok.encode({"a.lora_A.weight": torch.zeros(3, 8), "a.lora_B.weight": torch.zeros(8, 2)})
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(AdapterError, match="missing"):
         tok.encode({"a.lora_A.weight": torch.zeros(2, 8)})
 
 
@@ -109,23 +115,23 @@ def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
     # per-element normalisation starts every target at the zoo mean (loss ~1), so give it room to fit
     preset = _preset(ws, variant=variant, steps=60, stage1_steps=24, lr=1e-2, warmup_steps=2)
     out = tmp_path / variant
-    res = train_generator(preset, ws.workspace, out, list(preset.pool), progress=False)
-    assert res["n_params"] > 0 and res["lora_params"] > 0
+    res = train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
+    assert res.n_params > 0 and res.lora_params > 0
     log = _log(out)
     stages = [log[:24], log[24:]] if variant == "B" else [log]
     for rows in stages:
         first = sum(r["loss"] for r in rows[:8]) / 8
         last = sum(r["loss"] for r in rows[-8:]) / 8
         assert last < first, f"{variant}: loss {first:.4f} -> {last:.4f}"
-    model, tok, scale, config = load_generator(out)
-    assert config["preset"]["generator"]["variant"] == variant and scale > 0
+    gen = load_generator(out)
+    assert gen.card.preset.generator.variant == variant and gen.delta_scale > 0
 
 
 def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     preset = _preset(ws, variant="A2", lambda_w=0.0)
-    data, tokenizer, meta = training_set(preset, ws.workspace, list(preset.pool), None, encoder)
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
     model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
-    exact = ExactBehaviour(preset, meta["adapter_config"], 5)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
     loss_fn = GeneratorLoss(model, data, tokenizer, exact, preset.generator)
     losses = loss_fn(torch.tensor([0, 3]), torch.tensor([5, 6]), torch.tensor([0, 1]), stage=2)
     assert "delta_exact" in losses
@@ -137,36 +143,38 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
 
 def test_exact_delta_equals_plain_delta_of_reference(ws, encoder):
     """The training-time exact δ of a reference adapter's tokens equals the δ stored for it."""
-    from deltalora.delta import load_deltas
+    from deltalora.delta.compute import load_deltas
 
     preset = _preset(ws, variant="A2")
-    data, tokenizer, meta = training_set(preset, ws.workspace, list(preset.pool), None, encoder)
-    exact = ExactBehaviour(preset, meta["adapter_config"], 5)
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
     with torch.no_grad():
         d = exact.delta(tokenizer.decode(data.tokens[0]))
-    stored = load_deltas(ws.workspace, 5)[data.paths[0]]
+    stored = load_deltas(ws.ws, 5)[data.paths[0]]
     assert torch.allclose(d, stored, atol=1e-5)
 
 
 def test_b_decodes_arbitrary_delta(ws, tmp_path):
     preset = _preset(ws, variant="B", steps=4, stage1_steps=4)
     out = tmp_path / "B"
-    train_generator(preset, ws.workspace, out, list(preset.pool), progress=False)
-    model, tokenizer, scale, config = load_generator(out)
-    arbitrary = torch.randn(2, config["d_delta"])  # no adapter produced these
+    train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
+    gen = load_generator(out)
+    model, tokenizer = gen.model, gen.tokenizer
+    arbitrary = torch.randn(2, gen.card.d_delta)  # no adapter produced these
     with torch.no_grad():
         tokens = model.from_delta(arbitrary)
     assert tokens.shape == (2, tokenizer.n_tokens, tokenizer.width) and torch.isfinite(tokens).all()
     tensors = tokenizer.decode(tokens[0])
-    assert set(tensors) == set(config["shapes"])
-    with pytest.raises(GeneratorError, match="only variant B"):
+    assert set(tensors) == set(gen.card.shapes)
+    # message reworded with the variant table (was "only variant B decodes a δ; this generator is dnd")
+    with pytest.raises(GeneratorError, match="variant dnd does not decode a δ; variants that do: B$"):
         Generator(preset.generator.__class__(variant="dnd", n_prompts=4, channels=(8,)), 4, 8, 3).from_delta(arbitrary)
 
 
 def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypatch):
     preset = _preset(ws, variant="dnd", steps=8, save_every=4)
     full = tmp_path / "full"
-    train_generator(preset, ws.workspace, full, list(preset.pool), progress=False)
+    train_generator(preset, ws.ws, full, list(preset.pool), progress=False)
 
     real, calls = GeneratorLoss.forward, {"n": 0}
 
@@ -179,20 +187,20 @@ def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypa
     cut = tmp_path / "cut"
     monkeypatch.setattr(GeneratorLoss, "forward", dying)
     with pytest.raises(KeyboardInterrupt):
-        train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
+        train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
     monkeypatch.setattr(GeneratorLoss, "forward", real)
     assert not (cut / "generator.safetensors").exists()
-    train_generator(preset, ws.workspace, cut, list(preset.pool), progress=False)
-    a, b = load_generator(full)[0].state_dict(), load_generator(cut)[0].state_dict()
+    train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
+    a, b = load_generator(full).model.state_dict(), load_generator(cut).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _log(cut)] == list(range(1, 9))
 
 
 def test_resume_refuses_other_config(ws, tmp_path):
     out = tmp_path / "g"
-    train_generator(_preset(ws, steps=4, save_every=2), ws.workspace, out, list(ws.preset.pool), progress=False)
+    train_generator(_preset(ws, steps=4, save_every=2), ws.ws, out, list(ws.preset.pool), progress=False)
     with pytest.raises(GeneratorError, match="another config"):
-        train_generator(_preset(ws, steps=4, save_every=2, lr=0.5), ws.workspace, out, list(ws.preset.pool), progress=False)
+        train_generator(_preset(ws, steps=4, save_every=2, lr=0.5), ws.ws, out, list(ws.preset.pool), progress=False)
 
 
 # ------------------------------------------------------------------ generation
@@ -200,7 +208,7 @@ def test_resume_refuses_other_config(ws, tmp_path):
 @pytest.fixture(scope="module")
 def trained(ws, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "dnd"
-    train_generator(_preset(ws, steps=6), ws.workspace, out, list(ws.preset.pool), progress=False)
+    train_generator(_preset(ws, steps=6), ws.ws, out, list(ws.preset.pool), progress=False)
     return out
 
 
@@ -239,7 +247,7 @@ def test_too_few_prompts_sample_with_replacement_and_warn(caplog):
 
 
 def test_retrieval_returns_the_tasks_own_adapter(ws, tmp_path, encoder):
-    index = build_retrieval(ws.preset, ws.workspace, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
+    index = build_retrieval(ws.preset, ws.ws, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
     for name in ws.preset.pool:
         task = load_task(resolve_spec(name), ws.preset.tasks)
         got, folder = retrieve(index, [it.prompt for it in task.train], encoder)
@@ -287,8 +295,8 @@ def test_generator_for_other_lora_shape_is_refused(trained, tmp_path):
 
 
 def test_zoo_without_delta_is_refused(tiny_zoo, tmp_path):
-    ws = tmp_path / "ws"
-    shutil.copytree(tiny_zoo.workspace / "zoo", ws / "zoo")
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_zoo.ws.zoo, ws.zoo)
     with pytest.raises(GeneratorError, match="delta compute"):
         train_generator(tiny_zoo.preset, ws, tmp_path / "out", list(tiny_zoo.preset.pool), progress=False)
 
@@ -301,12 +309,12 @@ def test_bad_variant_is_a_config_error(ws):
 # ------------------------------------------------------------------ assessment
 
 def test_assess_scores_generated_and_reference_adapters_on_the_same_items(ws, trained, tmp_path, encoder):
-    from deltalora.adapters import load_adapter
-    from deltalora.assess import assess_generator
-    from deltalora.evaluate import accuracy
+    from deltalora.experiments.assess import assess_generator
+    from deltalora.lm.evaluate import accuracy
+    from deltalora.zoo.adapters import load_adapter
 
-    index = build_retrieval(ws.preset, ws.workspace, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
-    res = assess_generator(ws.preset, ws.workspace, index, ["syn.add", "syn.parity"], n_draws=2, n_test=8)
+    index = build_retrieval(ws.preset, ws.ws, tmp_path / "ret", list(ws.preset.pool), encoder=encoder)
+    res = assess_generator(ws.preset, ws.ws, index, ["syn.add", "syn.parity"], n_draws=2, n_test=8)
     for name in ("syn.add", "syn.parity"):
         row = res["tasks"][name]
         assert row["n_test"] == 8 and row["acc"]["n"] == 2
@@ -317,6 +325,6 @@ def test_assess_scores_generated_and_reference_adapters_on_the_same_items(ws, tr
         task = load_task(resolve_spec(name), ws.preset.tasks)
         ref = load_adapter(base, ws.folder(name), "tiny")
         assert row["reference_acc"]["mean"] == accuracy(ref, tok, task.test[:8])
-    gen = assess_generator(ws.preset, ws.workspace, trained, ["syn.add"], n_draws=2, n_test=8)
+    gen = assess_generator(ws.preset, ws.ws, trained, ["syn.add"], n_draws=2, n_test=8)
     assert 0.0 <= gen["overall"]["acc"]["mean"] <= 1.0 and gen["overall"]["param_mse"]["mean"] > 0
     assert set(gen["overall"]) >= {"acc", "reference_acc", "base_acc", "param_mse", "delta_dist", "delta_cos"}

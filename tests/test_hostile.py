@@ -13,9 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from deltalora.adapters import AdapterError, check_adapter, read_adapter
-from deltalora.generator import GeneratorError, load_generator, read_prompts
-from deltalora.tasks import Item, TaskError, _bigbench_items, load_jsonl_items, load_user_specs
+from deltalora.data.bigbench import bigbench_items
+from deltalora.data.items import Item
+from deltalora.data.jsonl import load_jsonl_items, load_user_specs
+from deltalora.errors import AdapterError, GeneratorError, TaskError
+from deltalora.generator.artifact import load_generator
+from deltalora.generator.generate import read_prompts
+from deltalora.zoo.adapters import check_adapter, read_adapter
 
 EXAMPLES = 150
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,7 +84,7 @@ bigbench_docs = st.fixed_dictionaries({}, optional={
 def test_bigbench_loader(tmp_path, doc, kind):
     f = _write(tmp_path, "task.json", json.dumps(doc))
     try:
-        _valid_items(_bigbench_items("x/y", kind, f))
+        _valid_items(bigbench_items("x/y", kind, f))
     except TaskError as e:
         assert str(f) in str(e)
 
@@ -170,16 +174,17 @@ def test_pickles_are_never_loaded(tmp_path, tiny_zoo):
     with pytest.raises(AdapterError, match="adapter_model.safetensors"):
         read_adapter(folder)
     # a generator training state that is a malicious pickle is refused by torch.load(weights_only=True)
-    from deltalora.generator import train_generator
-    from deltalora.pipeline import apply_overrides, delta_stage
+    from deltalora.delta.compute import delta_stage
+    from deltalora.generator.train import train_generator
+    from deltalora.presets import apply_overrides
 
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     out = tmp_path / "g"
     preset = apply_overrides(tiny_zoo.preset, ["generator.steps=2", "generator.save_every=1"])
-    train_generator(preset, tiny_zoo.workspace, out, list(preset.pool), progress=False)
+    train_generator(preset, tiny_zoo.ws, out, list(preset.pool), progress=False)
     torch.save({"x": _Boom()}, out / "train_state.pt")
     with pytest.raises(GeneratorError, match="train_state.pt"):
-        train_generator(preset, tiny_zoo.workspace, out, list(preset.pool), progress=False)
+        train_generator(preset, tiny_zoo.ws, out, list(preset.pool), progress=False)
     assert not marker.exists()
 
 

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from deltalora.adapters import AdapterError
-from deltalora.generator import GeneratorError, train_generator
-from deltalora.pipeline import apply_overrides, delta_stage
+from deltalora.delta.compute import delta_stage
+from deltalora.errors import AdapterError, GeneratorError
+from deltalora.generator.train import train_generator
+from deltalora.presets import apply_overrides
+from deltalora.workspace import Workspace
+from deltalora.zoo.manifest import Manifest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI = [sys.executable, "-m", "deltalora"]
@@ -54,15 +57,15 @@ def test_zoo_build_killed_and_resumed_is_identical(tiny_zoo, tmp_path, kill_afte
     assert killed, "the build finished before the kill point"
     assert not (ws / "zoo" / "manifest.json").exists() or kill_after > 8
     run(cmd)
-    resumed = {(c["task"], c["seed"], c["step"]): c["sha256"] for c in json.loads((ws / "zoo" / "manifest.json").read_text())}
-    reference = {(c["task"], c["seed"], c["step"]): c["sha256"] for c in tiny_zoo.manifest}
+    resumed = {(c.task, c.seed, c.step): c.sha256 for c in Manifest.from_file(ws / "zoo" / "manifest.json")}
+    reference = {(c.task, c.seed, c.step): c.sha256 for c in tiny_zoo.manifest}
     assert resumed == reference
     assert not [p for p in ws.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_delta_killed_and_resumed_is_identical(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (20,))
-    reference = load_file(tiny_zoo.workspace / "delta" / "deltas_p20.safetensors")
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (20,))
+    reference = load_file(tiny_zoo.ws.deltas(20))
     ws = tmp_path / "ws"
     shutil.copytree(tiny_zoo.workspace / "zoo", ws / "zoo")
     cmd = [*CLI, "delta", "compute", "--preset", "tiny", "--workspace", str(ws), "--probes", "20"]
@@ -76,7 +79,7 @@ def test_delta_killed_and_resumed_is_identical(tiny_zoo, tmp_path):
 
 
 def test_generator_killed_and_resumed_is_identical(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     args = ["--preset", "tiny", "--workspace", str(tiny_zoo.workspace), "--variant", "A1",
             "--set", "generator.steps=12", "--set", "generator.save_every=3"]
     run([*CLI, "train-generator", *args, "--out", str(tmp_path / "full")])
@@ -100,19 +103,19 @@ def _corrupt(folder: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_corrupted_checkpoint_is_reported_by_path_not_loaded(tiny_zoo, tmp_path, how):
-    ws = tmp_path / "ws"
-    shutil.copytree(tiny_zoo.workspace / "zoo", ws / "zoo")
-    victim = _corrupt(ws / "zoo" / tiny_zoo.manifest[3]["path"], how)
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_zoo.ws.zoo, ws.zoo)
+    victim = _corrupt(ws.zoo / tiny_zoo.manifest.checkpoints[3].path, how)
     with pytest.raises(AdapterError, match="checksum") as err:
         delta_stage(tiny_zoo.preset, ws, (5,))
     assert str(victim) in str(err.value)
 
 
 def test_corrupted_checkpoint_stops_generator_training(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
-    ws = tmp_path / "ws"
-    shutil.copytree(tiny_zoo.workspace, ws)
-    victim = _corrupt(ws / "zoo" / next(c["path"] for c in tiny_zoo.manifest if not c["pair_of"]), "flip")
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_zoo.workspace, ws.root)
+    victim = _corrupt(ws.zoo / next(c.path for c in tiny_zoo.manifest if not c.pair_of), "flip")
     with pytest.raises(AdapterError, match="checksum") as err:
         train_generator(apply_overrides(tiny_zoo.preset, ["generator.steps=2"]), ws, tmp_path / "g",
                         list(tiny_zoo.preset.pool), progress=False)
@@ -120,11 +123,11 @@ def test_corrupted_checkpoint_stops_generator_training(tiny_zoo, tmp_path):
 
 
 def test_corrupted_training_state_is_reported(tiny_zoo, tmp_path):
-    delta_stage(tiny_zoo.preset, tiny_zoo.workspace, (5,))
+    delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     preset = apply_overrides(tiny_zoo.preset, ["generator.steps=4", "generator.save_every=2"])
     out = tmp_path / "g"
-    train_generator(preset, tiny_zoo.workspace, out, list(preset.pool), progress=False)
+    train_generator(preset, tiny_zoo.ws, out, list(preset.pool), progress=False)
     state = out / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(GeneratorError, match=str(state)):
-        train_generator(preset, tiny_zoo.workspace, out, list(preset.pool), progress=False)
+        train_generator(preset, tiny_zoo.ws, out, list(preset.pool), progress=False)

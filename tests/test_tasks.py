@@ -8,10 +8,13 @@ import random
 import pytest
 
 from conftest import exact_rows, mc_rows, write_jsonl
-from deltalora.config import ConfigError, DeltaConfig, Preset, TaskConfig, ZooConfig, get_preset
-from deltalora.pipeline import apply_overrides
-from deltalora.registry import BUILTIN, TaskSpec
-from deltalora.tasks import Item, TaskError, load_jsonl_items, load_task, load_user_specs, resolve_spec, split_items
+from deltalora.config import DeltaConfig, Preset, TaskConfig, ZooConfig
+from deltalora.data.items import Item
+from deltalora.data.jsonl import load_jsonl_items, load_user_specs
+from deltalora.data.registry import BUILTIN, TaskSpec
+from deltalora.data.tasks import load_task, resolve_spec, split_items
+from deltalora.errors import ConfigError, SourceError, TaskError
+from deltalora.presets import apply_overrides, get_preset
 
 CFG = TaskConfig(max_test=10, max_train=100, min_items=8)
 
@@ -195,18 +198,18 @@ def test_unknown_preset_lists_presets():
 
 
 def test_unknown_model_lists_known_names():
-    from deltalora.models import load_base
+    from deltalora.lm.models import load_base
 
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ConfigError) as e:
         load_base("nope")
     msg = str(e.value)
     assert "'nope'" in msg and "smollm2-135m" in msg and "tiny" in msg
 
 
 def test_model_folder_without_config_is_rejected(tmp_path):
-    from deltalora.models import load_base
+    from deltalora.lm.models import load_base
 
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(SourceError, match="config.json"):
         load_base(str(tmp_path))
 
 
@@ -290,7 +293,7 @@ def bb_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DELTALORA_CACHE", str(cache))
     # Any attempt to reach the package index would be a bug here: the task.json is cached.
-    import deltalora.bigbench as bb
+    import deltalora.data.bigbench as bb
 
     monkeypatch.setattr(bb, "_sdist", lambda: pytest.fail("BIG-bench sdist requested for a cached task"))
     return cache
@@ -326,7 +329,7 @@ def test_bigbench_multiple_choice(bb_cache):
 
 
 def test_bigbench_choices_shuffle_is_seeded_by_task_and_index(bb_cache):
-    from deltalora.tasks import stable_seed
+    from deltalora.data.items import stable_seed
 
     examples = [{"input": f"q{i}", "target_scores": {"a": 0, "b": 1, "c": 0, "d": 0, "e": 0}} for i in range(8)]
     _write_bigbench(bb_cache, "fake/seeded", {"examples": examples, "append_choices_to_input": False})

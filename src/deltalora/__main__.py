@@ -1,3 +1,5 @@
-from .cli import main
+"""``python -m deltalora``: the same CLI as the ``deltalora`` command."""
+
+from deltalora.cli import main
 
 main()

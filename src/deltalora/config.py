@@ -1,21 +1,18 @@
-"""Stage configs and named presets.
+"""Stage configs: one small frozen dataclass per stage, every field documented and validated.
 
-Each stage has a small dataclass whose fields are documented and validated on
-construction; a *preset* bundles them. ``tiny`` runs the whole pipeline on a random
-in-memory llama in seconds (tests), ``small`` is the CPU default on SmolLM2-135M.
+A ``Preset`` bundles them with the base model and the task pool; the named presets are
+in ``deltalora.presets``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .registry import DEFAULT_POOL, PAIRS, TINY_PAIRS, TINY_POOL
-
-
-class ConfigError(ValueError):
-    """A config value is out of range; the message names the field."""
+from deltalora.errors import ConfigError
+from deltalora.generator.variants import VARIANTS
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -124,15 +121,13 @@ class DeltaConfig:
         _check(self.batch_size >= 1, "delta.batch_size must be >= 1")
 
 
-VARIANTS = ("dnd", "A1", "A2", "B", "C")
-
-
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """How a prompt-to-LoRA generator is built and trained (variants in DESIGN.md, Generator)."""
+    """How a prompt-to-LoRA generator is built and trained (the variants: ``deltalora.generator.variants``)."""
 
     variant: str = "dnd"
-    """dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA), C (δ + KL first)."""
+    """A name in the variant table: dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA),
+    C (δ + KL first)."""
     n_prompts: int = 32
     """N prompts per condition batch, drawn fresh from a task's train split every step."""
     channels: tuple[int, ...] = (64, 256)
@@ -212,7 +207,7 @@ class ExperimentConfig:
     """RQ2: the domain left out of training entirely ("" skips leave-one-domain-out)."""
     lodo_eval: tuple[str, ...] = ()
     """Tasks of that domain that are scored."""
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = tuple(VARIANTS)
     """Generator variants of the main grid (RQ1, RQ2 held-out tasks)."""
     lodo_variants: tuple[str, ...] = ("dnd", "A2")
     """Variants trained for leave-one-domain-out."""
@@ -286,47 +281,29 @@ class Preset:
             _check(a in self.pool and b in self.pool and a != b, f"preset.pairs: ({a}, {b}) must be two distinct pool tasks")
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form saved next to every artifact."""
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "Preset":
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
+        """The inverse of ``to_dict`` (lists back to tuples, sections back to their configs), validated."""
+        return _from_dict(cls, d)
+
+    def replace(self, **changes: Any) -> Preset:
+        """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        name="tiny",
-        base="tiny",
-        pool=TINY_POOL,
-        pairs=TINY_PAIRS,
-        tasks=TaskConfig(max_test=16, max_train=64, min_items=8),
-        zoo=ZooConfig(rank=2, alpha=4.0, steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=48,
-                      seeds=(0,), keep_last=2, pair_steps=4, eval_batch_size=16),
-        delta=DeltaConfig(n_probes=5, batch_size=5),
-        generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
-                                  warmup_steps=1, kl_prompts=2, save_every=4),
-        experiment=ExperimentConfig(held_out=("syn.parity",), seen_eval=("syn.add", "syn.copy"), lodo_domain="strings",
-                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3, long_steps=6,
-                                    rq3_variants=("dnd",), mislabel=(0.5,), probe_sizes=(1,), lambdas=(3.0,),
-                                    interpolations=(0.5,), mixed_variants=("dnd",)),
-    ),
-    "small": Preset(
-        name="small",
-        base="smollm2-135m",
-        pool=DEFAULT_POOL,
-        pairs=PAIRS,
-        generator=GeneratorConfig(exact_samples=1),
-        experiment=ExperimentConfig(
-            held_out=("arithmetic.3_digit_subtraction", "linguistic_mappings.question_formation_json",
-                      "movie_recommendation", "unit_conversion.novel_systems"),
-            seen_eval=("arithmetic.2_digit_addition", "cs_algorithms.valid_parentheses", "linguistic_mappings.plural_json",
-                       "intent_recognition", "unit_conversion.si_conversion"),
-            lodo_domain="science", lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems")),
-    ),
-}
-
-
-def get_preset(name: str) -> Preset:
-    """The named preset, or an error listing the known ones."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, typ = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            v = _from_dict(typ, v)
+        elif typing.get_origin(typ) is tuple:
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        kwargs[f.name] = v
+    return cls(**kwargs)

@@ -16,11 +16,13 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's rank and the world size (rank 0 of 1 without a launcher)."""
     rank: int = 0
     world: int = 1
 
     @property
     def is_main(self) -> bool:
+        """True on the rank that writes shared files."""
         return self.rank == 0
 
     def shard(self, items: list) -> list:
@@ -40,5 +42,6 @@ def init_distributed() -> DistInfo:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -12,8 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from deltalora.errors import ArtifactError
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +34,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
@@ -59,6 +64,7 @@ def remove_stale_tmp(folder: str | Path, prefix: str = ".") -> None:
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -72,6 +78,23 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: {what} not found") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e})") from e
+        raise ArtifactError(f"{path}: {what} not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: {what} is not valid JSON ({e})") from e
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, block: bool = False) -> Iterator[bool]:
+    """An exclusive lock on ``path``; without ``block``, yields False while another process holds it.
+
+    Lets several processes share a grid of work: each takes the items nobody holds.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deltalora.errors import SourceError
+
 
 def cache_dir() -> Path:
     """Root of deltalora's caches (``$DELTALORA_CACHE`` or ``~/.cache/deltalora``)."""
@@ -33,6 +35,6 @@ def pypi_distribution(requirement: str, sdist: bool = False) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     files = sorted(tmp.glob("*"))
     if proc.returncode != 0 or not files:
-        raise RuntimeError(f"could not download {requirement} from the package index: {proc.stderr.strip()[-400:]}")
+        raise SourceError(f"could not download {requirement} from the package index: {proc.stderr.strip()[-400:]}")
     tmp.rename(dest)  # the folder appears only once complete
     return dest / files[0].name

@@ -1,0 +1,69 @@
+"""The ``deltalora`` Typer app, its sub-apps and the options every verb shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from deltalora.config import Preset
+from deltalora.data.registry import TaskSpec
+from deltalora.workspace import Workspace
+
+HELP = """Behaviour-aware data-to-LoRA generation.
+
+The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate ->
+evaluate / assess -> experiment -> report. `deltalora run --preset small` is the main job (zoo, Delta
+Activations with 1/5/20 probes, results and plots). Every stage verb takes --preset (tiny | small),
+--workspace, --tasks and --set section.field=value overrides."""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+tasks_app = typer.Typer(help="List, show and prepare tasks (BIG-bench JSON, user JSONL, synthetic).", no_args_is_help=True)
+zoo_app = typer.Typer(help="Build the reference LoRA zoo and summarise it.", no_args_is_help=True)
+delta_app = typer.Typer(help="Compute Delta Activations and report their quality.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(delta_app, name="delta")
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Named preset: tiny (tests) or small (CPU default).")]
+WorkspaceOpt = Annotated[
+    Optional[Path], typer.Option("--workspace", "-w", help="Folder for all artifacts (default runs/<preset>).")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config field, e.g. --set zoo.steps=10, or the task pool: "
+                               "--set pool=a,b (repeatable)."),
+]
+TasksFileOpt = Annotated[Optional[Path], typer.Option("--tasks-file", help="JSON list of user tasks {name, domain, path to JSONL}.")]
+BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")]
+TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")]
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a verb works with: the resolved preset, the user's extra tasks and the workspace."""
+
+    preset: Preset
+    extra: list[TaskSpec]
+    ws: Workspace
+
+
+def setup(preset: str, workspace: Path | None = None, overrides: list[str] | None = None, tasks_file: Path | None = None,
+          base: str | None = None, tasks: str | None = None) -> Run:
+    """Resolve the options every stage verb shares, in one way for all of them."""
+    from deltalora.data.jsonl import load_user_specs
+    from deltalora.presets import apply_overrides, get_preset, with_pool
+
+    p = apply_overrides(get_preset(preset), overrides or [])
+    if base:
+        p = p.replace(base=base)
+    if tasks:
+        p = with_pool(p, tasks)
+    return Run(p, load_user_specs(tasks_file) if tasks_file else [], Workspace.of(workspace, p.name))
+
+
+def split_names(names: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None stays None)."""
+    return [n.strip() for n in names.split(",") if n.strip()] if names else None

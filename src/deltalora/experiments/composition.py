@@ -1,0 +1,129 @@
+"""RQ4: composing two tasks' behaviours, scored on both tasks' test items.
+
+Methods per zoo pair (a, b): each task's own LoRA; the LoRA trained on the union (the
+zoo's pair adapter); exact LoRA addition (PEFT ``cat``: Σ B·A at rank 2r); PEFT's ``svd``
+merge back to rank r; variant B's G_θ decoding δ_a + δ_b and α·δ_a + (1-α)·δ_b; and the
+main generators given half their prompts from each task.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltalora.data.items import stable_seed
+from deltalora.experiments.grid import Cell
+from deltalora.experiments.runner import Runner
+from deltalora.experiments.scoring import mean_std
+from deltalora.generator.artifact import load_generator
+from deltalora.generator.generate import choose_prompts, generate_tensors
+from deltalora.generator.variants import VARIANTS
+from deltalora.io import atomic_write_json, file_lock, read_json
+
+
+_PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)": "svd"}
+
+
+def run_composition(runner: Runner, cells: list[Cell]) -> Path:
+    """Every method on every zoo pair, cached per method; writes and returns ``rq4.json``."""
+    pre, ex = runner.preset, runner.preset.experiment
+    main = {c.name: c for c in cells if c.rq == "rq1" and c.method == "generator"}
+    decoders = [name for name, c in main.items() if VARIANTS[dict(c.changes)["variant"]].decodes_delta]
+    pairs: dict[str, Any] = {}
+    for a, b in pre.pairs:
+        cache = runner.root / "composition" / f"{a}+{b}"
+        ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
+
+        def both(tensors: dict[str, torch.Tensor] | None) -> dict:
+            if tensors is None:  # the PEFT model's active adapter is what is scored
+                return {t: runner.scorer.score_active(t)[0] for t in (a, b)}
+            return {t: {k: v for k, v in runner.score(t, tensors).items() if k != "delta"} for t in (a, b)}
+
+        def cached(name: str, make) -> None:
+            f = cache / ("".join(c if c.isalnum() else "_" for c in name) + ".json")
+            if f.exists():
+                return
+            with file_lock(f.with_suffix(".lock")) as mine:  # another experiment process may be on it
+                if mine and not f.exists():
+                    atomic_write_json(f, {"method": name, "adapters": make()})
+
+        union = runner.scorer.manifest.union(a, b)
+        cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])
+        cached(f"{b} LoRA", lambda: [both(ref_b.ref_tensors[0])])
+        if union:
+            cached("union LoRA (trained on both tasks)",
+                   lambda: [both(runner.scorer.tensors(union[0]))])
+        for label, kind in _PEFT_MERGES.items():
+            cached(label, lambda kind=kind: [_peft_merge(runner, a, b, kind, both)])
+        for name in decoders:
+            for seed in ex.seeds:
+                gen = runner.trained_generator(main[name], seed)
+                for alpha in (1.0, *ex.interpolations):
+                    label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
+                    w_a, w_b = (1.0, 1.0) if alpha == 1.0 else (alpha, 1 - alpha)
+                    cached(f"{label} seed{seed}", lambda g=gen, wa=w_a, wb=w_b: [both(_decode_delta(g, wa * ref_a.ref_delta + wb * ref_b.ref_delta))])
+        for v in ex.mixed_variants:
+            if v not in main:
+                continue
+            for seed in ex.seeds:
+                cached(f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both))
+        pairs[f"{a}+{b}"] = _summary(cache, a, b)
+    out = {"rq": "rq4", "preset": pre.name, "base": pre.base, "experiment": {"seeds": list(ex.seeds), "draws": ex.draws,
+           "n_test": ex.n_test, "interpolations": list(ex.interpolations)}, "pairs": pairs,
+           "base_acc": {t: runner.scorer.ref(t).base_acc for p in pre.pairs for t in p}}
+    f = runner.results_dir / "rq4.json"
+    atomic_write_json(f, out)
+    return f
+
+
+def _peft_merge(runner: Runner, a: str, b: str, kind: str, both) -> dict:
+    """Load both adapters next to the scorer's, merge with PEFT, score, and remove them again."""
+    model, root = runner.scorer.model, runner.scorer.ws.zoo
+    names = ["compose_a", "compose_b", f"compose_{kind}"]
+    try:
+        model.load_adapter(str(root / runner.scorer.final_adapters(a)[0].path), adapter_name=names[0])
+        model.load_adapter(str(root / runner.scorer.final_adapters(b)[0].path), adapter_name=names[1])
+        model.add_weighted_adapter(names[:2], [1.0, 1.0], adapter_name=names[2], combination_type=kind)
+        model.set_adapter(names[2])
+        return both(None)
+    finally:
+        model.set_adapter("default")
+        for n in names:
+            if n in model.peft_config:
+                model.delete_adapter(n)
+
+
+@torch.inference_mode()
+def _decode_delta(gen_dir: Path, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    gen = load_generator(gen_dir)
+    return {k: v[0] for k, v in gen.tokenizer.decode(gen.model.from_delta(delta[None] / gen.delta_scale)).items()}
+
+
+def _mixed(runner: Runner, cell: Cell, seed: int, a: str, b: str, both) -> list[dict]:
+    gen = load_generator(runner.trained_generator(cell, seed))
+    n = gen.card.n_prompts
+    pa, pb = ([it.prompt for it in runner.tasks[t].train] for t in (a, b))
+    out = []
+    for d in range(runner.preset.experiment.draws):
+        half_a = choose_prompts(pa, n // 2, stable_seed(a, b, seed, d))
+        half_b = choose_prompts(pb, n - n // 2, stable_seed(b, a, seed, d))
+        out.append(both(generate_tensors(gen, runner.encoder, half_a + half_b, stable_seed("mixed", seed, d))))
+    return out
+
+
+def _summary(cache: Path, a: str, b: str) -> dict:
+    """One row per method: accuracy on each task and their mean, over all its adapters (and seeds)."""
+    groups: dict[str, list[dict]] = {}
+    for f in sorted(cache.glob("*.json")):
+        rec = read_json(f, "composition result")
+        groups.setdefault(rec["method"].rsplit(" seed", 1)[0], []).extend(rec["adapters"])
+    rows = {}
+    for method, adapters in groups.items():
+        rows[method] = {"acc_a": mean_std([x[a]["acc"] for x in adapters]), "acc_b": mean_std([x[b]["acc"] for x in adapters]),
+                        "acc_mean": mean_std([statistics.fmean((x[a]["acc"], x[b]["acc"])) for x in adapters]),
+                        "delta_cos_a": mean_std([x[a]["delta_cos"] for x in adapters]),
+                        "delta_cos_b": mean_std([x[b]["delta_cos"] for x in adapters])}
+    return {"tasks": [a, b], "methods": rows}

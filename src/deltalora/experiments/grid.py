@@ -1,0 +1,109 @@
+"""The research questions (RQ1-RQ4), ablations and negative controls as a grid of cells.
+
+A *generator run* (config changes, training tasks, seed) is trained once and shared by
+every cell that scores it. A *cell* scores one method on a list of tasks; its result for
+each generator seed is cached, so a rerun skips finished work and a killed run resumes.
+Conditioning prompts always come from a task's train split and scored items from its test
+split, so no scored item ever conditions a generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from deltalora.config import Preset
+from deltalora.generator.retrieval import RETRIEVAL
+from deltalora.generator.variants import VARIANTS, baseline
+
+RQS = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
+METRICS = ("acc", "param_mse", "delta_dist", "delta_cos", "kl")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method scored on a list of tasks."""
+
+    rq: str
+    """The result file it belongs to (one of ``RQS``)."""
+    name: str
+    """Row label in the tables."""
+    method: str
+    """generator | base | oracle | train_avg | retrieval."""
+    tasks: tuple[str, ...]
+    """Tasks whose test items are scored."""
+    train: tuple[str, ...] = ()
+    """Training tasks of the generator, the retrieval index or the averaged adapters."""
+    changes: tuple[tuple[str, Any], ...] = ()
+    """GeneratorConfig fields that differ from the preset (the variant among them)."""
+    prompts: str = "own"
+    """own: the scored task's train prompts; other: train prompts of a task from another domain."""
+
+    @property
+    def id(self) -> str:
+        """A file-name-safe identifier of the cell."""
+        return f"{self.rq}__" + "".join(c if c.isalnum() or c in "._-" else "_" for c in self.name)
+
+    @property
+    def seeded(self) -> bool:
+        """True if the cell is run once per generator seed."""
+        return self.method in ("generator", RETRIEVAL)
+
+
+def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
+    """Every cell, most important first (a partial run then still answers RQ1 and RQ2)."""
+    ex = preset.experiment
+    train = tuple(t for t in preset.pool if t not in ex.held_out)
+    seen, held = ex.seen_eval, ex.held_out
+    cells: list[Cell] = []
+    for rq, tasks in (("rq1", seen), ("rq2", held)):
+        cells += [Cell(rq, "base model", "base", tasks), Cell(rq, "oracle (the task's own LoRA)", "oracle", tasks),
+                  Cell(rq, "mean of training adapters", "train_avg", tasks, train),
+                  Cell(rq, RETRIEVAL, RETRIEVAL, tasks, train)]
+    for v in ex.variants:
+        cells += [Cell(rq, v, "generator", tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))]
+    base = baseline().name
+    if ex.long_steps and base in ex.variants:  # the baseline is cheap per step: also give it the δ variants' wall time
+        cells += [Cell(rq, f"{base}, {ex.long_steps} steps (compute-matched)", "generator", tasks, train,
+                       (("variant", base), ("steps", ex.long_steps))) for rq, tasks in (("rq1", seen), ("rq2", held))]
+    a = ex.ablation_variant
+    # the main grid's generators on the ablation and RQ3 tasks: their scores are shared, nothing is recomputed
+    main_rows = [Cell("ablations", f"{v} (main grid{', |P|=5, λ_δ=1' if VARIANTS[v].uses_delta else ': no δ loss'})",
+                      "generator", seen + held, train, (("variant", v),)) for v in dict.fromkeys((base, a)) if v in ex.variants]
+    main_rows += [Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),))
+                  for v in ex.rq3_variants if v in ex.variants]
+    shuffled = [Cell("ablations", f"{a}, δ shuffled across tasks (control)", "generator", seen + held, train,
+                     (("variant", a), ("shuffle_delta", True)))]
+    other = [Cell("ablations", f"{v}, prompts of another domain (control)", "generator", seen + held, train,
+                  (("variant", v),), prompts="other") for v in (base, a) if v in ex.variants]
+    lodo: list[Cell] = []
+    if ex.lodo_domain:
+        lodo_train = tuple(t for t in preset.pool if domains[t] != ex.lodo_domain)
+        lodo_eval = ex.lodo_eval or tuple(t for t in preset.pool if domains[t] == ex.lodo_domain)
+        lodo += [Cell("rq2_lodo", "base model", "base", lodo_eval), Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
+                 Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
+                 Cell("rq2_lodo", RETRIEVAL, RETRIEVAL, lodo_eval, lodo_train)]
+        lodo += [Cell("rq2_lodo", v, "generator", lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
+    rq3 = {v: [Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
+               for f in ex.fractions]
+              + [Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
+                 for s in ex.weight_noise]
+              + [Cell("rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m)))
+                 for m in ex.mislabel] for v in ex.rq3_variants}
+    cheap_rq3 = [c for v, cs in rq3.items() if not VARIANTS[v].needs_base for c in cs]
+    costly_rq3 = [c for v, cs in rq3.items() if VARIANTS[v].needs_base for c in cs]
+    sweeps = [Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
+              for p in ex.probe_sizes]
+    sweeps += [Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
+               for lam in ex.lambdas]
+    # run order = priority: the negative control and every protocol before the costlier sweeps
+    cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
+    return cells
+
+
+def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:
+    """The preset a cell's generator of this seed is trained with."""
+    ex = preset.experiment
+    gen = dataclasses.replace(preset.generator, **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **dict(cell.changes)})
+    return preset.replace(generator=gen)

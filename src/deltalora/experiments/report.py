@@ -1,0 +1,229 @@
+"""``deltalora report``: the Markdown report and its plots, composed only from the result files.
+
+Every number in the report is read from ``RESULTS_DIR/*.json``; the conclusions are
+computed from them (difference of means with a normal 95% interval over adapter sets).
+A hand-written ``RESULTS_DIR/discussion.md``, if present, is included verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from deltalora.errors import ArtifactError
+from deltalora.experiments.results import read_results
+from deltalora.generator.variants import VARIANTS, baseline
+from deltalora.io import atomic_write_bytes
+
+
+def _fmt(ms: dict | None, digits: int = 3) -> str:
+    if not ms:
+        return "—"
+    if ms["n"] == 1:
+        return f"{ms['mean']:.{digits}f}"
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def _sci(ms: dict | None) -> str:
+    return "—" if not ms else f"{ms['mean']:.2e}"
+
+
+def diff_ci(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean(a) - mean(b) and the half-width of a normal 95% interval (unpooled variances)."""
+    var = lambda x: float(np.var(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
+    return float(np.mean(a) - np.mean(b)), 1.96 * math.sqrt(var(a) / len(a) + var(b) / len(b))
+
+
+def _table(cells: dict, with_gen: bool = True) -> list[str]:
+    head = "| method | accuracy | KL to reference | δ cosine | ‖δ̂ − δ‖ | parameter MSE | n adapters (seeds) |" + (" train s |" if with_gen else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, c in cells.items():
+        o = c["overall"]
+        row = (f"| {name} | {_fmt(o['acc'])} | {_fmt(o['kl'])} | {_fmt(o['delta_cos'], 2)} | {_fmt(o['delta_dist'], 2)} | "
+               f"{_sci(o['param_mse'])} | {o['acc']['n']} ({len(c['seeds_done']) if c['seeds_done'] != [None] else '—'}) |")
+        if with_gen:
+            row += f" {c['train_seconds']['mean']:.0f} |" if "train_seconds" in c else " — |"
+        lines.append(row)
+    return lines
+
+
+def _per_task(cells: dict) -> list[str]:
+    tasks = next(iter(cells.values()))["tasks"]
+    lines = ["| method | " + " | ".join(t.rsplit(".", 1)[-1] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, c in cells.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(c["per_task"][t]["acc"], 2) for t in tasks) + " |")
+    return lines
+
+
+def _verdict(cells: dict) -> list[str]:
+    """One line per δ variant: accuracy difference to the baseline variant with its interval, in plain words."""
+    base = baseline().name
+    if base not in cells:
+        return []
+    out = []
+    for v in (v.name for v in VARIANTS.values() if v.uses_delta):
+        if v not in cells:
+            continue
+        d, h = diff_ci(cells[v]["per_seed_acc"], cells[base]["per_seed_acc"])
+        word = "better than" if d - h > 0 else "worse than" if d + h < 0 else "not distinguishable from"
+        out.append(f"- {v} − {base} accuracy: {d:+.3f} (95% interval ± {h:.3f} over generator seeds, n = "
+                   f"{len(cells[v]['per_seed_acc'])} vs {len(cells[base]['per_seed_acc'])}, each the mean of its draws): "
+                   f"{word} {base}.")
+    return out
+
+
+def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        import io
+
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write_bytes(out_dir / name, buf.getvalue())
+        made[name] = name
+
+    # accuracy bars with error bars
+    parts = [(rq, rqs[rq]["cells"]) for rq in ("rq1", "rq2", "rq2_lodo") if rq in rqs and rqs[rq]["cells"]]
+    if parts:
+        fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4.2), squeeze=False)
+        for ax, (rq, cells) in zip(axes[0], parts):
+            names = list(cells)
+            m = [cells[n]["overall"]["acc"]["mean"] for n in names]
+            s = [cells[n]["overall"]["acc"]["std"] for n in names]
+            ax.bar(range(len(names)), m, yerr=s, capsize=3, color=["#999" if cells[n]["method"] != "generator" else "#3a7" for n in names])
+            ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=60, ha="right", fontsize=7)
+            ax.set_title({"rq1": "RQ1 seen tasks", "rq2": "RQ2 held-out tasks", "rq2_lodo": "RQ2 left-out domain"}[rq], fontsize=9)
+            ax.set_ylabel("accuracy (mean ± std over adapters)")
+        save(fig, "report_accuracy.png")
+    # loss curves per variant
+    if "rq1" in rqs:
+        curves = {n: c["loss_curve"] for n, c in rqs["rq1"]["cells"].items() if c.get("loss_curve")}
+        if curves:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for n, pts in curves.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=n)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("total training loss (seed 0)")
+            ax.legend(fontsize=8)
+            save(fig, "report_losses.png")
+    # δ map: reference vs generated adapters, by domain
+    dfile = results / "deltas.safetensors"
+    if dfile.exists() and "rq1" in rqs:
+        from safetensors.torch import load_file
+
+        from deltalora.delta.analysis import plot_map
+
+        deltas, domains = load_file(dfile), rqs["rq1"]["domains"]
+        keys = [k for k in deltas if k.startswith("ref|")] + [k for k in deltas if k.startswith(("rq1|", "rq2|"))
+                                                               and k.split("|")[1] in VARIANTS]
+        if len(keys) >= 4:
+            x = np.stack([deltas[k].numpy() for k in keys])
+            ok = np.linalg.norm(x, axis=1) > 0
+            keys, x = [k for k, o in zip(keys, ok) if o], x[ok]
+            plot_map(x, [domains[k.split("|")[-1]] for k in keys], [k.split("|")[-1] for k in keys], out_dir / "report_delta_map.png",
+                     "Delta Activations: reference vs generated adapters (seen and held-out tasks)",
+                     kinds=["reference" if k.startswith("ref|") else k.split("|")[1] for k in keys])
+            made["report_delta_map.png"] = "report_delta_map.png"
+    # composition heat-map
+    if "rq4" in rqs:
+        pairs = rqs["rq4"]["pairs"]
+        methods = list(dict.fromkeys(m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b")
+                                     for p in pairs.values() for m in p["methods"]))
+        cols = [(pk, t) for pk, p in pairs.items() for t in ("a", "b")]
+        grid = np.full((len(methods), len(cols)), np.nan)
+        for j, (pk, t) in enumerate(cols):
+            p = pairs[pk]
+            for m, row in p["methods"].items():
+                i = methods.index(m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b"))
+                grid[i, j] = row[f"acc_{t}"]["mean"]
+        fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 3, 0.42 * len(methods) + 1.5))
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        ax.set_xticks(range(len(cols)), [pairs[pk]["tasks"][0 if t == "a" else 1].rsplit(".", 1)[-1] for pk, t in cols],
+                      rotation=45, ha="right", fontsize=7)
+        for i in range(len(methods)):
+            for j in range(len(cols)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(im, ax=ax, label="accuracy")
+        ax.set_title("RQ4: composition (columns: each pair's two tasks)", fontsize=9)
+        save(fig, "report_composition.png")
+    return made
+
+
+def write_report(results_dir: str | Path, out: str | Path) -> Path:
+    """``out`` (Markdown) and its PNG plots beside it, from the result files of ``results_dir``."""
+    results, out = Path(results_dir), Path(out)
+    rqs = read_results(results)
+    if not rqs:
+        raise ArtifactError(f"{results}: no experiment results (rq1.json ...); run `deltalora experiment` first")
+    any_rq = next(iter(rqs.values()))
+    ex = any_rq.get("experiment", {})
+    plots = _plots(results, out.parent, rqs)
+    L = [f"# deltalora report: `{any_rq['preset']}` preset", "",
+         f"Generated by `deltalora report {results}` from the JSON files in that folder; every number is read from them. "
+         f"The experiment ran with `deltalora experiment --preset {any_rq['preset']}`.", ""]
+    L += ["## Setup", "",
+          f"- Base model: `{any_rq['base']}`.",
+          f"- Generators: {ex.get('steps')} optimizer steps per generator (variant B: {ex.get('steps')} more for E_ψ); "
+          f"seeds {ex.get('seeds')}; {ex.get('draws')} generated adapters per task and seed, each from its own draw of "
+          f"train-split prompts; {ex.get('n_test')} test items per task (the same items for every method); "
+          f"KL on {ex.get('n_kl')} test prompts.",
+          "- Accuracy is mean ± std over adapter sets (one set = one generator seed and one prompt draw, averaged "
+          "over the scored tasks); baselines without a seed or draw have n = 1.",
+          "- KL is KL(reference ‖ adapter) of the first answer token; δ cosine and distance are to the task's reference δ.", ""]
+    if "domains" in any_rq:
+        doms: dict[str, list[str]] = {}
+        for t, d in any_rq["domains"].items():
+            doms.setdefault(d, []).append(t)
+        L += [f"- Pool: {len(any_rq['domains'])} tasks in {len(doms)} domains: "
+              + "; ".join(f"{d} ({len(ts)})" for d, ts in sorted(doms.items())) + ".",
+              f"- Held-out tasks (RQ2): {', '.join(ex.get('held_out', []))}. Left-out domain: {ex.get('lodo_domain') or 'none'}.", ""]
+    sections = [("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
+                ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),
+                ("rq2_lodo", "RQ2: leave-one-domain-out"),
+                ("rq3", "RQ3: robustness and sample efficiency (seen tasks)"),
+                ("ablations", "Ablations and negative controls (seen + held-out tasks)")]
+    for rq, title in sections:
+        if rq not in rqs:
+            L += [f"## {title}", "", "Not run.", ""]
+            continue
+        r = rqs[rq]
+        L += [f"## {title}", ""]
+        if r["cells"]:
+            L += _table(r["cells"]) + ["", "Accuracy per task (mean ± std over adapters):", ""] + _per_task(r["cells"]) + [""]
+            L += _verdict(r["cells"]) + [""]
+        if r.get("not_run"):
+            L += [f"Cells not run in this budget: {', '.join(r['not_run'])}.", ""]
+        if rq == "rq2" and "report_accuracy.png" in plots:
+            L += ["![accuracy](report_accuracy.png)", ""]
+        if rq == "rq1" and "report_losses.png" in plots:
+            L += ["![losses](report_losses.png)", ""]
+        if rq == "rq2" and "report_delta_map.png" in plots:
+            L += ["![delta map](report_delta_map.png)", ""]
+    if "rq4" in rqs:
+        L += ["## RQ4: composition", "", "Base-model accuracy: " +
+              ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rqs["rq4"]["base_acc"].items()) + ".", ""]
+        for pk, p in rqs["rq4"]["pairs"].items():
+            a, b = p["tasks"]
+            L += [f"**{a} + {b}**", "", f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | n |", "|---|---|---|---|---|"]
+            L += [f"| {m} | {_fmt(row['acc_a'])} | {_fmt(row['acc_b'])} | {_fmt(row['acc_mean'])} | {row['acc_mean']['n']} |"
+                  for m, row in p["methods"].items()] + [""]
+        if "report_composition.png" in plots:
+            L += ["![composition](report_composition.png)", ""]
+    disc = results / "discussion.md"
+    if disc.exists():
+        L += ["## Discussion", "", disc.read_text().strip(), ""]
+    atomic_write_bytes(out, "\n".join(L).encode())
+    return out

@@ -1,0 +1,90 @@
+"""The grid's result files: one JSON per research question, rewritten from the cell cache after every cell."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from deltalora.config import Preset
+from deltalora.experiments.grid import METRICS, Cell
+from deltalora.experiments.scoring import mean_std
+from deltalora.generator.retrieval import RETRIEVAL
+from deltalora.errors import ArtifactError
+from deltalora.io import atomic_write_json, read_json
+
+RESULTS_VERSION = 1
+"""Format version of ``rq*.json`` and ``ablations.json``."""
+
+
+def summarize(cells_dir: Path, cell: Cell) -> dict | None:
+    """Mean ± std of every metric over the cell's adapter sets, per task and overall; None if nothing ran."""
+    out_dir = cells_dir / cell.id
+    files = sorted(out_dir.glob("seed*.json")) + sorted(out_dir.glob("all.json"))
+    if not files:
+        return None
+    records = [read_json(f, "experiment cell") for f in files]
+    per_task = {t: {m: mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks}
+    n_sets = len(records[0]["tasks"][cell.tasks[0]])
+    sets = [[statistics.fmean(rec["tasks"][t][d]["acc"] for t in cell.tasks) for d in range(n_sets)] for rec in records]
+    overall = {m: mean_std([statistics.fmean(rec["tasks"][t][d][m] for t in cell.tasks) for rec in records for d in range(n_sets)])
+               for m in METRICS}
+    summary = {"name": cell.name, "method": cell.method, "changes": dict(cell.changes), "prompts": cell.prompts,
+               "tasks": list(cell.tasks), "seeds_done": [rec["seed"] for rec in records], "overall": overall,
+               "per_seed_acc": [mean_std(s)["mean"] for s in sets], "per_task": per_task}
+    if cell.method == "generator":
+        summary["train_seconds"] = mean_std([rec["train_seconds"] for rec in records])
+        summary["n_params"] = records[0]["n_params"]
+        summary["loss_curve"] = _loss_curve(Path(records[0]["generator"]) / "log.jsonl")
+    if cell.method == RETRIEVAL:
+        summary["retrieved"] = {t: sorted({r["retrieved"] for rec in records for r in rec["tasks"][t]}) for t in cell.tasks}
+    return summary
+
+
+def write_results(preset: Preset, cells_dir: Path, results_dir: Path, cells: list[Cell], rq: str, domains: dict[str, str],
+                  deltas: dict[str, torch.Tensor]) -> Path:
+    """``<results_dir>/<rq>.json`` from the cells of ``rq`` that have run (the rest listed as not run);
+    adds the first adapter set's δ of the RQ1/RQ2 cells to ``deltas`` (for the report's δ map)."""
+    ex = preset.experiment
+    rows, not_run = {}, []
+    # tables show the main grid's reference rows first, then cells in run order
+    for cell in sorted((c for c in cells if c.rq == rq), key=lambda c: "main grid" not in c.name):
+        s = summarize(cells_dir, cell)
+        if s is None:
+            not_run.append(cell.name)
+            continue
+        rows[cell.name] = s
+        for rec_f in sorted((cells_dir / cell.id).glob("*.json"))[:1] if rq in ("rq1", "rq2") else []:
+            for t, rs in read_json(rec_f)["tasks"].items():
+                deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])
+    out = {"rq": rq, "version": RESULTS_VERSION, "preset": preset.name, "base": preset.base,
+           "experiment": dataclasses.asdict(ex), "generator_steps": ex.steps, "cells": rows, "not_run": not_run,
+           "domains": domains}
+    f = results_dir / f"{rq}.json"
+    atomic_write_json(f, out)
+    return f
+
+
+def read_results(results_dir: Path) -> dict[str, dict]:
+    """Every result file of a folder by part name (``rq1`` ... ``ablations``); files from before versioning are
+    version 1; a newer version is refused with the file named."""
+    files = sorted(results_dir.glob("rq*.json")) + sorted(results_dir.glob("ablations.json"))
+    out = {}
+    for f in files:
+        r = read_json(f, "experiment results")
+        if r.get("version", 1) != RESULTS_VERSION:
+            raise ArtifactError(f"{f}: results of format version {r.get('version')}, this deltalora reads "
+                                f"version {RESULTS_VERSION}")
+        out[f.stem] = r
+    return out
+
+
+def _loss_curve(log_file: Path, points: int = 100) -> list[list[float]]:
+    if not log_file.exists():
+        return []
+    rows = [json.loads(ln) for ln in log_file.read_text().splitlines() if ln]
+    every = max(1, len(rows) // points)
+    return [[r["step"], round(r["loss"], 6)] for r in rows[::every]]

@@ -1,0 +1,74 @@
+"""``deltalora experiment``: run (or resume) the grid, most important cells first; composition after the main grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from tqdm.auto import tqdm
+
+from deltalora.config import Preset
+from deltalora.data.registry import TaskSpec
+from deltalora.errors import ConfigError, UsageError
+from deltalora.experiments.composition import run_composition
+from deltalora.experiments.grid import RQS, Cell, plan
+from deltalora.experiments.results import write_results
+from deltalora.experiments.runner import Runner
+from deltalora.io import atomic_write_bytes, atomic_write_json
+from deltalora.workspace import Workspace
+
+
+def run_experiment(preset: Preset, ws: Workspace, results_dir: str | Path, only: list[str] | None = None,
+                   extra: list[TaskSpec] | None = None, progress: bool = True) -> dict[str, Path]:
+    """Run (or resume) every cell of the grid, or only those of the parts in ``only``; returns the result files."""
+    unknown = sorted(set(only or ()) - set(RQS))
+    if unknown:
+        raise UsageError(f"--only: unknown part(s) {unknown}; choose from {', '.join(RQS)}")
+    for field in ("held_out", "seen_eval", "lodo_eval"):
+        stray = [t for t in getattr(preset.experiment, field) if t not in preset.pool]
+        if stray:
+            raise ConfigError(f"experiment.{field}: {stray} not in the preset's pool")
+    results_dir = Path(results_dir)
+    runner = Runner(preset, ws, results_dir, extra)
+    cells = plan(preset, runner.domains)
+    wanted = set(only or RQS)
+    main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]
+    rest = [c for c in cells if c.rq in wanted and c not in main]
+    atomic_write_json(ws.experiments / "config.json", preset.to_dict())
+    deltas: dict[str, torch.Tensor] = {f"ref|{t}": runner.scorer.ref(t).ref_delta for t in preset.pool
+                                       if t in {*preset.experiment.seen_eval, *preset.experiment.held_out}}
+    files: dict[str, Path] = {}
+
+    def results(rq: str) -> None:
+        files[rq] = write_results(preset, runner.root / "cells", results_dir, cells, rq, runner.domains, deltas)
+
+    skipped: list[Cell] = []
+    bar = tqdm(total=len(main) + len(rest) + ("rq4" in wanted), desc="experiment", unit="cell", disable=not progress)
+
+    def run(cell: Cell) -> None:
+        bar.set_postfix_str(f"{cell.rq}: {cell.name}")
+        if not runner.run_cell(cell):
+            skipped.append(cell)
+        results(cell.rq)
+        bar.update()
+
+    try:
+        for cell in main:
+            run(cell)
+        if "rq4" in wanted:  # right after the main grid: it reuses the main generators
+            bar.set_postfix_str("rq4 composition")
+            files["rq4"] = run_composition(runner, cells)
+            bar.update()
+        for cell in rest:
+            run(cell)
+        bar.close()
+        for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
+            runner.run_cell(cell, wait=True)
+            results(cell.rq)
+        for rq in wanted - {"rq4"}:
+            results(rq)
+    finally:
+        runner.scorer.close()
+    atomic_write_bytes(results_dir / "deltas.safetensors", save({k: v.float().contiguous() for k, v in deltas.items()}))
+    return files

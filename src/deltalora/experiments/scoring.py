@@ -1,0 +1,144 @@
+"""Scoring adapters against the zoo: accuracy, parameter MSE, δ distance and cosine, KL to the reference.
+
+Conditioning prompts are drawn from a task's train split only; accuracy is measured on
+its test split, so no scored item ever conditions a generator.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+from peft import PeftConfig
+from safetensors.torch import load_file
+
+from deltalora.config import Preset
+from deltalora.data.items import Item
+from deltalora.data.registry import TaskSpec
+from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.delta.analysis import cos
+from deltalora.delta.compute import load_deltas
+from deltalora.delta.probes import DeltaProbe
+from deltalora.errors import ArtifactError
+from deltalora.lm.evaluate import accuracy, answer_logprobs
+from deltalora.lm.models import load_base
+from deltalora.workspace import Workspace
+from deltalora.zoo.adapters import AdapterSwapper
+from deltalora.zoo.manifest import Checkpoint, Manifest
+
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean, population std and n of a list, to 4 significant digits (MSEs are ~1e-4)."""
+    def sig(x: float) -> float:
+        return float(f"{x:.4g}")
+
+    return {"mean": sig(statistics.fmean(xs)), "std": sig(statistics.pstdev(xs)) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+@dataclass
+class TaskRef:
+    """What every adapter scored on a task is compared with, computed once."""
+
+    items: list[Item]
+    """The scored test items (the first n_test of the test split)."""
+    ref_tensors: list[dict[str, torch.Tensor]]
+    """The task's final reference adapters (one per zoo seed)."""
+    ref_delta: torch.Tensor
+    """Their mean δ."""
+    ref_logprobs: torch.Tensor
+    """Answer-position log-distribution of the first reference adapter on the KL prompts."""
+    kl_prompts: list[str]
+    """Test prompts on which the KL to the reference is measured."""
+    ref_acc: list[float]
+    """Accuracy of each reference adapter."""
+    base_acc: float
+    """Accuracy of the base model."""
+
+
+class Scorer:
+    """Scores LoRA tensors (or the PEFT model as it is) on a task's test items, against the
+    task's reference adapters: accuracy, parameter MSE, δ distance and cosine, and the KL
+    from the reference to the adapter at the answer position."""
+
+    def __init__(self, preset: Preset, ws: Workspace, n_test: int | None = None, n_kl: int = 8,
+                 extra: list[TaskSpec] | None = None):
+        self.preset, self.ws, self.n_test, self.n_kl, self.extra = preset, ws, n_test, n_kl, extra
+        self.manifest = Manifest.from_file(ws.manifest)
+        self.deltas = load_deltas(ws, preset.delta.n_probes)
+        base, self.tok = load_base(preset.base)
+        first = self.manifest.finals()[0]
+        self.swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / first.path)), preset.base)
+        self.model = self.swapper.model
+        self.probe = DeltaProbe(self.tok, preset.delta)
+        with self.model.disable_adapter():
+            self.probe.set_base(self.model)
+        self._refs: dict[str, TaskRef] = {}
+
+    def final_adapters(self, task: str) -> list[Checkpoint]:
+        """The task's final reference checkpoints, one per zoo seed."""
+        return self.manifest.finals(task)
+
+    def tensors(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        """A checkpoint's LoRA tensors."""
+        return load_file(self.ws.zoo / ckpt.path / "adapter_model.safetensors")
+
+    def ref(self, name: str) -> TaskRef:
+        """The task's reference (computed on first use)."""
+        if name not in self._refs:
+            task = load_task(resolve_spec(name, self.extra), self.preset.tasks)
+            items = list(task.test[: self.n_test] if self.n_test else task.test)
+            refs = self.final_adapters(name)
+            if not refs:
+                raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
+            tensors = [self.tensors(c) for c in refs]
+            kl_prompts = [it.prompt for it in items[: self.n_kl]]
+            ref_acc = []
+            for t in tensors:
+                self.swapper.set_tensors(t)
+                ref_acc.append(self._acc(items))
+            self.swapper.set_tensors(tensors[0])
+            ref_lp = self._logprobs(kl_prompts)
+            with self.model.disable_adapter():
+                base_acc = self._acc(items)
+            self._refs[name] = TaskRef(items, tensors, torch.stack([self.deltas[c.path] for c in refs]).mean(0),
+                                       ref_lp, kl_prompts, ref_acc, base_acc)
+        return self._refs[name]
+
+    def _acc(self, items) -> float:
+        return accuracy(self.model, self.tok, items, self.preset.zoo.eval_batch_size, self.preset.zoo.max_length)
+
+    @torch.inference_mode()
+    def _logprobs(self, prompts: list[str]) -> torch.Tensor:
+        return answer_logprobs(self.model, self.tok, prompts, self.preset.zoo.max_length)
+
+    def score(self, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics and δ of rank-r LoRA tensors of the zoo's layout on task ``name`` (None: the base model)."""
+        self.ref(name)  # computed before the swap: it sets the reference tensors itself
+        if tensors is None:
+            with self.model.disable_adapter():
+                out, delta = self.score_active(name)
+        else:
+            self.swapper.set_tensors(tensors)
+            out, delta = self.score_active(name)
+        out["param_mse"] = self.param_mse(name, tensors)
+        return out, delta
+
+    def param_mse(self, name: str, tensors: dict[str, torch.Tensor] | None) -> float:
+        """Mean squared difference to each reference adapter (None: the base model, a zero update)."""
+        refs = self.ref(name).ref_tensors
+        return statistics.fmean(statistics.fmean(((r[k] - (tensors[k] if tensors else 0)) ** 2).mean().item() for k in r)
+                                for r in refs)
+
+    def score_active(self, name: str) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one)."""
+        ref = self.ref(name)
+        delta = self.probe.delta(self.model)
+        lp = self._logprobs(ref.kl_prompts)
+        kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
+        return {"acc": self._acc(ref.items), "delta_dist": (delta - ref.ref_delta).norm().item(),
+                "delta_cos": cos(delta, ref.ref_delta), "kl": kl}, delta
+
+    def close(self) -> None:
+        """Take the PEFT layers off the base model."""
+        self.swapper.unload()

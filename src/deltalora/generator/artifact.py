@@ -1,0 +1,138 @@
+"""A trained generator on disk: ``config.json`` (a typed, versioned card) and ``generator.safetensors``.
+
+The folder is self-contained: the card holds the preset it was trained with, the LoRA
+layout it emits and the adapter config generated adapters declare; the weights file
+holds the network, the LoRA-token statistics and the δ scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from deltalora.config import Preset
+from deltalora.errors import ArtifactError, GeneratorError
+from deltalora.generator.lora_tokens import LoraTokenizer
+from deltalora.generator.model import Generator
+from deltalora.io import atomic_write_bytes, atomic_write_json, read_json
+
+CARD_KIND = "generator"
+CARD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GeneratorCard:
+    """What a trained generator is: how it was trained and what it emits."""
+
+    preset: Preset
+    """The resolved preset it was trained with (its ``generator`` section is the generator's config)."""
+    train_tasks: list[str]
+    """Tasks whose zoo checkpoints it was trained on."""
+    workspace: str
+    """Workspace of the zoo it was trained on (provenance only; not needed to load it)."""
+    n_params: int
+    """Trainable parameters of the generator."""
+    lora_params: int
+    """LoRA parameters it emits."""
+    n_tokens: int
+    """LoRA tokens it emits."""
+    d_delta: int
+    """Dimension of δ."""
+    adapter_config: dict[str, Any]
+    """r, lora_alpha, target_modules and base model of the adapters it emits."""
+    shapes: dict[str, list[int]]
+    """Shape of every LoRA tensor it emits (PEFT's saved key form)."""
+    width: int
+    """LoRA token width."""
+    train_seconds: float | None = None
+    """Wall time of training (None while training)."""
+    steps_done: int | None = None
+    """Optimizer steps done (None while training)."""
+    world_size: int | None = None
+    """Processes that trained it."""
+
+    @property
+    def n_prompts(self) -> int:
+        """Prompts per condition batch."""
+        return self.preset.generator.n_prompts
+
+    @property
+    def variant(self) -> str:
+        """The generator's variant name."""
+        return self.preset.generator.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (unset training results left out)."""
+        d = {"kind": CARD_KIND, "version": CARD_VERSION, **dataclasses.asdict(self)}
+        return {k: v for k, v in d.items() if v is not None}
+
+    def to_file(self, path: Path) -> None:
+        """Write atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_file(cls, path: Path) -> GeneratorCard:
+        """Read a card; a file that is not one of this version is refused by path."""
+        raw = read_json(path, "generator config")
+        if not isinstance(raw, dict) or raw.get("kind") != CARD_KIND:
+            raise GeneratorError(f"{path}: not a trained generator (expected field 'kind' = {CARD_KIND!r})")
+        if raw.get("version") != CARD_VERSION:
+            raise ArtifactError(f"{path}: generator of format version {raw.get('version', 0)}, this deltalora reads "
+                                f"version {CARD_VERSION}; train it again with `deltalora train-generator`")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{**{k: v for k, v in raw.items() if k in names}, "preset": Preset.from_dict(raw["preset"])})
+        except (TypeError, KeyError, ValueError) as e:
+            raise GeneratorError(f"{path}: malformed generator config ({type(e).__name__}: {e})") from e
+
+    def same_run(self, other: GeneratorCard) -> bool:
+        """True if ``other`` describes the same training run (training results aside)."""
+        strip = {"train_seconds": None, "steps_done": None, "world_size": None}
+        a, b = dataclasses.replace(self, **strip), dataclasses.replace(other, **strip)
+        return json.dumps(a.to_dict(), default=str, sort_keys=True) == json.dumps(b.to_dict(), default=str, sort_keys=True)
+
+
+def save_generator(out_dir: Path, model: Generator, tokenizer: LoraTokenizer, delta_scale: float, card: GeneratorCard) -> None:
+    """Weights, token statistics and δ scale, then the card (whose presence marks the generator done)."""
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
+    tensors["delta_scale"] = torch.tensor([delta_scale])
+    atomic_write_bytes(out_dir / "generator.safetensors", save(tensors))
+    card.to_file(out_dir / "config.json")
+
+
+@dataclass
+class LoadedGenerator:
+    """A trained generator ready to generate."""
+
+    model: Generator
+    tokenizer: LoraTokenizer
+    delta_scale: float
+    """δ targets were divided by this during training."""
+    card: GeneratorCard
+    folder: Path
+
+
+def load_generator(gen_dir: str | Path) -> LoadedGenerator:
+    """A trained generator from its folder; shape mismatches are reported by file."""
+    gen_dir = Path(gen_dir)
+    cfg_file, weights = gen_dir / "config.json", gen_dir / "generator.safetensors"
+    card = GeneratorCard.from_file(cfg_file)
+    if not weights.exists():
+        raise GeneratorError(f"{weights}: missing")
+    try:
+        tensors = load_file(weights)
+        tokenizer = LoraTokenizer({k: tuple(v) for k, v in card.shapes.items()}, card.width)
+        tokenizer.load_state({k[len("tokenizer."):]: v for k, v in tensors.items() if k.startswith("tokenizer.")})
+        model = Generator(card.preset.generator, tokenizer.n_tokens, tokenizer.width, card.d_delta)
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    except Exception as e:  # noqa: BLE001 - any inconsistency between config and weights is reported by path
+        raise GeneratorError(f"{weights}: weights do not match the config in {cfg_file} ({type(e).__name__}: {e})") from e
+    model.eval()
+    return LoadedGenerator(model, tokenizer, float(tensors["delta_scale"]), card, gen_dir)

@@ -1,0 +1,140 @@
+"""The generator's training set: (prompt batch, zoo checkpoint, δ) samples, with the RQ3 perturbations.
+
+δ is divided by one scalar (its RMS over the training zoo) so that it stays additive:
+G_θ(δ_a + δ_b) decodes a sum of behaviours, not of re-centred codes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from deltalora.config import GeneratorConfig, Preset
+from deltalora.data.items import stable_seed
+from deltalora.data.registry import TaskSpec
+from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.delta.compute import load_deltas
+from deltalora.errors import ArtifactError, GeneratorError
+from deltalora.generator.encoder import PromptEncoder
+from deltalora.generator.loss import ExactBehaviour
+from deltalora.generator.lora_tokens import LoraTokenizer
+from deltalora.workspace import Workspace
+from deltalora.zoo.adapters import read_adapter
+from deltalora.zoo.manifest import Manifest
+
+
+@dataclass
+class TrainingSet:
+    """Everything sampled from during generator training, held in memory."""
+
+    tasks: list[str]
+    """Training task names."""
+    ckpt_task: torch.Tensor
+    """Task index of each checkpoint [M]."""
+    paths: list[str]
+    """Manifest path of each checkpoint."""
+    tokens: torch.Tensor
+    """Normalised reference tokens [M, T, width]."""
+    deltas: torch.Tensor
+    """δ targets divided by ``delta_scale`` [M, D] (permuted across tasks for --shuffle-delta)."""
+    delta_scale: float
+    """RMS of the δ targets over the training zoo."""
+    prompts: list[list[str]]
+    """Train-split prompts per task."""
+    emb: list[torch.Tensor]
+    """Their embeddings per task [n_train, 384]."""
+    adapter_config: dict
+    """r, lora_alpha, target_modules and base model of the zoo's adapters (what generated adapters declare)."""
+
+
+def training_set(preset: Preset, ws: Workspace, train_tasks: list[str], extra: list[TaskSpec] | None,
+                 encoder: PromptEncoder, save_cache: bool = True) -> tuple[TrainingSet, LoraTokenizer]:
+    """Load every checkpoint of the training tasks, fit the LoRA tokenizer on them, and embed the train prompts."""
+    cfg = preset.generator
+    ckpts = [c for c in Manifest.from_file(ws.manifest).singles() if c.task in train_tasks]
+    missing = sorted(set(train_tasks) - {c.task for c in ckpts})
+    if missing:
+        raise GeneratorError(f"{ws.manifest}: no checkpoints for training task(s) {missing}")
+    rng = random.Random(stable_seed("data", cfg.seed))
+    if cfg.data_fraction < 1:
+        ckpts = [c for t in train_tasks for c in _fraction([c for c in ckpts if c.task == t], cfg.data_fraction, rng)]
+    try:
+        all_deltas = load_deltas(ws, cfg.n_probes)
+    except ArtifactError as e:
+        raise GeneratorError(str(e)) from e
+    no_delta = [c.path for c in ckpts if c.path not in all_deltas]
+    if no_delta:
+        raise GeneratorError(f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`")
+    adapter_cfg, first = read_adapter(ws.zoo / ckpts[0].path, ckpts[0].sha256)
+    sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
+    tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
+    tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
+    deltas = torch.stack([all_deltas[c.path] for c in ckpts])
+    tasks = list(train_tasks)
+    ckpt_task = torch.tensor([tasks.index(c.task) for c in ckpts])
+    adapter_cfg = {k: adapter_cfg[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
+    if cfg.weight_noise > 0:
+        tokens, deltas = _noisy(preset, adapter_cfg, tokenizer, tokens, cfg, rng)
+    if cfg.mislabel_fraction > 0:
+        tokens, deltas = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
+    scale = deltas.pow(2).mean().sqrt().item()
+    if cfg.shuffle_delta:
+        deltas = shuffled_deltas(deltas, ckpt_task, cfg.seed)
+    loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
+    prompts = [[it.prompt for it in t.train] for t in loaded]
+    if cfg.data_fraction < 1:
+        prompts = [_fraction(p, cfg.data_fraction, rng) for p in prompts]
+    emb = [encoder.encode(p) for p in prompts]
+    if save_cache:
+        encoder.save()
+    paths = [c.path for c in ckpts]
+    return TrainingSet(tasks, ckpt_task, paths, tokens, deltas / scale, scale, prompts, emb, adapter_cfg), tokenizer
+
+
+def _fraction(xs: list, f: float, rng: random.Random) -> list:
+    """A seeded subset of ceil(f * len) elements, at least one, in the original order."""
+    keep = sorted(rng.sample(range(len(xs)), max(1, math.ceil(f * len(xs)))))
+    return [xs[i] for i in keep]
+
+
+@torch.no_grad()
+def _noisy(preset: Preset, adapter_cfg: dict, tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig,
+           rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy weight targets and the δ of those noisy adapters, measured through the base model."""
+    g = torch.Generator().manual_seed(rng.getrandbits(62))
+    noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
+    exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes)
+    deltas = torch.stack([exact.delta({k: v[0] for k, v in tokenizer.decode(t[None]).items()}) for t in noisy])
+    return noisy, deltas
+
+
+def _mislabelled(tokens: torch.Tensor, deltas: torch.Tensor, ckpt_task: torch.Tensor, f: float,
+                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fraction of checkpoints take the weights and δ of a random checkpoint of another task."""
+    new_t, new_d = tokens.clone(), deltas.clone()
+    for i in rng.sample(range(len(tokens)), round(f * len(tokens))):
+        others = (ckpt_task != ckpt_task[i]).nonzero()[:, 0].tolist()
+        if others:
+            j = rng.choice(others)
+            new_t[i], new_d[i] = tokens[j], deltas[j]
+    return new_t, new_d
+
+
+def shuffled_deltas(deltas: torch.Tensor, ckpt_task: torch.Tensor, seed: int) -> torch.Tensor:
+    """Negative control: every checkpoint gets the δ of a checkpoint of another task (a task derangement)."""
+    n_tasks = int(ckpt_task.max()) + 1
+    if n_tasks < 2:
+        raise GeneratorError("--shuffle-delta needs at least two training tasks")
+    g = random.Random(seed)
+    perm = list(range(n_tasks))
+    while any(i == p for i, p in enumerate(perm)):
+        g.shuffle(perm)
+    out = torch.empty_like(deltas)
+    for t in range(n_tasks):
+        mine = (ckpt_task == t).nonzero()[:, 0]
+        theirs = (ckpt_task == perm[t]).nonzero()[:, 0]
+        out[mine] = deltas[theirs[torch.arange(len(mine)) % len(theirs)]]
+    return out

@@ -1,0 +1,100 @@
+"""One training step's loss: the variant's terms over this rank's samples, and the exact behaviour they may need."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from deltalora.config import GeneratorConfig, Preset
+from deltalora.delta.probes import DeltaProbe
+from deltalora.generator.encoder import DIM
+from deltalora.generator.lora_tokens import LoraTokenizer
+from deltalora.generator.variants import VARIANTS, Step
+from deltalora.lm.evaluate import answer_logprobs
+from deltalora.lm.models import load_base
+from deltalora.zoo.adapters import lora_config
+
+
+class ExactBehaviour:
+    """Exact δ and answer-position distributions of base + LoRA tensors, differentiable."""
+
+    def __init__(self, preset: Preset, adapter_config: dict, n_probes: int):
+        base, self.tok = load_base(preset.base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        ac = adapter_config
+        self.model = get_peft_model(base, lora_config(ac["r"], ac["lora_alpha"], ac["target_modules"]))
+        self.model.eval()
+        self.probe = DeltaProbe(self.tok, dataclasses.replace(preset.delta, n_probes=n_probes))
+        with self.model.disable_adapter():
+            self.probe.set_base(self.model)
+        self.max_length = preset.zoo.max_length
+
+    def delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """δ of base + these LoRA tensors (PEFT's saved key form)."""
+        return self.probe.delta_of_tensors(self.model, tensors)
+
+    def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        """First-answer-token log-distribution of base + these LoRA tensors on ``prompts``."""
+        params = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+        return answer_logprobs(self.model, self.tok, prompts, self.max_length, params)
+
+
+class GeneratorLoss(nn.Module):
+    """All loss terms of one step for this rank's samples, as a module so DDP can wrap it.
+
+    Every sample carries its own seed (prompt draw, noise, KL prompts) and its position in
+    the global batch, and each term is a sum over local samples divided by the global
+    count times the world size: DDP's gradient average then equals the single-process
+    gradient of the same global batch.
+    """
+
+    def __init__(self, model: nn.Module, data, tokenizer: LoraTokenizer, exact: ExactBehaviour | None,
+                 cfg: GeneratorConfig, world: int = 1):
+        super().__init__()
+        self.model = model
+        self.ctx = (data, tokenizer, exact)  # a tuple: not registered, so DDP leaves the frozen base alone
+        self.cfg, self.world = cfg, world
+        self.mask = tokenizer.valid_mask()
+
+    def forward(self, idx: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
+        """Named loss terms of ``stage`` (1: the variant's first stage, 2: the main one) for these samples."""
+        data, tokenizer, exact = self.ctx
+        cfg, spec, b_global = self.cfg, VARIANTS[self.cfg.variant], self.cfg.batch_size
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        emb = torch.stack([draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, g)
+                           + cfg.cond_noise * torch.randn(cfg.n_prompts, DIM, generator=g) for i, g in zip(idx, gens)])
+        target = torch.stack([data.tokens[i] + cfg.target_noise * torch.randn(self.mask.shape, generator=g) * self.mask
+                              for i, g in zip(idx, gens)])
+        n_exact = cfg.exact_samples or b_global
+        step = Step(self.model, data, tokenizer, exact, cfg, idx, gens, emb, target, data.deltas[idx], self.mask,
+                    sel=[k for k in range(len(idx)) if positions[k] < n_exact])
+        terms = spec.stage1 if stage == 1 and spec.stage1 else spec.terms
+        if terms is spec.terms:
+            step.pred = self.model.from_delta(step.delta) if spec.decodes_delta else self.model(emb)
+        out: dict[str, torch.Tensor] = {}
+        for term in terms:
+            weight = getattr(cfg, term.weight) if term.weight else None
+            if term.skip_if_zero and not weight:
+                continue
+            if term.exact and not step.sel:  # keeps every rank's graph the same shape when it has no exact sample
+                out[term.name] = step.pred.sum() * 0.0
+                continue
+            per_sample_mean = term.fn(step).sum() * self.world / (n_exact if term.exact else b_global)
+            out[term.name] = per_sample_mean if weight is None else weight * per_sample_mean
+        return out
+
+
+def draw(emb: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
+    """n rows of ``emb``: without replacement when there are enough, else with."""
+    if len(emb) >= n:
+        return emb[torch.randperm(len(emb), generator=rng)[:n]]
+    return emb[torch.randint(len(emb), (n,), generator=rng)]
+
+
+def draw_batch(rng: torch.Generator, n_samples: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch: checkpoint indices and one seed per sample, identical on every rank."""
+    return torch.randint(n_samples, (batch_size,), generator=rng), torch.randint(2**62, (batch_size,), generator=rng)

@@ -1,0 +1,174 @@
+"""Training a generator (setup -> run -> save), resumable after a kill, data-parallel under torchrun.
+
+A training sample is (N prompts drawn fresh from a task's train split, one checkpoint of
+that task, its δ); the loss is the variant's (``deltalora.generator.variants``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deltalora.config import Preset
+from deltalora.data.items import stable_seed
+from deltalora.data.registry import TaskSpec
+from deltalora.distributed import barrier, init_distributed
+from deltalora.errors import GeneratorError
+from deltalora.generator.artifact import GeneratorCard, save_generator
+from deltalora.generator.dataset import training_set
+from deltalora.generator.encoder import PromptEncoder
+from deltalora.generator.hypernet import n_params
+from deltalora.generator.loss import ExactBehaviour, GeneratorLoss, draw_batch
+from deltalora.generator.model import Generator
+from deltalora.generator.variants import VARIANTS
+from deltalora.io import atomic_write_bytes
+from deltalora.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def _setup(preset: Preset, ws: Workspace, train_tasks: list[str], extra: list[TaskSpec] | None, encoder: PromptEncoder,
+           world: int, save_cache: bool):
+    """The training set, a freshly initialised generator (seeded by the caller) and its loss module."""
+    cfg = preset.generator
+    data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache)
+    model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes) if VARIANTS[cfg.variant].needs_base else None
+    return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world)
+
+
+def _ddp(loss_fn: GeneratorLoss, world: int):
+    if world == 1:
+        return loss_fn
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
+
+
+def gradient_snapshot(preset: Preset, ws: Workspace, train_tasks: list[str], idx: torch.Tensor,
+                      seeds: torch.Tensor, init_seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of one step on a fixed global batch, under DDP when launched on several ranks.
+
+    Used to check that data-parallel training is gradient-equivalent to one process.
+    """
+    info = init_distributed()
+    encoder = PromptEncoder()  # before seeding: loading it may draw from the global generator
+    torch.manual_seed(init_seed)
+    _, _, model, loss_fn = _setup(preset, ws, train_tasks, None, encoder, info.world, save_cache=False)
+    mine = torch.arange(info.rank, len(idx), info.world)
+    step_fn = _ddp(loss_fn, info.world)  # held until backward: DDP's reducer lives on the wrapper
+    sum(step_fn(idx[mine], seeds[mine], mine, 2).values()).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_generator(preset: Preset, ws: Workspace, out_dir: str | Path, train_tasks: list[str],
+                    extra: list[TaskSpec] | None = None, progress: bool = True) -> GeneratorCard:
+    """Train (or resume) a generator; writes ``out_dir`` with its card, weights and a loss log.
+
+    Under torchrun the global batch is split over ranks and the loss module runs in DDP
+    (gloo on CPU, NCCL on GPU); every rank steps its own LR schedule; rank 0 alone writes.
+    """
+    cfg, spec, out_dir = preset.generator, VARIANTS[preset.generator.variant], Path(out_dir)
+    info = init_distributed()
+    if cfg.batch_size % info.world:
+        raise GeneratorError(f"generator.batch_size={cfg.batch_size} must be divisible by the {info.world} ranks")
+    # ---- setup
+    torch.manual_seed(cfg.seed)
+    encoder = PromptEncoder(ws.prompt_cache)
+    data, tokenizer, model, loss_fn = _setup(preset, ws, train_tasks, extra, encoder, info.world, info.is_main)
+    stage1 = cfg.stage1_steps if spec.stage1 else 0
+    total = stage1 + cfg.steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    rng = torch.Generator().manual_seed(stable_seed("generator", cfg.seed) % 2**63)
+    card = GeneratorCard(preset, list(train_tasks), str(ws.root), n_params(model), tokenizer.n_params, tokenizer.n_tokens,
+                         data.deltas.shape[1], data.adapter_config, {s.key: list(s.shape) for s in tokenizer.segments},
+                         tokenizer.width)
+    state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
+    start, seconds = 0, 0.0
+    if state_file.exists():
+        start, seconds = _resume(state_file, out_dir, card, model, opt, sched, rng, truncate_log=info.is_main)
+    elif info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        card.to_file(out_dir / "train_config.json")
+        log_file.unlink(missing_ok=True)  # a log without a training state is this run's own, from before its first save
+    barrier()
+    step_fn = _ddp(loss_fn, info.world)
+    # ---- run
+    t0 = time.perf_counter() - seconds
+    bar = tqdm(range(start, total), desc=f"generator {cfg.variant}", unit="step", disable=not (progress and info.is_main),
+               initial=start, total=total)
+    mine = torch.arange(info.rank, cfg.batch_size, info.world)
+    for step in bar:
+        idx, seeds = draw_batch(rng, len(data.paths), cfg.batch_size)
+        losses = step_fn(idx[mine], seeds[mine], mine, 1 if step < stage1 else 2)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if info.is_main:
+            record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+            with log_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
+    # ---- save
+    card = dataclasses.replace(card, train_seconds=time.perf_counter() - t0, steps_done=total, world_size=info.world)
+    if info.is_main:
+        save_generator(out_dir, model, tokenizer, data.delta_scale, card)
+    barrier()
+    return card
+
+
+def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "seconds": seconds}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _resume(state_file: Path, out_dir: Path, card: GeneratorCard, model, opt, sched, rng,
+            truncate_log: bool = True) -> tuple[int, float]:
+    cfg_file = out_dir / "train_config.json"
+    if cfg_file.exists() and not GeneratorCard.from_file(cfg_file).same_run(card):
+        raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out")
+    try:
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported by path
+        raise GeneratorError(f"{state_file}: cannot resume from this checkpoint ({e})") from e
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.set_state(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming generator training at step %d", state["step"])
+    if truncate_log:
+        _truncate_log(out_dir / "log.jsonl", state["step"])
+    return state["step"], state["seconds"]
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the last checkpoint)."""
+    if log_file.exists():
+        lines = [ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_file.write_text("".join(ln + "\n" for ln in lines))

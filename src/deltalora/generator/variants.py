@@ -1,0 +1,179 @@
+"""The table of generator variants: each is a frozen spec of its loss terms and what it needs.
+
+The trainer, the experiment planner, the report and the CLI read this table and nothing
+else about a variant: adding one means one ``Variant`` (and, if it needs one, a new
+``LossTerm``) registered here or with ``register``. Loss per variant:
+
+- dnd: λ_w·MSE(tokens) (the Drag-and-Drop baseline)
+- A1:  + λ_δ·‖H(ΔŴ) − δ‖²; H is also fitted on the reference tokens so it cannot drift
+       into agreeing with whatever the decoder emits.
+- A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
+- B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
+- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) at the answer position + λ_w·MSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Step:
+    """What a loss term sees: this rank's samples of one training step."""
+
+    model: Any
+    """The ``Generator`` being trained."""
+    data: Any
+    """The ``TrainingSet``."""
+    tokenizer: Any
+    """The ``LoraTokenizer`` (decodes tokens to LoRA tensors)."""
+    exact: Any
+    """``ExactBehaviour`` (base model + probes) when the variant needs the base model, else None."""
+    cfg: Any
+    """The ``GeneratorConfig`` (loss weights are read from it by name)."""
+    idx: torch.Tensor
+    """Checkpoint index of each local sample [b]."""
+    gens: list[torch.Generator]
+    """Each sample's own random generator (prompt draw, noise, KL prompts)."""
+    emb: torch.Tensor
+    """Prompt embeddings [b, N, 384]."""
+    target: torch.Tensor
+    """Reference tokens [b, T, width]."""
+    delta: torch.Tensor
+    """Scaled δ targets [b, D]."""
+    mask: torch.Tensor
+    """1 where a token value is real, 0 at row padding [T, width]."""
+    sel: list[int]
+    """Local samples that get the exact terms (``generator.exact_samples``)."""
+    pred: torch.Tensor | None = None
+    """Generated tokens [b, T, width] (None in a stage that only trains E_ψ)."""
+
+    @functools.cached_property
+    def exact_tensors(self) -> list[dict[str, torch.Tensor]]:
+        """The generated LoRA tensors of the selected samples, decoded once for every exact term."""
+        decoded = self.tokenizer.decode(self.pred[self.sel])
+        return [{k: v[b] for k, v in decoded.items()} for b in range(len(self.sel))]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One named term: per-sample losses, averaged over the global batch and scaled by a config weight."""
+
+    name: str
+    """Its key in the loss log."""
+    fn: Callable[[Step], torch.Tensor]
+    """Per-sample losses [b], or [len(sel)] for an exact term."""
+    weight: str | None = None
+    """The ``GeneratorConfig`` field that scales it (None: unscaled)."""
+    skip_if_zero: bool = False
+    """Leave the term out when its weight is 0 (the weight MSE, a regulariser of the δ variants)."""
+    exact: bool = False
+    """Runs the base model (exact δ or KL): applied to the ``exact_samples`` subset only."""
+    uses_delta: bool = True
+    """Reads the δ targets."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A generator variant: its loss terms, stages and architecture switches."""
+
+    name: str
+    summary: str
+    """One line for ``--help`` and the report."""
+    terms: tuple[LossTerm, ...]
+    """Loss terms of the main stage (the decoder G_θ)."""
+    stage1: tuple[LossTerm, ...] = ()
+    """Terms of a first stage run for ``generator.stage1_steps`` steps before the main one (B: E_ψ)."""
+    decodes_delta: bool = False
+    """The decoder reads a δ, not prompts: E_ψ maps prompts to δ, G_θ is trained on the true δ and can decode
+    any δ vector (sums, interpolations)."""
+    delta_head: bool = False
+    """Has a δ-head H on its output tokens."""
+    baseline: bool = False
+    """The reference every δ variant is compared with (also trained longer, for a compute-matched row)."""
+
+    @property
+    def needs_base(self) -> bool:
+        """Some term runs the frozen base model (the dominant cost on a CPU)."""
+        return any(t.exact for t in (*self.terms, *self.stage1))
+
+    @property
+    def uses_delta(self) -> bool:
+        """Some term reads the δ targets (a "δ variant" in the report)."""
+        return any(t.uses_delta for t in (*self.terms, *self.stage1))
+
+
+def _token_mse(s: Step) -> torch.Tensor:
+    return (((s.pred - s.target) * s.mask) ** 2).sum((1, 2)) / s.mask.sum()
+
+
+def _head_delta(s: Step) -> torch.Tensor:
+    return ((s.model.head(s.pred) - s.delta) ** 2).mean(-1)
+
+
+def _head_fit(s: Step) -> torch.Tensor:
+    return ((s.model.head(s.data.tokens[s.idx]) - s.delta) ** 2).mean(-1)
+
+
+def _prompt_delta(s: Step) -> torch.Tensor:
+    return ((s.model.e_psi(s.emb) - s.delta) ** 2).mean(-1)
+
+
+def _exact_delta(s: Step) -> torch.Tensor:
+    exact_d = torch.stack([s.exact.delta(t) for t in s.exact_tensors]) / s.data.delta_scale
+    return ((exact_d - s.delta[s.sel]) ** 2).mean(-1)
+
+
+def _answer_kl(s: Step) -> torch.Tensor:
+    """KL(base+generated ‖ base+reference) of the first answer token on a few of the task's train prompts."""
+    ref = s.tokenizer.decode(s.data.tokens[s.idx[s.sel]])
+    kl = []
+    for b, k in enumerate(s.sel):
+        task_prompts = s.data.prompts[int(s.data.ckpt_task[s.idx[k]])]
+        ps = [task_prompts[int(j)] for j in torch.randint(len(task_prompts), (s.cfg.kl_prompts,), generator=s.gens[k])]
+        lp_gen = s.exact.answer_logprobs(s.exact_tensors[b], ps)
+        with torch.no_grad():
+            lp_ref = s.exact.answer_logprobs({key: v[b] for key, v in ref.items()}, ps)
+        kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
+    return torch.stack(kl)
+
+
+MSE = LossTerm("mse", _token_mse, "lambda_w", skip_if_zero=True, uses_delta=False)
+HEAD = LossTerm("delta_head", _head_delta, "lambda_delta")
+HEAD_FIT = LossTerm("head_fit", _head_fit)
+PROMPT_DELTA = LossTerm("delta_prompt", _prompt_delta)
+EXACT_DELTA = LossTerm("delta_exact", _exact_delta, "lambda_delta", exact=True)
+KL = LossTerm("kl", _answer_kl, "lambda_kl", exact=True)
+
+VARIANTS: dict[str, Variant] = {}
+"""Every known variant by name, in the order tables list them."""
+
+
+def register(variant: Variant) -> Variant:
+    """Add a variant to the table (a name may be registered once)."""
+    if variant.name in VARIANTS:
+        raise ValueError(f"generator variant {variant.name!r} is already registered")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+register(Variant("dnd", "weight MSE only (the Drag-and-Drop baseline)",
+                 (dataclasses.replace(MSE, skip_if_zero=False),), baseline=True))
+register(Variant("A1", "+ a δ-head H(ΔŴ) predicting δ", (MSE, HEAD, HEAD_FIT), delta_head=True))
+register(Variant("A2", "+ exact δ of base + ΔŴ on the probes", (MSE, EXACT_DELTA)))
+register(Variant("B", "two stages: prompts -> δ (E_ψ), δ -> LoRA (G_θ) with exact-δ consistency",
+                 (MSE, dataclasses.replace(EXACT_DELTA, weight="lambda_cons")), stage1=(PROMPT_DELTA,),
+                 decodes_delta=True))
+register(Variant("C", "behaviour first: exact δ + answer-token KL to the reference, weight MSE as regulariser",
+                 (MSE, EXACT_DELTA, KL)))
+
+
+def baseline() -> Variant:
+    """The variant the δ variants are compared with."""
+    return next(v for v in VARIANTS.values() if v.baseline)

