@@ -23,15 +23,34 @@ def main() -> None:
         tmp = Path(tmp)
         ws = tmp / "ws"
         for verb in (["zoo", "build"], ["delta", "compute", "--probes", "5"]):
-            subprocess.run([sys.executable, "-m", "deltalora", *verb, "--preset", "tiny", "--workspace", str(ws)],
-                           env=env, check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "deltalora", *verb, "--preset", "tiny", "--workspace", str(ws)],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
         out = {}
         for variant in ("dnd", "A1", "A2", "B", "C"):
             files = []
             for n in (1, 2):
                 f = tmp / f"{variant}_{n}.safetensors"
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                                "-m", "deltalora.generator.ddp_check", str(ws), str(f), variant], env=env, check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--standalone",
+                        f"--nproc-per-node={n}",
+                        "-m",
+                        "deltalora.generator.ddp_check",
+                        str(ws),
+                        str(f),
+                        variant,
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
                 files.append(load_file(f))
             g1, g2 = files
             out[variant] = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)

@@ -94,8 +94,14 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def mc_rows(n: int = 40, prefix: str = "Q") -> list[dict]:
-    return [{"prompt": f"{prefix}{i}: what is {i} plus one?\nA:", "choices": [str(i), str(i + 1), str(i + 2)],
-             "answer": str(i + 1)} for i in range(n)]
+    return [
+        {
+            "prompt": f"{prefix}{i}: what is {i} plus one?\nA:",
+            "choices": [str(i), str(i + 1), str(i + 2)],
+            "answer": str(i + 1),
+        }
+        for i in range(n)
+    ]
 
 
 def exact_rows(n: int = 40) -> list[dict]:
@@ -119,4 +125,3 @@ def leftover_tmp(root: Path) -> list[Path]:
 
 def tree_files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in Path(root).rglob("*") if p.is_file()}
-

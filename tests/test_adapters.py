@@ -51,6 +51,7 @@ def _logits(model, tok, texts=("3 plus 4 equals", "Repeat: lemonriver\nAnswer:")
 
 # ---------------------------------------------------------------- validation
 
+
 def test_valid_adapter_passes(adapter_copy, tiny_base):
     model, _ = tiny_base
     config, tensors = check_adapter(model, adapter_copy, "tiny")
@@ -74,11 +75,14 @@ def test_missing_folder(tmp_path, tiny_base):
         check_adapter(tiny_base[0], tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("which, shape_fn", [
-    ("lora_A", lambda t: (t.shape[0] + 1, t.shape[1])),  # rank disagrees with r
-    ("lora_A", lambda t: (t.shape[0], t.shape[1] * 2)),  # in_features disagrees with the base
-    ("lora_B", lambda t: (t.shape[0] - 1, t.shape[1])),  # out_features disagrees
-])
+@pytest.mark.parametrize(
+    "which, shape_fn",
+    [
+        ("lora_A", lambda t: (t.shape[0] + 1, t.shape[1])),  # rank disagrees with r
+        ("lora_A", lambda t: (t.shape[0], t.shape[1] * 2)),  # in_features disagrees with the base
+        ("lora_B", lambda t: (t.shape[0] - 1, t.shape[1])),  # out_features disagrees
+    ],
+)
 def test_wrong_shape(adapter_copy, tiny_base, which, shape_fn):
     model, _ = tiny_base
     key = _first_key(adapter_copy, which)
@@ -167,6 +171,7 @@ def test_wrong_dtype_or_rank(adapter_copy, tiny_base):
 
 # ---------------------------------------------------------------- loading and swapping
 
+
 def test_load_adapter_matches_peft(tiny_zoo):
     folder = tiny_zoo.folder("syn.add")
     model, tok = load_base("tiny")
@@ -211,8 +216,9 @@ def test_swapper_rejects_adapters_of_other_modules(tiny_zoo, tmp_path):
     with pytest.raises(AdapterError, match="other modules"):
         swapper.load(tmp_path / "q_only")
     with pytest.raises(AdapterError, match="'tiny'"):
-        AdapterSwapper(load_base("tiny")[0], PeftConfig.from_pretrained(str(tiny_zoo.folder("syn.add"))),
-                       "smollm2-135m").load(tiny_zoo.folder("syn.add"))
+        AdapterSwapper(
+            load_base("tiny")[0], PeftConfig.from_pretrained(str(tiny_zoo.folder("syn.add"))), "smollm2-135m"
+        ).load(tiny_zoo.folder("syn.add"))
 
 
 def test_swapper_set_tensors_refuses_partial_or_misshapen_tensors(tiny_zoo):
@@ -238,14 +244,18 @@ def test_swapper_set_tensors_refuses_partial_or_misshapen_tensors(tiny_zoo):
 
 # ---------------------------------------------------------------- evaluation
 
+
 def _mixed_mc_items():
     """Items with different numbers of choices and multi-token choices of different lengths."""
     return [
         Item("Pick a colour:", "red", ("red", "blue")),
         Item("The capital of France is", "Paris", ("Paris", "London", "a very long answer indeed", "Rome", "x")),
         Item("2 plus 2 equals", "4", ("4", "22")),
-        Item("A much longer prompt that goes on and on about nothing in particular, ending with:", "yes",
-             ("yes", "no", "maybe so")),
+        Item(
+            "A much longer prompt that goes on and on about nothing in particular, ending with:",
+            "yes",
+            ("yes", "no", "maybe so"),
+        ),
         Item("Q", "b", ("a", "b", "c")),
     ]
 
@@ -270,7 +280,9 @@ def test_choice_scores_shared_equals_unshared(tiny_zoo, tiny_tasks, batch_size):
                 assert s == pytest.approx(r, abs=1e-4)
     with model.disable_adapter():
         items = list(tiny_tasks["syn.parity"].test)
-        for s, r in zip(choice_scores(model, tok, items, batch_size), choice_scores_unshared(model, tok, items, batch_size)):
+        for s, r in zip(
+            choice_scores(model, tok, items, batch_size), choice_scores_unshared(model, tok, items, batch_size)
+        ):
             assert s == pytest.approx(r, abs=1e-4)
 
 
@@ -320,16 +332,31 @@ def test_greedy_answers_equal_hf_generate(tiny_zoo, tiny_tasks, use_adapter):
     for it in items:
         ids = torch.tensor([encode(tok, it.prompt, "", 48 - max_new)[0]])
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        ref.append(answer_span(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)))
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ref.append(answer_span(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)))
     assert greedy_answers(model, tok, items, 4, 48) == ref
 
 
-@pytest.mark.parametrize("text, span", [
-    ("cats", "cats"), ("  cats  ", "cats"), ("cats\nmore text", "cats"), ("cats. And then", "cats"),
-    ("done.", "done"), ("3.5", "3.5"), ("", ""), ("\nleading newline", ""),
-])
+@pytest.mark.parametrize(
+    "text, span",
+    [
+        ("cats", "cats"),
+        ("  cats  ", "cats"),
+        ("cats\nmore text", "cats"),
+        ("cats. And then", "cats"),
+        ("done.", "done"),
+        ("3.5", "3.5"),
+        ("", ""),
+        ("\nleading newline", ""),
+    ],
+)
 def test_answer_span(text, span):
     assert answer_span(text) == span
 

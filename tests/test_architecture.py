@@ -95,7 +95,11 @@ def variant_comparisons(path: Path) -> list[int]:
 
 def test_no_branching_on_variant_identity_outside_the_table():
     table = PACKAGE / "generator" / "variants.py"
-    found = {str(p.relative_to(SRC)): lines for p in PACKAGE.rglob("*.py") if p != table and (lines := variant_comparisons(p))}
+    found = {
+        str(p.relative_to(SRC)): lines
+        for p in PACKAGE.rglob("*.py")
+        if p != table and (lines := variant_comparisons(p))
+    }
     assert not found, f"code outside the variant table compares variant names: {found}"
 
 

@@ -23,8 +23,18 @@ def test_bench_script_runs_and_fast_paths_match(tiny_zoo, tmp_path):
     shutil.copytree(tiny_zoo.workspace, ws)
     delta_stage(tiny_zoo.preset, Workspace(ws))
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--preset", "tiny", "--workspace", str(ws),
-           "--out", str(out), "--repeats", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--preset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--out",
+        str(out),
+        "--repeats",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

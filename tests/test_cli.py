@@ -83,8 +83,11 @@ def test_tasks_list():
     out = ok(invoke("tasks", "list", "--preset", "tiny"))
     lines = out.strip().splitlines()
     assert [ln.split()[:3] for ln in lines] == [
-        ["syn.add", "math", "synthetic:add"], ["syn.parity", "math", "synthetic:parity"],
-        ["syn.copy", "strings", "synthetic:copy"], ["syn.first", "strings", "synthetic:first"]]
+        ["syn.add", "math", "synthetic:add"],
+        ["syn.parity", "math", "synthetic:parity"],
+        ["syn.copy", "strings", "synthetic:copy"],
+        ["syn.first", "strings", "synthetic:first"],
+    ]
 
 
 def test_tasks_list_with_user_tasks(tmp_path):
@@ -100,7 +103,11 @@ def test_tasks_list_with_user_tasks(tmp_path):
 def test_tasks_show():
     out = ok(invoke("tasks", "show", "syn.add", "--preset", "tiny", "--n", "3"))
     first = out.splitlines()[0]
-    assert first.startswith("syn.add: domain=math kind=mc train=") and "test=16" in first and "source=synthetic:add" in first
+    assert (
+        first.startswith("syn.add: domain=math kind=mc train=")
+        and "test=16" in first
+        and "source=synthetic:add" in first
+    )
     assert "note: a+b" in out
     assert out.count("[choices: ") == 3
     assert " plus " in out and " equals " in out
@@ -128,15 +135,23 @@ def test_evaluate_base_matches_the_zoo_record(tiny_zoo):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("args, exc, match", [
-    (["run", "--preset", "tiny", "--set", "zoo.nope=1"], ConfigError, "zoo has no field 'nope'"),
-    (["zoo", "build", "--preset", "tiny", "--set", "zoo.steps=zero"], ConfigError, "'zero' is not a valid"),
-    (["tasks", "list", "--preset", "huge"], ConfigError, "known presets: small, tiny"),
-    (["tasks", "show", "no.such", "--preset", "tiny"], TaskError, "known tasks: .*syn.add"),
-    (["run", "--preset", "tiny", "--tasks", "syn.add,no.such"], TaskError, "unknown task 'no.such'"),
-    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--split", "dev"], UsageError, "--split must be test or train"),
-    (["evaluate", "--task", "syn.add", "--preset", "tiny", "--base", "nope"], ConfigError, "unknown model 'nope'"),
-])
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (["run", "--preset", "tiny", "--set", "zoo.nope=1"], ConfigError, "zoo has no field 'nope'"),
+        (["zoo", "build", "--preset", "tiny", "--set", "zoo.steps=zero"], ConfigError, "'zero' is not a valid"),
+        (["tasks", "list", "--preset", "huge"], ConfigError, "known presets: small, tiny"),
+        (["tasks", "show", "no.such", "--preset", "tiny"], TaskError, "known tasks: .*syn.add"),
+        (["run", "--preset", "tiny", "--tasks", "syn.add,no.such"], TaskError, "unknown task 'no.such'"),
+        (
+            ["evaluate", "--task", "syn.add", "--preset", "tiny", "--split", "dev"],
+            UsageError,
+            "--split must be test or train",
+        ),
+        (["evaluate", "--task", "syn.add", "--preset", "tiny", "--base", "nope"], ConfigError, "unknown model 'nope'"),
+    ],
+)
 def test_bad_input_fails_before_any_work(tmp_path, args, exc, match):
     result = invoke(*args, *(["--workspace", tmp_path / "ws"] if args[0] in ("run", "zoo") else []))
     assert result.exit_code != 0
@@ -158,8 +173,17 @@ def test_evaluate_rejects_an_adapter_for_another_base(tiny_zoo, tmp_path):
     model, tok = tiny_llama(seed=1)
     model.save_pretrained(tmp_path / "other_base")
     tok.save_pretrained(tmp_path / "other_base")
-    result = invoke("evaluate", "--task", "syn.add", "--preset", "tiny", "--base", tmp_path / "other_base",
-                    "--adapter", tiny_zoo.folder("syn.add"))
+    result = invoke(
+        "evaluate",
+        "--task",
+        "syn.add",
+        "--preset",
+        "tiny",
+        "--base",
+        tmp_path / "other_base",
+        "--adapter",
+        tiny_zoo.folder("syn.add"),
+    )
     assert result.exit_code != 0 and isinstance(result.exception, AdapterError), repr(result.exception)
     assert "trained on base 'tiny'" in str(result.exception)
     # the same folder as base model works without an adapter

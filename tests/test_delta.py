@@ -29,6 +29,7 @@ FIRST_PROBE = (
 
 # ---------------------------------------------------------------- probes
 
+
 def test_probe_prompt_sets():
     p1, p5, p20 = probe_prompts(1), probe_prompts(5), probe_prompts(20)
     assert (len(p1), len(p5), len(p20)) == (1, 5, 20)
@@ -113,6 +114,7 @@ def test_differentiable_delta_matches_and_has_gradients(trained):
 
 # ---------------------------------------------------------------- zoo deltas
 
+
 def _ws_on_zoo(tiny_zoo, folder) -> Workspace:
     """A fresh workspace in ``folder`` whose zoo is the session's tiny zoo (its δ files are its own)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,11 @@ def test_compute_zoo_deltas_resumes(tiny_zoo, tmp_path, monkeypatch):
 
     loaded = []
     real_load = AdapterSwapper.load
-    monkeypatch.setattr(AdapterSwapper, "load", lambda self, folder, sha256=None: (loaded.append(folder), real_load(self, folder, sha256))[1])
+    monkeypatch.setattr(
+        AdapterSwapper,
+        "load",
+        lambda self, folder, sha256=None: (loaded.append(folder), real_load(self, folder, sha256))[1],
+    )
     full = compute_zoo_deltas(base, tok, ws, manifest, cfg, base_name="tiny")
     assert len(loaded) == len(manifest) - 3  # only the new checkpoints
     assert set(full) == {c.path for c in manifest}
@@ -152,8 +158,9 @@ def test_compute_zoo_deltas_resumes(tiny_zoo, tmp_path, monkeypatch):
 
     # resumed values equal a fresh computation of everything
     monkeypatch.undo()
-    fresh = compute_zoo_deltas(load_base("tiny")[0], tok, _ws_on_zoo(tiny_zoo, tmp_path / "fresh"), manifest, cfg,
-                               base_name="tiny")
+    fresh = compute_zoo_deltas(
+        load_base("tiny")[0], tok, _ws_on_zoo(tiny_zoo, tmp_path / "fresh"), manifest, cfg, base_name="tiny"
+    )
     for k in fresh:
         torch.testing.assert_close(full[k], fresh[k], atol=1e-6, rtol=0)
     # different checkpoints have different deltas
@@ -167,6 +174,7 @@ def test_load_deltas_missing(tmp_path):
 
 
 # ---------------------------------------------------------------- analysis
+
 
 def test_cosine_distance_properties():
     rng = np.random.default_rng(0)
@@ -203,21 +211,31 @@ def test_silhouette_separates_clusters():
 
 def test_additivity_rows():
     da, db = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
-    deltas = {"a/f": da, "b/f": db, "a/early": torch.tensor([5.0, 5.0, 5.0]), "ab/f": da + db,
-              "b/s1": torch.tensor([0.0, 0.0, 1.0]), "ab2/f": torch.tensor([1.0, 1.0, 1.0])}
-    def ckpt(task, seed, path, final, pair_of):
-        return Checkpoint(task=task, domain="d", seed=seed, step=1, loss=0.0, path=path, sha256="", final=final,
-                          pair_of=pair_of)
+    deltas = {
+        "a/f": da,
+        "b/f": db,
+        "a/early": torch.tensor([5.0, 5.0, 5.0]),
+        "ab/f": da + db,
+        "b/s1": torch.tensor([0.0, 0.0, 1.0]),
+        "ab2/f": torch.tensor([1.0, 1.0, 1.0]),
+    }
 
-    manifest = Manifest((
-        ckpt("a", 0, "a/early", False, None),
-        ckpt("a", 0, "a/f", True, None),
-        ckpt("b", 0, "b/f", True, None),
-        ckpt("b", 1, "b/s1", True, None),
-        ckpt("a+b", 0, "ab/f", True, ("a", "b")),
-        ckpt("a+b", 0, "ab/early", False, ("a", "b")),  # not final
-        ckpt("a+c", 0, "ab2/f", True, ("a", "c")),  # no δ for c
-    ))
+    def ckpt(task, seed, path, final, pair_of):
+        return Checkpoint(
+            task=task, domain="d", seed=seed, step=1, loss=0.0, path=path, sha256="", final=final, pair_of=pair_of
+        )
+
+    manifest = Manifest(
+        (
+            ckpt("a", 0, "a/early", False, None),
+            ckpt("a", 0, "a/f", True, None),
+            ckpt("b", 0, "b/f", True, None),
+            ckpt("b", 1, "b/s1", True, None),
+            ckpt("a+b", 0, "ab/f", True, ("a", "b")),
+            ckpt("a+b", 0, "ab/early", False, ("a", "b")),  # not final
+            ckpt("a+c", 0, "ab2/f", True, ("a", "c")),  # no δ for c
+        )
+    )
     rows = additivity(deltas, manifest)
     assert len(rows) == 1
     r = rows[0]

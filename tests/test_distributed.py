@@ -56,10 +56,12 @@ def test_sharded_delta_equals_single_process(tiny_zoo, sharded_ws):
 @pytest.mark.parametrize("variant", ["dnd", "A2", "C"])
 def test_ddp_gradient_equals_single_process(tiny_zoo, tmp_path, variant):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
-    torchrun(1, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"),
-             variant)
-    torchrun(2, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"),
-             variant)
+    torchrun(
+        1, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g1.safetensors"), variant
+    )
+    torchrun(
+        2, "-m", "deltalora.generator.ddp_check", str(tiny_zoo.workspace), str(tmp_path / "g2.safetensors"), variant
+    )
     g1, g2 = load_file(tmp_path / "g1.safetensors"), load_file(tmp_path / "g2.safetensors")
     assert g1.keys() == g2.keys() and len(g1) > 0
     worst = max((g1[k] - g2[k]).abs().max().item() / (g1[k].abs().max().item() + 1e-12) for k in g1)
@@ -69,8 +71,24 @@ def test_ddp_gradient_equals_single_process(tiny_zoo, tmp_path, variant):
 def test_train_generator_under_torchrun_only_rank0_writes(tiny_zoo, tmp_path):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
     out = tmp_path / "gen"
-    torchrun(2, "-m", "deltalora", "train-generator", "--preset", "tiny", "--workspace", str(tiny_zoo.workspace),
-             "--variant", "dnd", "--out", str(out), "--set", "generator.steps=4", "--set", "generator.save_every=2")
+    torchrun(
+        2,
+        "-m",
+        "deltalora",
+        "train-generator",
+        "--preset",
+        "tiny",
+        "--workspace",
+        str(tiny_zoo.workspace),
+        "--variant",
+        "dnd",
+        "--out",
+        str(out),
+        "--set",
+        "generator.steps=4",
+        "--set",
+        "generator.save_every=2",
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # one writer
     config = json.loads((out / "config.json").read_text())
@@ -79,8 +97,23 @@ def test_train_generator_under_torchrun_only_rank0_writes(tiny_zoo, tmp_path):
 
 def test_batch_not_divisible_by_ranks_is_refused(tiny_zoo, tmp_path):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "deltalora",
-           "train-generator", "--preset", "tiny", "--workspace", str(tiny_zoo.workspace), "--out", str(tmp_path / "g"),
-           "--set", "generator.batch_size=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "deltalora",
+        "train-generator",
+        "--preset",
+        "tiny",
+        "--workspace",
+        str(tiny_zoo.workspace),
+        "--out",
+        str(tmp_path / "g"),
+        "--set",
+        "generator.batch_size=3",
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "divisible" in res.stdout + res.stderr

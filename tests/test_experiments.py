@@ -74,13 +74,21 @@ def test_every_rq_file_and_cell_is_written(run, tiny_preset):
             assert 0.0 <= cell["per_task"][t]["acc"]["mean"] <= 1.0
         assert cell["loss_curve"], "loss curve recorded"
     oracle, base = rq1["cells"]["oracle (the task's own LoRA)"], rq1["cells"]["base model"]
-    assert oracle["overall"]["param_mse"]["mean"] == 0.0 and oracle["overall"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert oracle["overall"]["param_mse"]["mean"] == 0.0 and oracle["overall"]["kl"]["mean"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert oracle["overall"]["delta_cos"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert base["overall"]["delta_cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
     rq4 = _load(results, "rq4")
     pair = rq4["pairs"]["syn.add+syn.copy"]
-    assert {"syn.add LoRA", "union LoRA (trained on both tasks)", "LoRA sum (PEFT cat, rank 2r)", "PEFT svd merge (rank r)",
-            "B: G(δa + δb)", "dnd on mixed prompts"} <= set(pair["methods"])
+    assert {
+        "syn.add LoRA",
+        "union LoRA (trained on both tasks)",
+        "LoRA sum (PEFT cat, rank 2r)",
+        "PEFT svd merge (rank r)",
+        "B: G(δa + δb)",
+        "dnd on mixed prompts",
+    } <= set(pair["methods"])
     assert pair["methods"]["B: G(δa + δb)"]["acc_a"]["n"] == len(ex.seeds)
 
 
@@ -112,7 +120,15 @@ def test_report_is_built_from_the_results(run, tmp_path):
     r = CliRunner().invoke(app, ["report", str(results), "--out", str(out)])
     assert r.exit_code == 0, r.output
     text = out.read_text()
-    for heading in ("## Setup", "## RQ1", "## RQ2: zero-shot", "## RQ2: leave-one-domain-out", "## RQ3", "## RQ4", "## Ablations"):
+    for heading in (
+        "## Setup",
+        "## RQ1",
+        "## RQ2: zero-shot",
+        "## RQ2: leave-one-domain-out",
+        "## RQ3",
+        "## RQ4",
+        "## Ablations",
+    ):
         assert heading in text
     dnd = _load(results, "rq1")["cells"]["dnd"]["overall"]["acc"]
     assert f"| dnd | {dnd['mean']:.3f} ± {dnd['std']:.3f} |" in text
@@ -121,7 +137,9 @@ def test_report_is_built_from_the_results(run, tmp_path):
 
 
 def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):
-    cells = grid.plan(tiny_preset, {t: "math" if t in ("syn.add", "syn.parity") else "strings" for t in tiny_preset.pool})
+    cells = grid.plan(
+        tiny_preset, {t: "math" if t in ("syn.add", "syn.parity") else "strings" for t in tiny_preset.pool}
+    )
     control = next(c for c in cells if "shuffled" in c.name)
     preset = grid.generator_preset(tiny_preset, control, 0)
     assert preset.generator.shuffle_delta
@@ -139,22 +157,32 @@ def test_rq3_data_fraction_noise_and_mislabels(ws, tiny_preset):
     train = ["syn.add", "syn.copy", "syn.first"]
     clean, tok = training_set(tiny_preset, ws, train, None, enc, save_cache=False)
     k = tiny_preset.zoo.keep_last
-    half, _ = training_set(apply_overrides(tiny_preset, ["generator.data_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    half, _ = training_set(
+        apply_overrides(tiny_preset, ["generator.data_fraction=0.5"]), ws, train, None, enc, save_cache=False
+    )
     assert len(half.paths) == len(train) * math.ceil(0.5 * k)
     assert all(len(h) == max(1, math.ceil(0.5 * len(c))) for h, c in zip(half.prompts, clean.prompts))
-    noisy, _ = training_set(apply_overrides(tiny_preset, ["generator.weight_noise=1.0"]), ws, train, None, enc, save_cache=False)
+    noisy, _ = training_set(
+        apply_overrides(tiny_preset, ["generator.weight_noise=1.0"]), ws, train, None, enc, save_cache=False
+    )
     assert not torch.allclose(noisy.tokens, clean.tokens)
     assert not torch.allclose(noisy.deltas * noisy.delta_scale, clean.deltas * clean.delta_scale)  # δ re-measured
-    mis, _ = training_set(apply_overrides(tiny_preset, ["generator.mislabel_fraction=0.5"]), ws, train, None, enc, save_cache=False)
+    mis, _ = training_set(
+        apply_overrides(tiny_preset, ["generator.mislabel_fraction=0.5"]), ws, train, None, enc, save_cache=False
+    )
     swapped = [i for i in range(len(clean.paths)) if not torch.equal(mis.tokens[i], clean.tokens[i])]
     assert len(swapped) == round(0.5 * len(clean.paths))
     for i in swapped:  # each carries the weights of a checkpoint of another task
-        assert any(torch.equal(mis.tokens[i], clean.tokens[j]) and clean.ckpt_task[j] != clean.ckpt_task[i]
-                   for j in range(len(clean.paths)))
+        assert any(
+            torch.equal(mis.tokens[i], clean.tokens[j]) and clean.ckpt_task[j] != clean.ckpt_task[i]
+            for j in range(len(clean.paths))
+        )
 
 
 def test_unknown_part_is_refused(ws, tmp_path):
-    r = CliRunner().invoke(app, ["experiment", "--preset", "tiny", "-w", str(ws.root), "--only", "rq9", "--results-dir", str(tmp_path)])
+    r = CliRunner().invoke(
+        app, ["experiment", "--preset", "tiny", "-w", str(ws.root), "--only", "rq9", "--results-dir", str(tmp_path)]
+    )
     assert r.exit_code != 0 and "rq9" in str(r.exception or r.output)
 
 

@@ -50,11 +50,14 @@ def _log(out):
 
 # ------------------------------------------------------------------ LoRA tokenizer
 
+
 @st.composite
 def lora_shapes(draw):
     r = draw(st.integers(1, 8))
     layers = draw(st.integers(1, 3))
-    modules = draw(st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "up_proj"]), min_size=1, max_size=3, unique=True))
+    modules = draw(
+        st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "up_proj"]), min_size=1, max_size=3, unique=True)
+    )
     shapes = {}
     for i in range(layers):
         for m in modules:
@@ -92,10 +95,12 @@ def test_tokenizer_removes_a_shared_init_from_the_targets():
 
 
 def test_tokenizer_derives_width_without_padding_waste():
-    shapes = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 576),
-              "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (576, 8),
-              "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (8, 576),
-              "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (192, 8)}
+    shapes = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 576),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (576, 8),
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (8, 576),
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (192, 8),
+    }
     tok = LoraTokenizer(shapes)
     assert tok.width == 192 and tok.n_tokens * tok.width == tok.n_params
 
@@ -109,6 +114,7 @@ def test_tokenizer_rejects_other_layout():
 
 
 # ------------------------------------------------------------------ training, every variant
+
 
 @pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C"])
 def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
@@ -205,6 +211,7 @@ def test_resume_refuses_other_config(ws, tmp_path):
 
 # ------------------------------------------------------------------ generation
 
+
 @pytest.fixture(scope="module")
 def trained(ws, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "dnd"
@@ -219,7 +226,9 @@ def test_generated_adapter_loads_in_peft_and_changes_logits(ws, trained, tmp_pat
 
     from deltalora.cli import app
 
-    res = CliRunner().invoke(app, ["generate", "-g", str(trained), "--prompts", str(prompts), "--out", str(tmp_path / "ad")])
+    res = CliRunner().invoke(
+        app, ["generate", "-g", str(trained), "--prompts", str(prompts), "--out", str(tmp_path / "ad")]
+    )
     assert res.exit_code == 0, res.output
     prov = json.loads((tmp_path / "ad" / "provenance.json").read_text())
     assert prov["variant"] == "dnd" and prov["n_prompts_used"] == 4 and len(prov["prompts_sha256"]) == 64
@@ -236,7 +245,9 @@ def test_same_seed_same_adapter(trained, tmp_path, encoder):
     prompts = [f"{i} plus 1 equals" for i in range(10)]
     generate(trained, prompts, tmp_path / "a", seed=3, encoder=encoder)
     generate(trained, prompts, tmp_path / "b", seed=3, encoder=encoder)
-    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "b" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_too_few_prompts_sample_with_replacement_and_warn(caplog):
@@ -266,6 +277,7 @@ def test_shuffle_delta_permutes_across_tasks():
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_prompt_file_errors(tmp_path):
     empty = tmp_path / "e.txt"
@@ -307,6 +319,7 @@ def test_bad_variant_is_a_config_error(ws):
 
 
 # ------------------------------------------------------------------ assessment
+
 
 def test_assess_scores_generated_and_reference_adapters_on_the_same_items(ws, trained, tmp_path, encoder):
     from deltalora.experiments.assess import assess_generator

@@ -29,10 +29,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
-item_like = st.fixed_dictionaries({}, optional={
-    "prompt": json_values | st.text(max_size=30), "choices": json_values | st.lists(st.text(max_size=5), max_size=4),
-    "answer": json_values | st.text(max_size=5), "target": json_values | st.text(max_size=5),
-    "split": st.sampled_from(["train", "test", "dev", None, 3])})
+item_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt": json_values | st.text(max_size=30),
+        "choices": json_values | st.lists(st.text(max_size=5), max_size=4),
+        "answer": json_values | st.text(max_size=5),
+        "target": json_values | st.text(max_size=5),
+        "split": st.sampled_from(["train", "test", "dev", None, 3]),
+    },
+)
 
 
 def _write(tmp_path: Path, name: str, data: bytes | str) -> Path:
@@ -69,14 +75,34 @@ def test_jsonl_task_loader_random_bytes(tmp_path, data):
         assert str(f) in str(e)
 
 
-bigbench_docs = st.fixed_dictionaries({}, optional={
-    "examples": st.lists(st.fixed_dictionaries({}, optional={
-        "input": json_values | st.text(max_size=10), "target": json_values | st.text(max_size=5),
-        "target_scores": json_values | st.dictionaries(st.text(max_size=4), st.integers(0, 1) | st.floats(allow_nan=False) | st.text(max_size=2), max_size=4),
-    }) | json_values, max_size=5) | json_values,
-    "task_prefix": json_values, "example_input_prefix": json_values, "example_output_prefix": json_values,
-    "append_choices_to_input": json_values, "preferred_score": st.sampled_from(["multiple_choice_grade", "exact_str_match"]) | json_values,
-})
+bigbench_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "examples": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "input": json_values | st.text(max_size=10),
+                    "target": json_values | st.text(max_size=5),
+                    "target_scores": json_values
+                    | st.dictionaries(
+                        st.text(max_size=4),
+                        st.integers(0, 1) | st.floats(allow_nan=False) | st.text(max_size=2),
+                        max_size=4,
+                    ),
+                },
+            )
+            | json_values,
+            max_size=5,
+        )
+        | json_values,
+        "task_prefix": json_values,
+        "example_input_prefix": json_values,
+        "example_output_prefix": json_values,
+        "append_choices_to_input": json_values,
+        "preferred_score": st.sampled_from(["multiple_choice_grade", "exact_str_match"]) | json_values,
+    },
+)
 
 
 @SETTINGS
@@ -90,7 +116,10 @@ def test_bigbench_loader(tmp_path, doc, kind):
 
 
 @SETTINGS
-@given(doc=json_values | st.lists(st.fixed_dictionaries({}, optional={"name": json_values, "domain": json_values, "path": json_values})))
+@given(
+    doc=json_values
+    | st.lists(st.fixed_dictionaries({}, optional={"name": json_values, "domain": json_values, "path": json_values}))
+)
 def test_user_spec_loader(tmp_path, doc):
     f = _write(tmp_path, "specs.json", json.dumps(doc))
     try:
@@ -112,12 +141,21 @@ def test_prompt_file_loader(tmp_path, data, suffix):
 
 
 tensor_specs = st.dictionaries(
-    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.AB0123456789", min_size=1, max_size=60) |
-    st.sampled_from(["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                     "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-                     "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"]),
-    st.tuples(st.lists(st.integers(0, 40), min_size=0, max_size=3), st.sampled_from(["f32", "f16", "i64", "nan", "inf", "bool"])),
-    min_size=0, max_size=4)
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.AB0123456789", min_size=1, max_size=60)
+    | st.sampled_from(
+        [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+            "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+        ]
+    ),
+    st.tuples(
+        st.lists(st.integers(0, 40), min_size=0, max_size=3),
+        st.sampled_from(["f32", "f16", "i64", "nan", "inf", "bool"]),
+    ),
+    min_size=0,
+    max_size=4,
+)
 
 
 def _tensor(shape, kind):
@@ -132,7 +170,9 @@ def _tensor(shape, kind):
 
 
 @SETTINGS
-@given(spec=tensor_specs, config=json_values | st.just({"peft_type": "LORA", "r": 2, "base_model_name_or_path": "tiny"}))
+@given(
+    spec=tensor_specs, config=json_values | st.just({"peft_type": "LORA", "r": 2, "base_model_name_or_path": "tiny"})
+)
 def test_adapter_folder_loader(tmp_path, tiny_base, spec, config):
     model, _ = tiny_base
     folder = tmp_path / "ad"

@@ -80,8 +80,18 @@ def test_delta_killed_and_resumed_is_identical(tiny_zoo, tmp_path):
 
 def test_generator_killed_and_resumed_is_identical(tiny_zoo, tmp_path):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
-    args = ["--preset", "tiny", "--workspace", str(tiny_zoo.workspace), "--variant", "A1",
-            "--set", "generator.steps=12", "--set", "generator.save_every=3"]
+    args = [
+        "--preset",
+        "tiny",
+        "--workspace",
+        str(tiny_zoo.workspace),
+        "--variant",
+        "A1",
+        "--set",
+        "generator.steps=12",
+        "--set",
+        "generator.save_every=3",
+    ]
     run([*CLI, "train-generator", *args, "--out", str(tmp_path / "full")])
     out = tmp_path / "cut"
     cmd = [*CLI, "train-generator", *args, "--out", str(out)]
@@ -117,8 +127,13 @@ def test_corrupted_checkpoint_stops_generator_training(tiny_zoo, tmp_path):
     shutil.copytree(tiny_zoo.workspace, ws.root)
     victim = _corrupt(ws.zoo / next(c.path for c in tiny_zoo.manifest if not c.pair_of), "flip")
     with pytest.raises(AdapterError, match="checksum") as err:
-        train_generator(apply_overrides(tiny_zoo.preset, ["generator.steps=2"]), ws, tmp_path / "g",
-                        list(tiny_zoo.preset.pool), progress=False)
+        train_generator(
+            apply_overrides(tiny_zoo.preset, ["generator.steps=2"]),
+            ws,
+            tmp_path / "g",
+            list(tiny_zoo.preset.pool),
+            progress=False,
+        )
     assert str(victim) in str(err.value)
 
 

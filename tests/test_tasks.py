@@ -25,12 +25,16 @@ def jsonl_spec(path, name="user.task", domain="userdom") -> TaskSpec:
 
 # ---------------------------------------------------------------- JSONL parsing
 
+
 def test_jsonl_mc_items_parsed(jsonl_writer):
-    f = jsonl_writer("mc.jsonl", [
-        {"prompt": "Q: 2+2?\nA:  ", "choices": ["3", "4"], "answer": "4"},
-        "",  # blank lines are skipped
-        {"prompt": "Q: 1+1?\nA:", "choices": ["2", "5", "7"], "answer": "2", "split": "test"},
-    ])
+    f = jsonl_writer(
+        "mc.jsonl",
+        [
+            {"prompt": "Q: 2+2?\nA:  ", "choices": ["3", "4"], "answer": "4"},
+            "",  # blank lines are skipped
+            {"prompt": "Q: 1+1?\nA:", "choices": ["2", "5", "7"], "answer": "2", "split": "test"},
+        ],
+    )
     items = load_jsonl_items(f)
     assert items == [
         (Item("Q: 2+2?\nA:", "4", ("3", "4")), None),  # trailing whitespace of the prompt is dropped
@@ -41,8 +45,13 @@ def test_jsonl_mc_items_parsed(jsonl_writer):
 
 
 def test_jsonl_exact_items_parsed(jsonl_writer):
-    f = jsonl_writer("ex.jsonl", [{"prompt": "Plural of cat:", "target": " cats "},
-                                  {"prompt": "Plural of dog:", "target": "dogs", "split": "train"}])
+    f = jsonl_writer(
+        "ex.jsonl",
+        [
+            {"prompt": "Plural of cat:", "target": " cats "},
+            {"prompt": "Plural of dog:", "target": "dogs", "split": "train"},
+        ],
+    )
     items = load_jsonl_items(f)
     assert items == [(Item("Plural of cat:", "cats"), None), (Item("Plural of dog:", "dogs"), "train")]
     assert not items[0][0].is_mc
@@ -51,21 +60,24 @@ def test_jsonl_exact_items_parsed(jsonl_writer):
 GOOD_MC = {"prompt": "ok?", "choices": ["a", "b"], "answer": "a"}
 
 
-@pytest.mark.parametrize("bad_line, line_no, must_contain", [
-    ('{"prompt": "x", "choices": ["a"', 2, ["not valid JSON"]),
-    ('["not", "an", "object"]', 2, ["JSON object"]),
-    (json.dumps({"choices": ["a", "b"], "answer": "a"}), 2, ["'prompt'"]),
-    (json.dumps({"prompt": "   ", "choices": ["a", "b"], "answer": "a"}), 2, ["'prompt'"]),
-    (json.dumps({"prompt": "p", "choices": ["a", "b"], "answer": "c"}), 2, ["'answer'", "'choices'"]),
-    (json.dumps({"prompt": "p", "choices": ["a", "b"]}), 2, ["'answer'"]),
-    (json.dumps({"prompt": "p", "choices": [], "answer": "a"}), 2, ["'choices'"]),
-    (json.dumps({"prompt": "p", "choices": "ab", "answer": "a"}), 2, ["'choices'"]),
-    (json.dumps({"prompt": "p", "choices": ["a", ""], "answer": "a"}), 2, ["'choices'"]),
-    (json.dumps({"prompt": "p", "choices": ["a", "b", "a"], "answer": "a"}), 2, ["'choices'", "duplicates"]),
-    (json.dumps({"prompt": "p"}), 2, ["'target'"]),
-    (json.dumps({"prompt": "p", "target": ""}), 2, ["'target'"]),
-    (json.dumps({"prompt": "p", "choices": ["a", "b"], "answer": "a", "split": "dev"}), 2, ["'split'", "'dev'"]),
-])
+@pytest.mark.parametrize(
+    "bad_line, line_no, must_contain",
+    [
+        ('{"prompt": "x", "choices": ["a"', 2, ["not valid JSON"]),
+        ('["not", "an", "object"]', 2, ["JSON object"]),
+        (json.dumps({"choices": ["a", "b"], "answer": "a"}), 2, ["'prompt'"]),
+        (json.dumps({"prompt": "   ", "choices": ["a", "b"], "answer": "a"}), 2, ["'prompt'"]),
+        (json.dumps({"prompt": "p", "choices": ["a", "b"], "answer": "c"}), 2, ["'answer'", "'choices'"]),
+        (json.dumps({"prompt": "p", "choices": ["a", "b"]}), 2, ["'answer'"]),
+        (json.dumps({"prompt": "p", "choices": [], "answer": "a"}), 2, ["'choices'"]),
+        (json.dumps({"prompt": "p", "choices": "ab", "answer": "a"}), 2, ["'choices'"]),
+        (json.dumps({"prompt": "p", "choices": ["a", ""], "answer": "a"}), 2, ["'choices'"]),
+        (json.dumps({"prompt": "p", "choices": ["a", "b", "a"], "answer": "a"}), 2, ["'choices'", "duplicates"]),
+        (json.dumps({"prompt": "p"}), 2, ["'target'"]),
+        (json.dumps({"prompt": "p", "target": ""}), 2, ["'target'"]),
+        (json.dumps({"prompt": "p", "choices": ["a", "b"], "answer": "a", "split": "dev"}), 2, ["'split'", "'dev'"]),
+    ],
+)
 def test_jsonl_bad_item_names_file_line_and_field(jsonl_writer, bad_line, line_no, must_contain):
     f = jsonl_writer("bad.jsonl", [GOOD_MC, bad_line, GOOD_MC])
     with pytest.raises(TaskError) as e:
@@ -133,6 +145,7 @@ def test_unknown_source_kind(tmp_path):
 
 # ---------------------------------------------------------------- user spec files
 
+
 def test_load_user_specs_resolves_paths_relative_to_the_spec_file(tmp_path):
     write_jsonl(tmp_path / "data" / "items.jsonl", mc_rows(20))
     spec_file = tmp_path / "tasks.json"
@@ -156,11 +169,14 @@ def test_load_user_specs_missing_field(tmp_path, missing):
     assert str(spec_file) in msg and "entry 1" in msg and f"'{missing}'" in msg
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "cannot read tasks file"),
-    (json.dumps({"name": "a"}), "expected a JSON list"),
-    (json.dumps(["just a string"]), "entry 0: field 'name'"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "cannot read tasks file"),
+        (json.dumps({"name": "a"}), "expected a JSON list"),
+        (json.dumps(["just a string"]), "entry 0: field 'name'"),
+    ],
+)
 def test_load_user_specs_malformed(tmp_path, content, match):
     spec_file = tmp_path / "tasks.json"
     spec_file.write_text(content)
@@ -174,6 +190,7 @@ def test_load_user_specs_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------- unknown names
+
 
 def test_unknown_task_lists_known_names():
     with pytest.raises(TaskError) as e:
@@ -214,6 +231,7 @@ def test_model_folder_without_config_is_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------- splits
+
 
 def _prompts(items):
     return [it.prompt for it in items]
@@ -281,6 +299,7 @@ def test_unknown_synthetic_generator():
 
 # ---------------------------------------------------------------- BIG-bench JSON (fake, cached)
 
+
 def _write_bigbench(cache, path, data):
     f = cache / "bigbench" / path / "task.json"
     f.parent.mkdir(parents=True)
@@ -322,7 +341,9 @@ def test_bigbench_multiple_choice(bb_cache):
         assert sorted(it.choices) == sorted(original)
         orders_changed += list(it.choices) != original
         # prompt: task prefix, input, the choices in their shuffled order, output prefix
-        assert it.prompt == ("Answer it.\n\nQ: " + f"question {i}?" + "".join(f"\n  choice: {c}" for c in it.choices) + "\nA:")
+        assert it.prompt == (
+            "Answer it.\n\nQ: " + f"question {i}?" + "".join(f"\n  choice: {c}" for c in it.choices) + "\nA:"
+        )
     assert orders_changed > 0  # BIG-bench lists the right answer first; positions are shuffled
     # deterministic: a second load gives the same choice order
     assert load_task(spec, cfg) == task
@@ -345,10 +366,19 @@ def test_bigbench_choices_shuffle_is_seeded_by_task_and_index(bb_cache):
 def test_bigbench_exact_match(bb_cache):
     examples = [{"input": f"plural of word{i}", "target": f"word{i}s"} for i in range(6)]
     examples += [{"input": f"past of verb{i}", "target": [f"verb{i}ed", "other"]} for i in range(4)]
-    _write_bigbench(bb_cache, "fake/exact_task", {
-        "examples": examples, "preferred_score": "exact_str_match",
-        "example_input_prefix": "In: ", "example_output_prefix": "\nOut:"})
-    task = load_task(TaskSpec("fake.exact_task", "fake", "bigbench:fake/exact_task"), TaskConfig(max_test=3, min_items=4))
+    _write_bigbench(
+        bb_cache,
+        "fake/exact_task",
+        {
+            "examples": examples,
+            "preferred_score": "exact_str_match",
+            "example_input_prefix": "In: ",
+            "example_output_prefix": "\nOut:",
+        },
+    )
+    task = load_task(
+        TaskSpec("fake.exact_task", "fake", "bigbench:fake/exact_task"), TaskConfig(max_test=3, min_items=4)
+    )
     assert task.kind == "exact"
     items = {it.prompt: it for it in task.train + task.test}
     assert len(items) == 10
@@ -365,11 +395,14 @@ def test_bigbench_kind_override_and_errors(bb_cache):
         load_task(TaskSpec("fake.no_scores", "fake", "bigbench:fake/no_scores"), CFG)
     assert str(f) in str(e.value) and "example 0" in str(e.value) and "'target_scores'" in str(e.value)
     # ... but the spec may ask for exact match
-    task = load_task(TaskSpec("fake.no_scores", "fake", "bigbench:fake/no_scores", kind="exact"), TaskConfig(max_test=3, min_items=4))
+    task = load_task(
+        TaskSpec("fake.no_scores", "fake", "bigbench:fake/no_scores", kind="exact"), TaskConfig(max_test=3, min_items=4)
+    )
     assert task.kind == "exact"
 
-    f2 = _write_bigbench(bb_cache, "fake/bad_target", {"examples": [{"input": "q", "target": ""}],
-                                                       "preferred_score": "exact_str_match"})
+    f2 = _write_bigbench(
+        bb_cache, "fake/bad_target", {"examples": [{"input": "q", "target": ""}], "preferred_score": "exact_str_match"}
+    )
     with pytest.raises(TaskError, match="example 0: field 'target'") as e:
         load_task(TaskSpec("fake.bad_target", "fake", "bigbench:fake/bad_target"), CFG)
     assert str(f2) in str(e.value)
@@ -383,28 +416,32 @@ def test_bigbench_kind_override_and_errors(bb_cache):
 
 # ---------------------------------------------------------------- config validation
 
-@pytest.mark.parametrize("make, field", [
-    (lambda: ZooConfig(rank=0), "zoo.rank"),
-    (lambda: ZooConfig(alpha=0), "zoo.alpha"),
-    (lambda: ZooConfig(target_modules=()), "zoo.target_modules"),
-    (lambda: ZooConfig(steps=0), "zoo.steps"),
-    (lambda: ZooConfig(lr=-1.0), "zoo.lr"),
-    (lambda: ZooConfig(max_length=4), "zoo.max_length"),
-    (lambda: ZooConfig(seeds=()), "zoo.seeds"),
-    (lambda: ZooConfig(seeds=(0, 0)), "zoo.seeds"),
-    (lambda: ZooConfig(steps=4, pair_steps=4, keep_last=5), "zoo.keep_last"),
-    (lambda: ZooConfig(steps=10, pair_steps=10, keep_last=3, save_every=5), "zoo.keep_last"),
-    (lambda: ZooConfig(eval_batch_size=0), "zoo.eval_batch_size"),
-    (lambda: DeltaConfig(n_probes=3), "delta.n_probes"),
-    (lambda: DeltaConfig(batch_size=0), "delta.batch_size"),
-    (lambda: TaskConfig(max_test=0), "tasks.max_test"),
-    (lambda: TaskConfig(max_test_fraction=1.0), "tasks.max_test_fraction"),
-    (lambda: TaskConfig(min_items=1), "tasks.min_items"),
-    (lambda: Preset("p", "tiny", pool=()), "preset.pool"),
-    (lambda: Preset("p", "tiny", pool=("a", "a")), "preset.pool"),
-    (lambda: Preset("p", "tiny", pool=("a", "b"), pairs=(("a", "c"),)), "preset.pairs"),
-    (lambda: Preset("p", "tiny", pool=("a", "b"), pairs=(("a", "a"),)), "preset.pairs"),
-])
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: ZooConfig(rank=0), "zoo.rank"),
+        (lambda: ZooConfig(alpha=0), "zoo.alpha"),
+        (lambda: ZooConfig(target_modules=()), "zoo.target_modules"),
+        (lambda: ZooConfig(steps=0), "zoo.steps"),
+        (lambda: ZooConfig(lr=-1.0), "zoo.lr"),
+        (lambda: ZooConfig(max_length=4), "zoo.max_length"),
+        (lambda: ZooConfig(seeds=()), "zoo.seeds"),
+        (lambda: ZooConfig(seeds=(0, 0)), "zoo.seeds"),
+        (lambda: ZooConfig(steps=4, pair_steps=4, keep_last=5), "zoo.keep_last"),
+        (lambda: ZooConfig(steps=10, pair_steps=10, keep_last=3, save_every=5), "zoo.keep_last"),
+        (lambda: ZooConfig(eval_batch_size=0), "zoo.eval_batch_size"),
+        (lambda: DeltaConfig(n_probes=3), "delta.n_probes"),
+        (lambda: DeltaConfig(batch_size=0), "delta.batch_size"),
+        (lambda: TaskConfig(max_test=0), "tasks.max_test"),
+        (lambda: TaskConfig(max_test_fraction=1.0), "tasks.max_test_fraction"),
+        (lambda: TaskConfig(min_items=1), "tasks.min_items"),
+        (lambda: Preset("p", "tiny", pool=()), "preset.pool"),
+        (lambda: Preset("p", "tiny", pool=("a", "a")), "preset.pool"),
+        (lambda: Preset("p", "tiny", pool=("a", "b"), pairs=(("a", "c"),)), "preset.pairs"),
+        (lambda: Preset("p", "tiny", pool=("a", "b"), pairs=(("a", "a"),)), "preset.pairs"),
+    ],
+)
 def test_config_validation_names_the_field(make, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         make()
@@ -426,9 +463,20 @@ def test_presets_are_valid():
 
 # ---------------------------------------------------------------- --set overrides
 
+
 def test_apply_overrides_parses_types(tiny_preset):
-    p = apply_overrides(tiny_preset, ["zoo.steps=3", "zoo.seeds=0,1", "zoo.lr=0.5", "zoo.target_modules=q_proj,k_proj",
-                                      "delta.n_probes=20", "tasks.split_seed=7", "tasks.max_test_fraction=0.25"])
+    p = apply_overrides(
+        tiny_preset,
+        [
+            "zoo.steps=3",
+            "zoo.seeds=0,1",
+            "zoo.lr=0.5",
+            "zoo.target_modules=q_proj,k_proj",
+            "delta.n_probes=20",
+            "tasks.split_seed=7",
+            "tasks.max_test_fraction=0.25",
+        ],
+    )
     assert p.zoo.steps == 3 and isinstance(p.zoo.steps, int)
     assert p.zoo.seeds == (0, 1)
     assert p.zoo.lr == 0.5
@@ -444,7 +492,7 @@ def test_apply_overrides_parses_types(tiny_preset):
 
 
 def test_apply_overrides_pool_keeps_only_pairs_inside_it(tiny_preset):
-    (a, b), = tiny_preset.pairs
+    ((a, b),) = tiny_preset.pairs
     others = tuple(t for t in tiny_preset.pool if t not in (a, b))
     p = apply_overrides(tiny_preset, [f"pool={a},{b}"])
     assert p.pool == (a, b) and p.pairs == ((a, b),)
@@ -461,17 +509,20 @@ def test_apply_overrides_bool(tiny_preset):
         apply_overrides(tiny_preset, ["generator.shuffle_delta=maybe"])
 
 
-@pytest.mark.parametrize("override, match", [
-    ("zoo.nope=1", r"zoo has no field 'nope'.*steps"),
-    ("model.steps=1", "expected tasks\\|zoo\\|delta"),
-    ("zoo.steps", "expected tasks\\|zoo\\|delta"),
-    ("steps=3", "expected tasks\\|zoo\\|delta"),
-    ("zoo.steps=abc", "'abc' is not a valid"),
-    ("zoo.seeds=0,x", "is not a valid"),
-    ("zoo.rank=0", "zoo.rank must be >= 1"),
-    ("zoo.steps=1", "zoo.keep_last"),  # 2 checkpoints no longer fit
-    ("delta.n_probes=7", "delta.n_probes"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("zoo.nope=1", r"zoo has no field 'nope'.*steps"),
+        ("model.steps=1", "expected tasks\\|zoo\\|delta"),
+        ("zoo.steps", "expected tasks\\|zoo\\|delta"),
+        ("steps=3", "expected tasks\\|zoo\\|delta"),
+        ("zoo.steps=abc", "'abc' is not a valid"),
+        ("zoo.seeds=0,x", "is not a valid"),
+        ("zoo.rank=0", "zoo.rank must be >= 1"),
+        ("zoo.steps=1", "zoo.keep_last"),  # 2 checkpoints no longer fit
+        ("delta.n_probes=7", "delta.n_probes"),
+    ],
+)
 def test_apply_overrides_errors(tiny_preset, override, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(tiny_preset, [override])

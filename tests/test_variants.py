@@ -52,7 +52,9 @@ def test_unknown_variant_is_a_config_error():
 
 def test_a_new_variant_is_one_spec(toy, tiny_zoo, tmp_path):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))
-    preset = apply_overrides(tiny_zoo.preset, ["generator.variant=toy", "generator.steps=60", "generator.save_every=30"])
+    preset = apply_overrides(
+        tiny_zoo.preset, ["generator.variant=toy", "generator.steps=60", "generator.save_every=30"]
+    )
     out = tmp_path / "toy"
     card = train_generator(preset, tiny_zoo.ws, out, list(preset.pool), progress=False)
     assert card.variant == "toy" and card.steps_done == 60
@@ -72,7 +74,21 @@ def test_a_new_variant_is_one_spec(toy, tiny_zoo, tmp_path):
     exp = dataclasses.replace(preset.experiment, variants=("dnd", "toy"))
     names = [c.name for c in plan(preset.replace(experiment=exp), {t: "d" for t in preset.pool})]
     assert "toy" in names
-    res = CliRunner().invoke(app, ["train-generator", "--variant", "toy", "--preset", "tiny", "--workspace",
-                                   str(tiny_zoo.ws.root), "--set", "generator.steps=2", "--out", str(tmp_path / "cli")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train-generator",
+            "--variant",
+            "toy",
+            "--preset",
+            "tiny",
+            "--workspace",
+            str(tiny_zoo.ws.root),
+            "--set",
+            "generator.steps=2",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert load_generator(tmp_path / "cli").card.variant == "toy"

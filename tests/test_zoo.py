@@ -64,13 +64,17 @@ def _logits(model, tok, text="7 plus 5 equals"):
 
 # ---------------------------------------------------------------- layout and PEFT folders
 
+
 def test_zoo_layout_and_manifest(reference_zoo, two_task_preset):
     ws, manifest = reference_zoo
     root = ws.zoo
     assert len(manifest) == 2 * 2  # 2 tasks x 1 seed x keep_last=2
     assert ws.manifest == root / "manifest.json"
     assert json.loads((root / "manifest.json").read_text()) == {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "checkpoints": [c.to_dict() for c in manifest]}
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "checkpoints": [c.to_dict() for c in manifest],
+    }
     assert Manifest.from_file(root / "manifest.json") == manifest
     assert json.loads((root / "config.json").read_text())["pool"] == list(TASKS)
     steps = two_task_preset.zoo.steps
@@ -129,6 +133,7 @@ def test_zoo_summary(reference_zoo, two_task_preset):
 
 # ---------------------------------------------------------------- determinism
 
+
 def test_same_seed_gives_identical_adapters(reference_zoo, two_task_preset, tmp_path):
     ws, manifest = reference_zoo
     again = build_zoo(two_task_preset, Workspace(tmp_path))
@@ -148,6 +153,7 @@ def test_different_seeds_give_different_adapters(two_task_preset, tmp_path):
 
 
 # ---------------------------------------------------------------- resume
+
 
 class Interrupt(KeyboardInterrupt):
     pass
@@ -183,7 +189,9 @@ def test_interrupted_build_resumes_without_retraining(reference_zoo, two_task_pr
     mtimes = {f: f.stat().st_mtime_ns for f in done}
     calls = []
     real_run_job = zoo_mod._run_job
-    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    monkeypatch.setattr(
+        zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k))
+    )
     manifest = build_zoo(two_task_preset, ws)
     assert calls == ["syn.copy__seed0"]
     assert {f: f.stat().st_mtime_ns for f in done} == mtimes, "finished runs were rewritten"
@@ -213,7 +221,9 @@ def test_interrupt_between_jobs(reference_zoo, two_task_preset, tmp_path, monkey
         build_zoo(two_task_preset, ws)
     assert calls == ["syn.add__seed0", "syn.copy__seed0"]
     calls.clear()
-    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    monkeypatch.setattr(
+        zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k))
+    )
     assert build_zoo(two_task_preset, ws) == manifest_ref
     assert calls == ["syn.copy__seed0"]
     assert_same_adapters(ws_ref.zoo, ws.zoo, manifest_ref)
@@ -229,7 +239,9 @@ def test_deleted_run_is_redone(reference_zoo, two_task_preset, tmp_path, monkeyp
     kept = {f: f.stat().st_mtime_ns for f in (root / "adapters" / "syn.copy").rglob("*") if f.is_file()}
     calls = []
     real_run_job = zoo_mod._run_job
-    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    monkeypatch.setattr(
+        zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k))
+    )
     assert build_zoo(two_task_preset, ws) == manifest_ref
     assert calls == ["syn.add__seed0"]
     assert {f: f.stat().st_mtime_ns for f in kept} == kept
@@ -242,7 +254,9 @@ def _copy_zoo_and_record_jobs(reference_zoo, tmp_path, monkeypatch) -> list[str]
     shutil.copytree(ws_ref.zoo, Workspace(tmp_path).zoo)
     calls: list[str] = []
     real_run_job = zoo_mod._run_job
-    monkeypatch.setattr(zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k)))
+    monkeypatch.setattr(
+        zoo_mod, "_run_job", lambda job, *a, **k: (calls.append(job.run_id), real_run_job(job, *a, **k))
+    )
     return calls
 
 
@@ -263,12 +277,16 @@ def test_adding_a_seed_trains_only_the_new_seed(reference_zoo, two_task_preset, 
 
 # ---------------------------------------------------------------- config guard
 
-@pytest.mark.parametrize("change, key", [
-    (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, steps=7)), "zoo"),
-    (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, rank=4)), "zoo"),
-    (lambda p: p.replace(tasks=dataclasses.replace(p.tasks, split_seed=1)), "tasks"),
-    (lambda p: p.replace(base="smollm2-135m"), "base"),
-])
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, steps=7)), "zoo"),
+        (lambda p: p.replace(zoo=dataclasses.replace(p.zoo, rank=4)), "zoo"),
+        (lambda p: p.replace(tasks=dataclasses.replace(p.tasks, split_seed=1)), "tasks"),
+        (lambda p: p.replace(base="smollm2-135m"), "base"),
+    ],
+)
 def test_rebuild_with_different_config_is_refused(reference_zoo, two_task_preset, tmp_path, monkeypatch, change, key):
     ws_ref, _ = reference_zoo
     ws = Workspace(tmp_path)
@@ -286,7 +304,9 @@ def test_resume_under_speed_only_settings_trains_nothing(reference_zoo, two_task
     ws_ref, manifest = reference_zoo
     shutil.copytree(ws_ref.zoo, Workspace(tmp_path).zoo)
     monkeypatch.setattr(zoo_mod, "_run_job", lambda *a: pytest.fail("a finished run was trained again"))
-    faster = two_task_preset.replace(zoo=dataclasses.replace(two_task_preset.zoo, micro_batch=2, min_shared_prefix=0, eval_batch_size=3))
+    faster = two_task_preset.replace(
+        zoo=dataclasses.replace(two_task_preset.zoo, micro_batch=2, min_shared_prefix=0, eval_batch_size=3)
+    )
     assert build_zoo(faster, Workspace(tmp_path)) == manifest
 
 
@@ -306,6 +326,7 @@ def test_checkpoint_saving_never_contacts_the_hub(two_task_preset, tmp_path, mon
 
 
 # ---------------------------------------------------------------- atomic writes
+
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     from deltalora.io import atomic_dir
@@ -341,6 +362,7 @@ def test_atomic_json_and_read_json_errors(tmp_path):
 
 # ---------------------------------------------------------------- trainer fast path and init
 
+
 def test_lean_completion_loss_equals_transformers_loss_and_gradient(two_task_preset):
     """Length-sorted micro-batches + LM head on answer positions only == the padded labels= loss."""
     from peft import get_peft_model
@@ -353,8 +375,10 @@ def test_lean_completion_loss_equals_transformers_loss_and_gradient(two_task_pre
     torch.manual_seed(0)
     cfg = two_task_preset.zoo
     model = get_peft_model(base, lora_config(cfg.rank, cfg.alpha, cfg.target_modules))
-    items = load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:5] + \
-        load_task(resolve_spec("syn.add"), two_task_preset.tasks).train[:4]
+    items = (
+        load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:5]
+        + load_task(resolve_spec("syn.add"), two_task_preset.tasks).train[:4]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     ids, mask, labels = completion_batch(tok, items, 48)
     ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -381,8 +405,10 @@ def test_shared_prefix_loss_equals_transformers_loss_and_gradient(two_task_prese
     torch.manual_seed(0)
     cfg = two_task_preset.zoo
     model = get_peft_model(base, lora_config(cfg.rank, cfg.alpha, cfg.target_modules))
-    items = [Item("Answer with the copy of the word below, nothing else.\n" + it.prompt, it.answer, it.choices)
-             for it in load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:9]]
+    items = [
+        Item("Answer with the copy of the word below, nothing else.\n" + it.prompt, it.answer, it.choices)
+        for it in load_task(resolve_spec("syn.copy"), two_task_preset.tasks).train[:9]
+    ]
     shared = shared_prefix_length([encode(tok, it.prompt, it.completion(), 96, eos=True) for it in items])
     assert shared >= 50  # the sharing path really runs on this batch
     params = [p for p in model.parameters() if p.requires_grad]

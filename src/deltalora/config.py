@@ -92,7 +92,9 @@ class ZooConfig:
         _check(self.lr > 0, "zoo.lr must be > 0")
         _check(self.warmup_steps >= 0, "zoo.warmup_steps must be >= 0")
         _check(self.max_length >= 8, "zoo.max_length must be >= 8")
-        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "zoo.seeds must be distinct and non-empty")
+        _check(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "zoo.seeds must be distinct and non-empty"
+        )
         _check(self.keep_last >= 1 and self.save_every >= 1, "zoo.keep_last and zoo.save_every must be >= 1")
         _check(
             (self.keep_last - 1) * self.save_every < min(self.steps, self.pair_steps),
@@ -178,13 +180,18 @@ class GeneratorConfig:
     """Seed of initialisation, sampling and noise."""
 
     def __post_init__(self) -> None:
-        _check(self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        _check(
+            self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+        )
         _check(1 <= self.n_prompts <= 512, "generator.n_prompts must be in [1, 512]")
         _check(all(c >= 1 for c in self.channels), "generator.channels must be positive")
         _check(self.steps >= 1 and self.stage1_steps >= 0, "generator.steps must be >= 1 and stage1_steps >= 0")
         _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
         _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
-        _check(min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0, "generator loss weights must be >= 0")
+        _check(
+            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0,
+            "generator loss weights must be >= 0",
+        )
         _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
         _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
         _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
@@ -244,12 +251,20 @@ class ExperimentConfig:
     """RQ4: variants given half the prompts from each task of a pair."""
 
     def __post_init__(self) -> None:
-        _check(not set(self.held_out) & set(self.seen_eval), "experiment.held_out and experiment.seen_eval must not overlap")
+        _check(
+            not set(self.held_out) & set(self.seen_eval),
+            "experiment.held_out and experiment.seen_eval must not overlap",
+        )
         for v in (*self.variants, *self.lodo_variants, *self.rq3_variants, *self.mixed_variants, self.ablation_variant):
             _check(v in VARIANTS, f"experiment: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
-        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "experiment.seeds must be distinct and non-empty")
-        _check(self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
-               "experiment.draws, n_test, n_kl and steps must be >= 1")
+        _check(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+            "experiment.seeds must be distinct and non-empty",
+        )
+        _check(
+            self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
+            "experiment.draws, n_test, n_kl and steps must be >= 1",
+        )
         _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
         _check(self.long_steps >= 0, "experiment.long_steps must be >= 0")
         _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
@@ -278,7 +293,10 @@ class Preset:
         _check(len(self.pool) >= 1, "preset.pool must name at least one task")
         _check(len(set(self.pool)) == len(self.pool), "preset.pool has duplicate tasks")
         for a, b in self.pairs:
-            _check(a in self.pool and b in self.pool and a != b, f"preset.pairs: ({a}, {b}) must be two distinct pool tasks")
+            _check(
+                a in self.pool and b in self.pool and a != b,
+                f"preset.pairs: ({a}, {b}) must be two distinct pool tasks",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form saved next to every artifact."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class DistInfo:
     """This process's rank and the world size (rank 0 of 1 without a launcher)."""
+
     rank: int = 0
     world: int = 1
 
@@ -27,7 +28,7 @@ class DistInfo:
 
     def shard(self, items: list) -> list:
         """This rank's share: round-robin, so every rank gets a similar mix of tasks."""
-        return items[self.rank::self.world]
+        return items[self.rank :: self.world]
 
 
 def init_distributed() -> DistInfo:

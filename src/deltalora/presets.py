@@ -20,15 +20,49 @@ PRESETS: dict[str, Preset] = {
         pool=TINY_POOL,
         pairs=TINY_PAIRS,
         tasks=TaskConfig(max_test=16, max_train=64, min_items=8),
-        zoo=ZooConfig(rank=2, alpha=4.0, steps=6, batch_size=4, lr=1e-2, warmup_steps=1, max_length=48,
-                      seeds=(0,), keep_last=2, pair_steps=4, eval_batch_size=16),
+        zoo=ZooConfig(
+            rank=2,
+            alpha=4.0,
+            steps=6,
+            batch_size=4,
+            lr=1e-2,
+            warmup_steps=1,
+            max_length=48,
+            seeds=(0,),
+            keep_last=2,
+            pair_steps=4,
+            eval_batch_size=16,
+        ),
         delta=DeltaConfig(n_probes=5, batch_size=5),
-        generator=GeneratorConfig(n_prompts=4, channels=(8,), steps=8, stage1_steps=8, batch_size=2, lr=3e-3,
-                                  warmup_steps=1, kl_prompts=2, save_every=4),
-        experiment=ExperimentConfig(held_out=("syn.parity",), seen_eval=("syn.add", "syn.copy"), lodo_domain="strings",
-                                    lodo_eval=("syn.copy",), seeds=(0, 1), draws=2, n_test=6, n_kl=2, steps=3, long_steps=6,
-                                    rq3_variants=("dnd",), mislabel=(0.5,), probe_sizes=(1,), lambdas=(3.0,),
-                                    interpolations=(0.5,), mixed_variants=("dnd",)),
+        generator=GeneratorConfig(
+            n_prompts=4,
+            channels=(8,),
+            steps=8,
+            stage1_steps=8,
+            batch_size=2,
+            lr=3e-3,
+            warmup_steps=1,
+            kl_prompts=2,
+            save_every=4,
+        ),
+        experiment=ExperimentConfig(
+            held_out=("syn.parity",),
+            seen_eval=("syn.add", "syn.copy"),
+            lodo_domain="strings",
+            lodo_eval=("syn.copy",),
+            seeds=(0, 1),
+            draws=2,
+            n_test=6,
+            n_kl=2,
+            steps=3,
+            long_steps=6,
+            rq3_variants=("dnd",),
+            mislabel=(0.5,),
+            probe_sizes=(1,),
+            lambdas=(3.0,),
+            interpolations=(0.5,),
+            mixed_variants=("dnd",),
+        ),
     ),
     "small": Preset(
         name="small",
@@ -37,11 +71,22 @@ PRESETS: dict[str, Preset] = {
         pairs=PAIRS,
         generator=GeneratorConfig(exact_samples=1),
         experiment=ExperimentConfig(
-            held_out=("arithmetic.3_digit_subtraction", "linguistic_mappings.question_formation_json",
-                      "movie_recommendation", "unit_conversion.novel_systems"),
-            seen_eval=("arithmetic.2_digit_addition", "cs_algorithms.valid_parentheses", "linguistic_mappings.plural_json",
-                       "intent_recognition", "unit_conversion.si_conversion"),
-            lodo_domain="science", lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems")),
+            held_out=(
+                "arithmetic.3_digit_subtraction",
+                "linguistic_mappings.question_formation_json",
+                "movie_recommendation",
+                "unit_conversion.novel_systems",
+            ),
+            seen_eval=(
+                "arithmetic.2_digit_addition",
+                "cs_algorithms.valid_parentheses",
+                "linguistic_mappings.plural_json",
+                "intent_recognition",
+                "unit_conversion.si_conversion",
+            ),
+            lodo_domain="science",
+            lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems"),
+        ),
     ),
 }
 
@@ -69,7 +114,9 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             continue
         section, _, name = key.partition(".")
         if not sep or not name or section not in ("tasks", "zoo", "delta", "generator", "experiment"):
-            raise ConfigError(f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value> or pool=<task>,<task>")
+            raise ConfigError(
+                f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value> or pool=<task>,<task>"
+            )
         sub = getattr(preset, section)
         fields = {f.name: f for f in dataclasses.fields(sub)}
         if name not in fields:

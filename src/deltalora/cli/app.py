@@ -20,7 +20,9 @@ Activations with 1/5/20 probes, results and plots). Every stage verb takes --pre
 --workspace, --tasks and --set section.field=value overrides."""
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-tasks_app = typer.Typer(help="List, show and prepare tasks (BIG-bench JSON, user JSONL, synthetic).", no_args_is_help=True)
+tasks_app = typer.Typer(
+    help="List, show and prepare tasks (BIG-bench JSON, user JSONL, synthetic).", no_args_is_help=True
+)
 zoo_app = typer.Typer(help="Build the reference LoRA zoo and summarise it.", no_args_is_help=True)
 delta_app = typer.Typer(help="Compute Delta Activations and report their quality.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
@@ -33,12 +35,19 @@ WorkspaceOpt = Annotated[
 ]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a config field, e.g. --set zoo.steps=10, or the task pool: "
-                               "--set pool=a,b (repeatable)."),
+    typer.Option(
+        "--set", help="Override a config field, e.g. --set zoo.steps=10, or the task pool: --set pool=a,b (repeatable)."
+    ),
 ]
-TasksFileOpt = Annotated[Optional[Path], typer.Option("--tasks-file", help="JSON list of user tasks {name, domain, path to JSONL}.")]
-BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")]
-TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")]
+TasksFileOpt = Annotated[
+    Optional[Path], typer.Option("--tasks-file", help="JSON list of user tasks {name, domain, path to JSONL}.")
+]
+BaseOpt = Annotated[
+    Optional[str], typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")
+]
+TasksOpt = Annotated[
+    Optional[str], typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
+]
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,14 @@ class Run:
     ws: Workspace
 
 
-def setup(preset: str, workspace: Path | None = None, overrides: list[str] | None = None, tasks_file: Path | None = None,
-          base: str | None = None, tasks: str | None = None) -> Run:
+def setup(
+    preset: str,
+    workspace: Path | None = None,
+    overrides: list[str] | None = None,
+    tasks_file: Path | None = None,
+    base: str | None = None,
+    tasks: str | None = None,
+) -> Run:
     """Resolve the options every stage verb shares, in one way for all of them."""
     from deltalora.data.jsonl import load_user_specs
     from deltalora.presets import apply_overrides, get_preset, with_pool

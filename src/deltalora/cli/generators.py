@@ -14,9 +14,17 @@ from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.generator.variants import VARIANTS
 from deltalora.workspace import Workspace
 
-VARIANT_HELP = "; ".join(f"{v.name}: {v.summary}" for v in VARIANTS.values()) + f"; {RETRIEVAL}: the nearest zoo adapter."
-GeneratorOpt = Annotated[Path, typer.Option("--generator", "-g", help="Trained generator or retrieval folder, or the name "
-                                                                      "of one under <workspace>/generators.")]
+VARIANT_HELP = (
+    "; ".join(f"{v.name}: {v.summary}" for v in VARIANTS.values()) + f"; {RETRIEVAL}: the nearest zoo adapter."
+)
+GeneratorOpt = Annotated[
+    Path,
+    typer.Option(
+        "--generator",
+        "-g",
+        help="Trained generator or retrieval folder, or the name of one under <workspace>/generators.",
+    ),
+]
 
 
 def _generator_dir(ws: Workspace, given: Path) -> Path:
@@ -27,10 +35,19 @@ def _generator_dir(ws: Workspace, given: Path) -> Path:
 @app.command("train-generator")
 def train_generator_cmd(
     variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "dnd",
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None, overrides: SetOpt = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated training tasks (default: the pool).")] = None,
-    shuffle_delta: Annotated[bool, typer.Option("--shuffle-delta", help="Negative control: permute δ targets across tasks.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default <workspace>/generators/<variant>).")] = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    tasks: Annotated[
+        Optional[str], typer.Option("--tasks", help="Comma-separated training tasks (default: the pool).")
+    ] = None,
+    shuffle_delta: Annotated[
+        bool, typer.Option("--shuffle-delta", help="Negative control: permute δ targets across tasks.")
+    ] = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output folder (default <workspace>/generators/<variant>).")
+    ] = None,
 ) -> None:
     """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill."""
     from deltalora.generator.retrieval import build_retrieval
@@ -38,8 +55,11 @@ def train_generator_cmd(
 
     if variant != RETRIEVAL and variant not in VARIANTS:
         raise UsageError(f"--variant: unknown {variant!r}; choose from {', '.join([*VARIANTS, RETRIEVAL])}")
-    sets = [*(overrides or []), *([] if variant == RETRIEVAL else [f"generator.variant={variant}"]),
-            *(["generator.shuffle_delta=true"] if shuffle_delta else [])]
+    sets = [
+        *(overrides or []),
+        *([] if variant == RETRIEVAL else [f"generator.variant={variant}"]),
+        *(["generator.shuffle_delta=true"] if shuffle_delta else []),
+    ]
     run = setup(preset, workspace, sets, tasks_file)
     names = split_names(tasks) or list(run.preset.pool)
     dest = out or run.ws.generator(variant + ("_shuffled" if shuffle_delta else ""))
@@ -48,8 +68,10 @@ def train_generator_cmd(
         typer.echo(f"retrieval index over {len(names)} tasks in {dest}")
         return
     card = train_generator(run.preset, run.ws, dest, names, run.extra)
-    typer.echo(f"generator {variant}: {card.n_params:,} parameters, emits {card.lora_params:,} LoRA parameters; "
-               f"{card.train_seconds:.0f} s; saved to {dest}")
+    typer.echo(
+        f"generator {variant}: {card.n_params:,} parameters, emits {card.lora_params:,} LoRA parameters; "
+        f"{card.train_seconds:.0f} s; saved to {dest}"
+    )
 
 
 @app.command("generate")
@@ -58,7 +80,8 @@ def generate_cmd(
     prompts: Annotated[Path, typer.Option("--prompts", help="Text file (one prompt a line) or JSONL.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
 ) -> None:
     """Emit a PEFT adapter for the prompts (loads with peft.PeftModel.from_pretrained)."""
     from deltalora.generator.generate import generate, read_prompts
@@ -69,14 +92,27 @@ def generate_cmd(
 
 @app.command("assess")
 def assess_cmd(
-    generators: Annotated[list[Path], typer.Option("--generator", "-g", help="Trained generator or retrieval folder, or a "
-                                                                             "name under <workspace>/generators (repeatable).")],
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None, overrides: SetOpt = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")] = None,
+    generators: Annotated[
+        list[Path],
+        typer.Option(
+            "--generator",
+            "-g",
+            help="Trained generator or retrieval folder, or a name under <workspace>/generators (repeatable).",
+        ),
+    ],
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    tasks: Annotated[
+        Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")
+    ] = None,
     draws: Annotated[int, typer.Option(help="Generated adapters per task (different train-prompt draws).")] = 2,
     n_test: Annotated[Optional[int], typer.Option(help="Score only the first N test items.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON output: one entry per generator.")] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="Add these generators to an existing --out file (same draws and n_test).")] = False,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Add these generators to an existing --out file (same draws and n_test).")
+    ] = False,
 ) -> None:
     """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
     from deltalora.experiments.assess import assess_generator
@@ -96,19 +132,28 @@ def assess_cmd(
         if merge and out.exists():
             old = read_json(out, "assessment results")
             if (old.get("draws"), old.get("n_test")) != (draws, n_test):
-                raise UsageError(f"{out}: holds draws={old.get('draws')}, n_test={old.get('n_test')}; "
-                                 "cannot merge a different protocol")
+                raise UsageError(
+                    f"{out}: holds draws={old.get('draws')}, n_test={old.get('n_test')}; "
+                    "cannot merge a different protocol"
+                )
             payload["generators"] = {**old["generators"], **results}
         atomic_write_json(out, payload)
 
 
 @app.command("experiment")
 def experiment_cmd(
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None, overrides: SetOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
     tasks: TasksOpt = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, "
-                                                                    "rq2_lodo, rq3, rq4, ablations.")] = None,
-    results_dir: Annotated[Optional[Path], typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")] = None,
+    only: Annotated[
+        Optional[list[str]],
+        typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, rq2_lodo, rq3, rq4, ablations."),
+    ] = None,
+    results_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")
+    ] = None,
 ) -> None:
     """RQ1-RQ4, ablations and controls on a built zoo with Delta Activations. Resumable: every finished
     cell is cached under <workspace>/experiments and skipped on a rerun; budgets are the preset's
@@ -116,7 +161,9 @@ def experiment_cmd(
     from deltalora.experiments.run import run_experiment
 
     run = setup(preset, workspace, overrides, tasks_file, tasks=tasks)
-    files = run_experiment(run.preset, run.ws, results_dir or Path(f"results/experiments_{run.preset.name}"), only, run.extra)
+    files = run_experiment(
+        run.preset, run.ws, results_dir or Path(f"results/experiments_{run.preset.name}"), only, run.extra
+    )
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
 
 

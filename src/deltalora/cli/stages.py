@@ -9,14 +9,28 @@ from typing import Annotated, Optional
 import typer
 
 from deltalora.cli.app import (
-    BaseOpt, PresetOpt, SetOpt, TasksFileOpt, TasksOpt, WorkspaceOpt, app, delta_app, setup, tasks_app, zoo_app,
+    BaseOpt,
+    PresetOpt,
+    SetOpt,
+    TasksFileOpt,
+    TasksOpt,
+    WorkspaceOpt,
+    app,
+    delta_app,
+    setup,
+    tasks_app,
+    zoo_app,
 )
 from deltalora.errors import UsageError
 
 
 @tasks_app.command("list")
-def tasks_list(preset: PresetOpt = "small", tasks_file: TasksFileOpt = None, tasks: TasksOpt = None,
-               all_: Annotated[bool, typer.Option("--all", help="Also list dropped candidates with the reason.")] = False) -> None:
+def tasks_list(
+    preset: PresetOpt = "small",
+    tasks_file: TasksFileOpt = None,
+    tasks: TasksOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="Also list dropped candidates with the reason.")] = False,
+) -> None:
     """List the preset's task pool (name, domain, source)."""
     from deltalora.data.registry import BUILTIN, DROPPED
 
@@ -31,16 +45,22 @@ def tasks_list(preset: PresetOpt = "small", tasks_file: TasksFileOpt = None, tas
 
 
 @tasks_app.command("show")
-def tasks_show(name: str, preset: PresetOpt = "small", tasks_file: TasksFileOpt = None,
-               n: Annotated[int, typer.Option(help="Items to print.")] = 2) -> None:
+def tasks_show(
+    name: str,
+    preset: PresetOpt = "small",
+    tasks_file: TasksFileOpt = None,
+    n: Annotated[int, typer.Option(help="Items to print.")] = 2,
+) -> None:
     """Show a task's domain, kind, split sizes and a few train items."""
     from deltalora.data.tasks import load_task, resolve_spec
 
     run = setup(preset, tasks_file=tasks_file)
     spec = resolve_spec(name, run.extra)
     task = load_task(spec, run.preset.tasks)
-    typer.echo(f"{task.name}: domain={task.domain} kind={task.kind} train={len(task.train)} test={len(task.test)} "
-               f"source={spec.source}")
+    typer.echo(
+        f"{task.name}: domain={task.domain} kind={task.kind} train={len(task.train)} test={len(task.test)} "
+        f"source={spec.source}"
+    )
     if spec.note:
         typer.echo(f"note: {spec.note}")
     for it in task.train[:n]:
@@ -51,8 +71,13 @@ def tasks_show(name: str, preset: PresetOpt = "small", tasks_file: TasksFileOpt 
 
 
 @tasks_app.command("prepare")
-def tasks_prepare(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
-                  overrides: SetOpt = None, tasks: TasksOpt = None) -> None:
+def tasks_prepare(
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    tasks: TasksOpt = None,
+) -> None:
     """Fetch and cache every pool task's source, validate it, write <workspace>/tasks.json."""
     from deltalora.data.bigbench import extract_bigbench
     from deltalora.data.tasks import load_task, resolve_spec
@@ -64,15 +89,29 @@ def tasks_prepare(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, t
     rows = []
     for s in specs:
         t = load_task(s, run.preset.tasks)
-        rows.append({"task": t.name, "domain": t.domain, "kind": t.kind, "n_train": len(t.train), "n_test": len(t.test),
-                     "source": s.source})
+        rows.append(
+            {
+                "task": t.name,
+                "domain": t.domain,
+                "kind": t.kind,
+                "n_train": len(t.train),
+                "n_test": len(t.test),
+                "source": s.source,
+            }
+        )
         typer.echo(f"{t.name:45s} {t.domain:12s} {t.kind:5s} train={len(t.train):5d} test={len(t.test):4d}")
     atomic_write_json(run.ws.tasks_file, rows)
 
 
 @zoo_app.command("build")
-def zoo_build(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
-              overrides: SetOpt = None, base: BaseOpt = None, tasks: TasksOpt = None) -> None:
+def zoo_build(
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    base: BaseOpt = None,
+    tasks: TasksOpt = None,
+) -> None:
     """Train every missing adapter (resumable: rerun continues where a killed build stopped)."""
     from deltalora.zoo.build import build_zoo
 
@@ -83,8 +122,11 @@ def zoo_build(preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks
 
 @zoo_app.command("results")
 def zoo_results_cmd(
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
-    overrides: SetOpt = None, tasks: TasksOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    tasks: TasksOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/zoo_<preset>.json).")] = None,
     md: Annotated[Optional[Path], typer.Option(help="Markdown table (default docs/zoo_<preset>.md).")] = None,
 ) -> None:
@@ -93,27 +135,39 @@ def zoo_results_cmd(
 
     run = setup(preset, workspace, overrides, tasks_file, tasks=tasks)
     name = run.preset.name
-    rows = zoo_results(run.preset, run.ws, out or Path(f"results/zoo_{name}.json"), md or Path(f"docs/zoo_{name}.md"), run.extra)
+    rows = zoo_results(
+        run.preset, run.ws, out or Path(f"results/zoo_{name}.json"), md or Path(f"docs/zoo_{name}.md"), run.extra
+    )
     for r in rows:
         typer.echo(f"{r['task']:45s} base={r['base_acc']:.3f} lora={r['lora_acc']:.3f} gain={r['gain']:+.3f}")
 
 
 @delta_app.command("compute")
 def delta_compute(
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, overrides: SetOpt = None, base: BaseOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    overrides: SetOpt = None,
+    base: BaseOpt = None,
     tasks: TasksOpt = None,
-    probes: Annotated[Optional[list[int]], typer.Option("--probes", help="Probe-set sizes: 1, 5 and/or 20 (repeatable).")] = None,
+    probes: Annotated[
+        Optional[list[int]], typer.Option("--probes", help="Probe-set sizes: 1, 5 and/or 20 (repeatable).")
+    ] = None,
 ) -> None:
     """δ for every checkpoint in the zoo (of the --tasks only, if given; resumable); base activations computed once."""
     from deltalora.delta.compute import delta_stage
 
     run = setup(preset, workspace, overrides, base=base, tasks=tasks)
-    delta_stage(run.preset, run.ws, tuple(probes or [run.preset.delta.n_probes]), pool=run.preset.pool if tasks else None)
+    delta_stage(
+        run.preset, run.ws, tuple(probes or [run.preset.delta.n_probes]), pool=run.preset.pool if tasks else None
+    )
 
 
 @delta_app.command("report")
 def delta_report_cmd(
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, overrides: SetOpt = None, tasks: TasksOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    overrides: SetOpt = None,
+    tasks: TasksOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/delta_<preset>.json).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG map (default docs/delta_map_<preset>.png).")] = None,
 ) -> None:
@@ -131,8 +185,13 @@ def delta_report_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     task: Annotated[str, typer.Option("--task", "-t", help="Task name.")],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="PEFT adapter folder (omit: base model).")] = None,
-    preset: PresetOpt = "small", base: BaseOpt = None, tasks_file: TasksFileOpt = None, overrides: SetOpt = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", "-a", help="PEFT adapter folder (omit: base model).")
+    ] = None,
+    preset: PresetOpt = "small",
+    base: BaseOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
     split: Annotated[str, typer.Option(help="test or train.")] = "test",
 ) -> None:
     """Accuracy of an adapter (or the base model) on a task's split."""
@@ -155,14 +214,28 @@ def evaluate_cmd(
         model = load_adapter(model, adapter, p.base)
     items = getattr(t, split)
     acc = accuracy(model, tok, items, p.zoo.eval_batch_size, p.zoo.max_length)
-    typer.echo(json.dumps({"task": t.name, "split": split, "adapter": str(adapter) if adapter else None,
-                           "base": p.base, "n": len(items), "accuracy": round(acc, 4)}))
+    typer.echo(
+        json.dumps(
+            {
+                "task": t.name,
+                "split": split,
+                "adapter": str(adapter) if adapter else None,
+                "base": p.base,
+                "n": len(items),
+                "accuracy": round(acc, 4),
+            }
+        )
+    )
 
 
 @app.command("run")
 def run_cmd(
-    preset: PresetOpt = "small", workspace: WorkspaceOpt = None, tasks_file: TasksFileOpt = None,
-    overrides: SetOpt = None, base: BaseOpt = None, tasks: TasksOpt = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    base: BaseOpt = None,
+    tasks: TasksOpt = None,
     results_dir: Annotated[Path, typer.Option(help="Where result JSON goes.")] = Path("results"),
     docs_dir: Annotated[Path, typer.Option(help="Where tables and plots go.")] = Path("docs"),
 ) -> None:

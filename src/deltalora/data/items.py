@@ -27,6 +27,7 @@ class Item:
 @dataclass(frozen=True)
 class Task:
     """A named task: its domain, kind (``mc`` or ``exact``) and deterministic train/test split."""
+
     name: str
     domain: str
     kind: str

@@ -86,7 +86,7 @@ DROPPED: dict[str, str] = {
     "goal_step_wikihow.step_inference": "LoRA gain +0.030 (0.175 -> 0.205 on 200 test items)",
     "goal_step_wikihow.step_ordering": "LoRA gain +0.045 (0.505 -> 0.550 on 200 test items), below the 5-point bar",
     "navigate": "passes (+0.070, 0.560 -> 0.630) but is the only passing task of the logic domain, "
-                "which needs 3; the other logic candidates did not move",
+    "which needs 3; the other logic candidates did not move",
 }
 
 DEFAULT_POOL: tuple[str, ...] = tuple(s.name for s in CANDIDATES if s.name not in DROPPED)

@@ -7,8 +7,28 @@ import random
 from deltalora.data.items import Item, stable_seed
 from deltalora.errors import TaskError
 
-_WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "chair", "grape", "house",
-          "zebra", "mango", "olive", "queen", "robot", "sugar", "table", "water", "yacht", "bread")
+_WORDS = (
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "chair",
+    "grape",
+    "house",
+    "zebra",
+    "mango",
+    "olive",
+    "queen",
+    "robot",
+    "sugar",
+    "table",
+    "water",
+    "yacht",
+    "bread",
+)
 
 
 def synthetic_items(gen: str) -> list[tuple[Item, str | None]]:

@@ -46,7 +46,9 @@ def load_task(spec: TaskSpec, cfg: TaskConfig) -> Task:
     return Task(spec.name, spec.domain, "mc" if unique[0][0].is_mc else "exact", *split_items(spec.name, unique, cfg))
 
 
-def split_items(name: str, items: list[tuple[Item, str | None]], cfg: TaskConfig) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
+def split_items(
+    name: str, items: list[tuple[Item, str | None]], cfg: TaskConfig
+) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
     """Deterministic train/test split; items pinned with 'split' keep their side."""
     pinned_train = [it for it, s in items if s == "train"]
     pinned_test = [it for it, s in items if s == "test"]

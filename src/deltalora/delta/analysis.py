@@ -47,13 +47,25 @@ def additivity(deltas: dict[str, torch.Tensor], manifest: Manifest) -> list[dict
         if (a, c.seed) not in final or (b, c.seed) not in final:
             continue
         d_ab, d_a, d_b = deltas[c.path], final[(a, c.seed)], final[(b, c.seed)]
-        rows.append({"pair": c.task, "cos_sum": round(cos(d_ab, d_a + d_b), 4),
-                     "cos_a": round(cos(d_ab, d_a), 4), "cos_b": round(cos(d_ab, d_b), 4)})
+        rows.append(
+            {
+                "pair": c.task,
+                "cos_sum": round(cos(d_ab, d_a + d_b), 4),
+                "cos_a": round(cos(d_ab, d_a), 4),
+                "cos_b": round(cos(d_ab, d_b), 4),
+            }
+        )
     return rows
 
 
-def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Path, title: str,
-             kinds: Sequence[str] | None = None) -> None:
+def plot_map(
+    x: np.ndarray,
+    labels: Sequence[str],
+    names: Sequence[str],
+    out: Path,
+    title: str,
+    kinds: Sequence[str] | None = None,
+) -> None:
     """t-SNE of the cosine distances (PCA below 8 points), coloured by domain; ``kinds`` (e.g.
     reference vs each generator) get one marker each."""
     import matplotlib
@@ -63,8 +75,9 @@ def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Pa
     from sklearn.manifold import TSNE
 
     if len(x) >= 8:
-        xy = TSNE(n_components=2, metric="precomputed", init="random", random_state=0,
-                  perplexity=min(15.0, (len(x) - 1) / 3)).fit_transform(cosine_distance(x))
+        xy = TSNE(
+            n_components=2, metric="precomputed", init="random", random_state=0, perplexity=min(15.0, (len(x) - 1) / 3)
+        ).fit_transform(cosine_distance(x))
     else:  # too few points for t-SNE: the top two principal directions of the unit vectors
         unit = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
         centred = unit - unit.mean(0)
@@ -77,13 +90,21 @@ def plot_map(x: np.ndarray, labels: Sequence[str], names: Sequence[str], out: Pa
         for kind, mk in marks.items():
             m = np.array([lab == dom and k == kind for lab, k in zip(labels, kinds)])
             if m.any():
-                ax.scatter(xy[m, 0], xy[m, 1], s=28 if mk == "o" else 40, marker=mk, color=plt.cm.tab10(i % 10),
-                           label=dom if kind == kinds[0] or len(marks) == 1 else None)
+                ax.scatter(
+                    xy[m, 0],
+                    xy[m, 1],
+                    s=28 if mk == "o" else 40,
+                    marker=mk,
+                    color=plt.cm.tab10(i % 10),
+                    label=dom if kind == kinds[0] or len(marks) == 1 else None,
+                )
     for kind, mk in marks.items() if len(marks) > 1 else ():
         ax.scatter([], [], marker=mk, color="grey", label=kind)
     if len(x) <= 60:  # small zoos: name every point
         for (px, py), name in zip(xy, names):
-            ax.annotate(name.rsplit(".", 1)[-1], (px, py), fontsize=6, alpha=0.8, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                name.rsplit(".", 1)[-1], (px, py), fontsize=6, alpha=0.8, xytext=(3, 3), textcoords="offset points"
+            )
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -23,19 +23,29 @@ from deltalora.zoo.adapters import AdapterSwapper
 from deltalora.zoo.manifest import Checkpoint, Manifest
 
 
-def delta_stage(preset: Preset, ws: Workspace, probe_sizes: tuple[int, ...] = (5,),
-                pool: tuple[str, ...] | None = None) -> None:
+def delta_stage(
+    preset: Preset, ws: Workspace, probe_sizes: tuple[int, ...] = (5,), pool: tuple[str, ...] | None = None
+) -> None:
     """Delta Activations for every checkpoint of the zoo (of the ``pool`` tasks only, if given), per probe-set size."""
     manifest = Manifest.from_file(ws.manifest)
     if pool is not None:
         manifest = manifest.within(pool)
     base, tok = load_base(preset.base)
     for n in probe_sizes:
-        compute_zoo_deltas(base, tok, ws, list(manifest), dataclasses.replace(preset.delta, n_probes=n), base_name=preset.base)
+        compute_zoo_deltas(
+            base, tok, ws, list(manifest), dataclasses.replace(preset.delta, n_probes=n), base_name=preset.base
+        )
 
 
-def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, ws: Workspace, checkpoints: Sequence[Checkpoint],
-                       cfg: DeltaConfig, base_name: str | None = None, save_every: int = 25) -> dict[str, torch.Tensor]:
+def compute_zoo_deltas(
+    base: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    ws: Workspace,
+    checkpoints: Sequence[Checkpoint],
+    cfg: DeltaConfig,
+    base_name: str | None = None,
+    save_every: int = 25,
+) -> dict[str, torch.Tensor]:
     """δ for every checkpoint given; resumable (finished ones are kept on disk).
 
     Under torchrun the checkpoints are sharded by rank; each rank writes its own part
@@ -63,8 +73,10 @@ def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, ws: 
         finally:
             swapper.unload()
         if info.is_main:
-            atomic_write_json(ws.delta_timing(cfg.n_probes),
-                              {"n_adapters": len(todo), "seconds": seconds, "seconds_per_adapter": seconds / len(todo)})
+            atomic_write_json(
+                ws.delta_timing(cfg.n_probes),
+                {"n_adapters": len(todo), "seconds": seconds, "seconds_per_adapter": seconds / len(todo)},
+            )
     barrier()
     if info.world > 1 and info.is_main:
         parts = [ws.deltas(cfg.n_probes, r) for r in range(info.world) if ws.deltas(cfg.n_probes, r).exists()]
@@ -74,8 +86,10 @@ def compute_zoo_deltas(base: torch.nn.Module, tok: PreTrainedTokenizerBase, ws: 
         for f in parts:  # only the part files this run's ranks wrote
             f.unlink()
     if info.is_main:
-        atomic_write_json(ws.delta_config, {"delta": {"n_probes": cfg.n_probes, "batch_size": cfg.batch_size},
-                                            "probes": probe_prompts(cfg.n_probes)})
+        atomic_write_json(
+            ws.delta_config,
+            {"delta": {"n_probes": cfg.n_probes, "batch_size": cfg.batch_size}, "probes": probe_prompts(cfg.n_probes)},
+        )
     barrier()
     return load_file(out_file) if out_file.exists() else done
 
@@ -84,6 +98,7 @@ def load_deltas(ws: Workspace, n_probes: int = 5) -> dict[str, torch.Tensor]:
     """δ of every checkpoint (keyed by its manifest path) for a probe-set size."""
     f = ws.deltas(n_probes)
     if not f.exists():
-        raise ArtifactError(f"{f}: no Delta Activations computed for |P|={n_probes}; "
-                            f"run `deltalora delta compute --probes {n_probes}`")
+        raise ArtifactError(
+            f"{f}: no Delta Activations computed for |P|={n_probes}; run `deltalora delta compute --probes {n_probes}`"
+        )
     return load_file(f)

@@ -49,7 +49,9 @@ class DeltaProbe:
 
     def __init__(self, tok: PreTrainedTokenizerBase, cfg: DeltaConfig):
         ids = [tok(p, add_special_tokens=True).input_ids for p in probe_prompts(cfg.n_probes)]
-        self.batches = [pad_left(ids[i: i + cfg.batch_size], tok.pad_token_id) for i in range(0, len(ids), cfg.batch_size)]
+        self.batches = [
+            pad_left(ids[i : i + cfg.batch_size], tok.pad_token_id) for i in range(0, len(ids), cfg.batch_size)
+        ]
         self.n = len(ids)
         self.base_mean: torch.Tensor | None = None
 
@@ -57,9 +59,19 @@ class DeltaProbe:
         """Mean last-token final-layer state over the probes; ``params`` overrides named parameters."""
         total = 0
         for ids, mask, pos in self.batches:
-            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
-                          logits_to_keep=1, use_cache=False)
-            out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False) if params else model(**kwargs)
+            kwargs = dict(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                output_hidden_states=True,
+                logits_to_keep=1,
+                use_cache=False,
+            )
+            out = (
+                torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+                if params
+                else model(**kwargs)
+            )
             total = total + out.hidden_states[-1][:, -1, :].float().sum(0)
         return total / self.n
 

@@ -20,8 +20,15 @@ from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import read_adapter
 
 
-def assess_generator(preset: Preset, ws: Workspace, gen_dir: str | Path, tasks: list[str], n_draws: int = 2,
-                     n_test: int | None = None, extra: list[TaskSpec] | None = None) -> dict:
+def assess_generator(
+    preset: Preset,
+    ws: Workspace,
+    gen_dir: str | Path,
+    tasks: list[str],
+    n_draws: int = 2,
+    n_test: int | None = None,
+    extra: list[TaskSpec] | None = None,
+) -> dict:
     """Per task and overall: accuracy of generated adapters (mean ± std over prompt draws) and
     how close they are to the task's reference checkpoints in weights and in δ."""
     gen_dir = Path(gen_dir)
@@ -36,7 +43,9 @@ def assess_generator(preset: Preset, ws: Workspace, gen_dir: str | Path, tasks: 
             for d in range(n_draws):
                 t0 = time.perf_counter()
                 if gen is None:
-                    _, folder = retrieve(gen_dir, choose_prompts(prompts, min(32, len(prompts)), stable_seed(name, d)), encoder)
+                    _, folder = retrieve(
+                        gen_dir, choose_prompts(prompts, min(32, len(prompts)), stable_seed(name, d)), encoder
+                    )
                     tensors = read_adapter(folder)[1]
                 else:
                     tensors = generate_tensors(gen, encoder, prompts, stable_seed(name, d))
@@ -49,8 +58,15 @@ def assess_generator(preset: Preset, ws: Workspace, gen_dir: str | Path, tasks: 
             per_task[name]["n_test"] = len(ref.items)
     finally:
         scorer.close()
-    overall = {k: mean_std([per_task[t][k]["mean"] for t in tasks])
-               for k in ("acc", "reference_acc", "param_mse", "delta_dist", "delta_cos", "kl")}
+    overall = {
+        k: mean_std([per_task[t][k]["mean"] for t in tasks])
+        for k in ("acc", "reference_acc", "param_mse", "delta_dist", "delta_cos", "kl")
+    }
     overall["base_acc"] = mean_std([per_task[t]["base_acc"] for t in tasks])
-    return {"generator": str(gen_dir), "tasks": per_task, "overall": overall, "n_draws": n_draws,
-            "generation_seconds": mean_std(gen_seconds)}
+    return {
+        "generator": str(gen_dir),
+        "tasks": per_task,
+        "overall": overall,
+        "n_draws": n_draws,
+        "generation_seconds": mean_std(gen_seconds),
+    }

@@ -54,8 +54,7 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
         cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])
         cached(f"{b} LoRA", lambda: [both(ref_b.ref_tensors[0])])
         if union:
-            cached("union LoRA (trained on both tasks)",
-                   lambda: [both(runner.scorer.tensors(union[0]))])
+            cached("union LoRA (trained on both tasks)", lambda: [both(runner.scorer.tensors(union[0]))])
         for label, kind in _PEFT_MERGES.items():
             cached(label, lambda kind=kind: [_peft_merge(runner, a, b, kind, both)])
         for name in decoders:
@@ -64,16 +63,33 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
                 for alpha in (1.0, *ex.interpolations):
                     label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
                     w_a, w_b = (1.0, 1.0) if alpha == 1.0 else (alpha, 1 - alpha)
-                    cached(f"{label} seed{seed}", lambda g=gen, wa=w_a, wb=w_b: [both(_decode_delta(g, wa * ref_a.ref_delta + wb * ref_b.ref_delta))])
+                    cached(
+                        f"{label} seed{seed}",
+                        lambda g=gen, wa=w_a, wb=w_b: [
+                            both(_decode_delta(g, wa * ref_a.ref_delta + wb * ref_b.ref_delta))
+                        ],
+                    )
         for v in ex.mixed_variants:
             if v not in main:
                 continue
             for seed in ex.seeds:
-                cached(f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both))
+                cached(
+                    f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both)
+                )
         pairs[f"{a}+{b}"] = _summary(cache, a, b)
-    out = {"rq": "rq4", "preset": pre.name, "base": pre.base, "experiment": {"seeds": list(ex.seeds), "draws": ex.draws,
-           "n_test": ex.n_test, "interpolations": list(ex.interpolations)}, "pairs": pairs,
-           "base_acc": {t: runner.scorer.ref(t).base_acc for p in pre.pairs for t in p}}
+    out = {
+        "rq": "rq4",
+        "preset": pre.name,
+        "base": pre.base,
+        "experiment": {
+            "seeds": list(ex.seeds),
+            "draws": ex.draws,
+            "n_test": ex.n_test,
+            "interpolations": list(ex.interpolations),
+        },
+        "pairs": pairs,
+        "base_acc": {t: runner.scorer.ref(t).base_acc for p in pre.pairs for t in p},
+    }
     f = runner.results_dir / "rq4.json"
     atomic_write_json(f, out)
     return f
@@ -122,8 +138,11 @@ def _summary(cache: Path, a: str, b: str) -> dict:
         groups.setdefault(rec["method"].rsplit(" seed", 1)[0], []).extend(rec["adapters"])
     rows = {}
     for method, adapters in groups.items():
-        rows[method] = {"acc_a": mean_std([x[a]["acc"] for x in adapters]), "acc_b": mean_std([x[b]["acc"] for x in adapters]),
-                        "acc_mean": mean_std([statistics.fmean((x[a]["acc"], x[b]["acc"])) for x in adapters]),
-                        "delta_cos_a": mean_std([x[a]["delta_cos"] for x in adapters]),
-                        "delta_cos_b": mean_std([x[b]["delta_cos"] for x in adapters])}
+        rows[method] = {
+            "acc_a": mean_std([x[a]["acc"] for x in adapters]),
+            "acc_b": mean_std([x[b]["acc"] for x in adapters]),
+            "acc_mean": mean_std([statistics.fmean((x[a]["acc"], x[b]["acc"])) for x in adapters]),
+            "delta_cos_a": mean_std([x[a]["delta_cos"] for x in adapters]),
+            "delta_cos_b": mean_std([x[b]["delta_cos"] for x in adapters]),
+        }
     return {"tasks": [a, b], "methods": rows}

@@ -58,45 +58,109 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     seen, held = ex.seen_eval, ex.held_out
     cells: list[Cell] = []
     for rq, tasks in (("rq1", seen), ("rq2", held)):
-        cells += [Cell(rq, "base model", "base", tasks), Cell(rq, "oracle (the task's own LoRA)", "oracle", tasks),
-                  Cell(rq, "mean of training adapters", "train_avg", tasks, train),
-                  Cell(rq, RETRIEVAL, RETRIEVAL, tasks, train)]
+        cells += [
+            Cell(rq, "base model", "base", tasks),
+            Cell(rq, "oracle (the task's own LoRA)", "oracle", tasks),
+            Cell(rq, "mean of training adapters", "train_avg", tasks, train),
+            Cell(rq, RETRIEVAL, RETRIEVAL, tasks, train),
+        ]
     for v in ex.variants:
-        cells += [Cell(rq, v, "generator", tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))]
+        cells += [
+            Cell(rq, v, "generator", tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))
+        ]
     base = baseline().name
     if ex.long_steps and base in ex.variants:  # the baseline is cheap per step: also give it the δ variants' wall time
-        cells += [Cell(rq, f"{base}, {ex.long_steps} steps (compute-matched)", "generator", tasks, train,
-                       (("variant", base), ("steps", ex.long_steps))) for rq, tasks in (("rq1", seen), ("rq2", held))]
+        cells += [
+            Cell(
+                rq,
+                f"{base}, {ex.long_steps} steps (compute-matched)",
+                "generator",
+                tasks,
+                train,
+                (("variant", base), ("steps", ex.long_steps)),
+            )
+            for rq, tasks in (("rq1", seen), ("rq2", held))
+        ]
     a = ex.ablation_variant
     # the main grid's generators on the ablation and RQ3 tasks: their scores are shared, nothing is recomputed
-    main_rows = [Cell("ablations", f"{v} (main grid{', |P|=5, λ_δ=1' if VARIANTS[v].uses_delta else ': no δ loss'})",
-                      "generator", seen + held, train, (("variant", v),)) for v in dict.fromkeys((base, a)) if v in ex.variants]
-    main_rows += [Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),))
-                  for v in ex.rq3_variants if v in ex.variants]
-    shuffled = [Cell("ablations", f"{a}, δ shuffled across tasks (control)", "generator", seen + held, train,
-                     (("variant", a), ("shuffle_delta", True)))]
-    other = [Cell("ablations", f"{v}, prompts of another domain (control)", "generator", seen + held, train,
-                  (("variant", v),), prompts="other") for v in (base, a) if v in ex.variants]
+    main_rows = [
+        Cell(
+            "ablations",
+            f"{v} (main grid{', |P|=5, λ_δ=1' if VARIANTS[v].uses_delta else ': no δ loss'})",
+            "generator",
+            seen + held,
+            train,
+            (("variant", v),),
+        )
+        for v in dict.fromkeys((base, a))
+        if v in ex.variants
+    ]
+    main_rows += [
+        Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),))
+        for v in ex.rq3_variants
+        if v in ex.variants
+    ]
+    shuffled = [
+        Cell(
+            "ablations",
+            f"{a}, δ shuffled across tasks (control)",
+            "generator",
+            seen + held,
+            train,
+            (("variant", a), ("shuffle_delta", True)),
+        )
+    ]
+    other = [
+        Cell(
+            "ablations",
+            f"{v}, prompts of another domain (control)",
+            "generator",
+            seen + held,
+            train,
+            (("variant", v),),
+            prompts="other",
+        )
+        for v in (base, a)
+        if v in ex.variants
+    ]
     lodo: list[Cell] = []
     if ex.lodo_domain:
         lodo_train = tuple(t for t in preset.pool if domains[t] != ex.lodo_domain)
         lodo_eval = ex.lodo_eval or tuple(t for t in preset.pool if domains[t] == ex.lodo_domain)
-        lodo += [Cell("rq2_lodo", "base model", "base", lodo_eval), Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
-                 Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
-                 Cell("rq2_lodo", RETRIEVAL, RETRIEVAL, lodo_eval, lodo_train)]
+        lodo += [
+            Cell("rq2_lodo", "base model", "base", lodo_eval),
+            Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
+            Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
+            Cell("rq2_lodo", RETRIEVAL, RETRIEVAL, lodo_eval, lodo_train),
+        ]
         lodo += [Cell("rq2_lodo", v, "generator", lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
-    rq3 = {v: [Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
-               for f in ex.fractions]
-              + [Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
-                 for s in ex.weight_noise]
-              + [Cell("rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m)))
-                 for m in ex.mislabel] for v in ex.rq3_variants}
+    rq3 = {
+        v: [
+            Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
+            for f in ex.fractions
+        ]
+        + [
+            Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
+            for s in ex.weight_noise
+        ]
+        + [
+            Cell(
+                "rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m))
+            )
+            for m in ex.mislabel
+        ]
+        for v in ex.rq3_variants
+    }
     cheap_rq3 = [c for v, cs in rq3.items() if not VARIANTS[v].needs_base for c in cs]
     costly_rq3 = [c for v, cs in rq3.items() if VARIANTS[v].needs_base for c in cs]
-    sweeps = [Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
-              for p in ex.probe_sizes]
-    sweeps += [Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
-               for lam in ex.lambdas]
+    sweeps = [
+        Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
+        for p in ex.probe_sizes
+    ]
+    sweeps += [
+        Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
+        for lam in ex.lambdas
+    ]
     # run order = priority: the negative control and every protocol before the costlier sweeps
     cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
     return cells
@@ -105,5 +169,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
 def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:
     """The preset a cell's generator of this seed is trained with."""
     ex = preset.experiment
-    gen = dataclasses.replace(preset.generator, **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **dict(cell.changes)})
+    gen = dataclasses.replace(
+        preset.generator, **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **dict(cell.changes)}
+    )
     return preset.replace(generator=gen)

@@ -37,12 +37,16 @@ def diff_ci(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def _table(cells: dict, with_gen: bool = True) -> list[str]:
-    head = "| method | accuracy | KL to reference | δ cosine | ‖δ̂ − δ‖ | parameter MSE | n adapters (seeds) |" + (" train s |" if with_gen else "")
+    head = "| method | accuracy | KL to reference | δ cosine | ‖δ̂ − δ‖ | parameter MSE | n adapters (seeds) |" + (
+        " train s |" if with_gen else ""
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, c in cells.items():
         o = c["overall"]
-        row = (f"| {name} | {_fmt(o['acc'])} | {_fmt(o['kl'])} | {_fmt(o['delta_cos'], 2)} | {_fmt(o['delta_dist'], 2)} | "
-               f"{_sci(o['param_mse'])} | {o['acc']['n']} ({len(c['seeds_done']) if c['seeds_done'] != [None] else '—'}) |")
+        row = (
+            f"| {name} | {_fmt(o['acc'])} | {_fmt(o['kl'])} | {_fmt(o['delta_cos'], 2)} | {_fmt(o['delta_dist'], 2)} | "
+            f"{_sci(o['param_mse'])} | {o['acc']['n']} ({len(c['seeds_done']) if c['seeds_done'] != [None] else '—'}) |"
+        )
         if with_gen:
             row += f" {c['train_seconds']['mean']:.0f} |" if "train_seconds" in c else " — |"
         lines.append(row)
@@ -68,9 +72,11 @@ def _verdict(cells: dict) -> list[str]:
             continue
         d, h = diff_ci(cells[v]["per_seed_acc"], cells[base]["per_seed_acc"])
         word = "better than" if d - h > 0 else "worse than" if d + h < 0 else "not distinguishable from"
-        out.append(f"- {v} − {base} accuracy: {d:+.3f} (95% interval ± {h:.3f} over generator seeds, n = "
-                   f"{len(cells[v]['per_seed_acc'])} vs {len(cells[base]['per_seed_acc'])}, each the mean of its draws): "
-                   f"{word} {base}.")
+        out.append(
+            f"- {v} − {base} accuracy: {d:+.3f} (95% interval ± {h:.3f} over generator seeds, n = "
+            f"{len(cells[v]['per_seed_acc'])} vs {len(cells[base]['per_seed_acc'])}, each the mean of its draws): "
+            f"{word} {base}."
+        )
     return out
 
 
@@ -100,9 +106,18 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
             names = list(cells)
             m = [cells[n]["overall"]["acc"]["mean"] for n in names]
             s = [cells[n]["overall"]["acc"]["std"] for n in names]
-            ax.bar(range(len(names)), m, yerr=s, capsize=3, color=["#999" if cells[n]["method"] != "generator" else "#3a7" for n in names])
+            ax.bar(
+                range(len(names)),
+                m,
+                yerr=s,
+                capsize=3,
+                color=["#999" if cells[n]["method"] != "generator" else "#3a7" for n in names],
+            )
             ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=60, ha="right", fontsize=7)
-            ax.set_title({"rq1": "RQ1 seen tasks", "rq2": "RQ2 held-out tasks", "rq2_lodo": "RQ2 left-out domain"}[rq], fontsize=9)
+            ax.set_title(
+                {"rq1": "RQ1 seen tasks", "rq2": "RQ2 held-out tasks", "rq2_lodo": "RQ2 left-out domain"}[rq],
+                fontsize=9,
+            )
             ax.set_ylabel("accuracy (mean ± std over adapters)")
         save(fig, "report_accuracy.png")
     # loss curves per variant
@@ -125,21 +140,32 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
         from deltalora.delta.analysis import plot_map
 
         deltas, domains = load_file(dfile), rqs["rq1"]["domains"]
-        keys = [k for k in deltas if k.startswith("ref|")] + [k for k in deltas if k.startswith(("rq1|", "rq2|"))
-                                                               and k.split("|")[1] in VARIANTS]
+        keys = [k for k in deltas if k.startswith("ref|")] + [
+            k for k in deltas if k.startswith(("rq1|", "rq2|")) and k.split("|")[1] in VARIANTS
+        ]
         if len(keys) >= 4:
             x = np.stack([deltas[k].numpy() for k in keys])
             ok = np.linalg.norm(x, axis=1) > 0
             keys, x = [k for k, o in zip(keys, ok) if o], x[ok]
-            plot_map(x, [domains[k.split("|")[-1]] for k in keys], [k.split("|")[-1] for k in keys], out_dir / "report_delta_map.png",
-                     "Delta Activations: reference vs generated adapters (seen and held-out tasks)",
-                     kinds=["reference" if k.startswith("ref|") else k.split("|")[1] for k in keys])
+            plot_map(
+                x,
+                [domains[k.split("|")[-1]] for k in keys],
+                [k.split("|")[-1] for k in keys],
+                out_dir / "report_delta_map.png",
+                "Delta Activations: reference vs generated adapters (seen and held-out tasks)",
+                kinds=["reference" if k.startswith("ref|") else k.split("|")[1] for k in keys],
+            )
             made["report_delta_map.png"] = "report_delta_map.png"
     # composition heat-map
     if "rq4" in rqs:
         pairs = rqs["rq4"]["pairs"]
-        methods = list(dict.fromkeys(m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b")
-                                     for p in pairs.values() for m in p["methods"]))
+        methods = list(
+            dict.fromkeys(
+                m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b")
+                for p in pairs.values()
+                for m in p["methods"]
+            )
+        )
         cols = [(pk, t) for pk, p in pairs.items() for t in ("a", "b")]
         grid = np.full((len(methods), len(cols)), np.nan)
         for j, (pk, t) in enumerate(cols):
@@ -150,8 +176,13 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 3, 0.42 * len(methods) + 1.5))
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         ax.set_yticks(range(len(methods)), methods, fontsize=7)
-        ax.set_xticks(range(len(cols)), [pairs[pk]["tasks"][0 if t == "a" else 1].rsplit(".", 1)[-1] for pk, t in cols],
-                      rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(
+            range(len(cols)),
+            [pairs[pk]["tasks"][0 if t == "a" else 1].rsplit(".", 1)[-1] for pk, t in cols],
+            rotation=45,
+            ha="right",
+            fontsize=7,
+        )
         for i in range(len(methods)):
             for j in range(len(cols)):
                 if not np.isnan(grid[i, j]):
@@ -171,30 +202,44 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
     any_rq = next(iter(rqs.values()))
     ex = any_rq.get("experiment", {})
     plots = _plots(results, out.parent, rqs)
-    L = [f"# deltalora report: `{any_rq['preset']}` preset", "",
-         f"Generated by `deltalora report {results}` from the JSON files in that folder; every number is read from them. "
-         f"The experiment ran with `deltalora experiment --preset {any_rq['preset']}`.", ""]
-    L += ["## Setup", "",
-          f"- Base model: `{any_rq['base']}`.",
-          f"- Generators: {ex.get('steps')} optimizer steps per generator (variant B: {ex.get('steps')} more for E_ψ); "
-          f"seeds {ex.get('seeds')}; {ex.get('draws')} generated adapters per task and seed, each from its own draw of "
-          f"train-split prompts; {ex.get('n_test')} test items per task (the same items for every method); "
-          f"KL on {ex.get('n_kl')} test prompts.",
-          "- Accuracy is mean ± std over adapter sets (one set = one generator seed and one prompt draw, averaged "
-          "over the scored tasks); baselines without a seed or draw have n = 1.",
-          "- KL is KL(reference ‖ adapter) of the first answer token; δ cosine and distance are to the task's reference δ.", ""]
+    L = [
+        f"# deltalora report: `{any_rq['preset']}` preset",
+        "",
+        f"Generated by `deltalora report {results}` from the JSON files in that folder; every number is read from them. "
+        f"The experiment ran with `deltalora experiment --preset {any_rq['preset']}`.",
+        "",
+    ]
+    L += [
+        "## Setup",
+        "",
+        f"- Base model: `{any_rq['base']}`.",
+        f"- Generators: {ex.get('steps')} optimizer steps per generator (variant B: {ex.get('steps')} more for E_ψ); "
+        f"seeds {ex.get('seeds')}; {ex.get('draws')} generated adapters per task and seed, each from its own draw of "
+        f"train-split prompts; {ex.get('n_test')} test items per task (the same items for every method); "
+        f"KL on {ex.get('n_kl')} test prompts.",
+        "- Accuracy is mean ± std over adapter sets (one set = one generator seed and one prompt draw, averaged "
+        "over the scored tasks); baselines without a seed or draw have n = 1.",
+        "- KL is KL(reference ‖ adapter) of the first answer token; δ cosine and distance are to the task's reference δ.",
+        "",
+    ]
     if "domains" in any_rq:
         doms: dict[str, list[str]] = {}
         for t, d in any_rq["domains"].items():
             doms.setdefault(d, []).append(t)
-        L += [f"- Pool: {len(any_rq['domains'])} tasks in {len(doms)} domains: "
-              + "; ".join(f"{d} ({len(ts)})" for d, ts in sorted(doms.items())) + ".",
-              f"- Held-out tasks (RQ2): {', '.join(ex.get('held_out', []))}. Left-out domain: {ex.get('lodo_domain') or 'none'}.", ""]
-    sections = [("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
-                ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),
-                ("rq2_lodo", "RQ2: leave-one-domain-out"),
-                ("rq3", "RQ3: robustness and sample efficiency (seen tasks)"),
-                ("ablations", "Ablations and negative controls (seen + held-out tasks)")]
+        L += [
+            f"- Pool: {len(any_rq['domains'])} tasks in {len(doms)} domains: "
+            + "; ".join(f"{d} ({len(ts)})" for d, ts in sorted(doms.items()))
+            + ".",
+            f"- Held-out tasks (RQ2): {', '.join(ex.get('held_out', []))}. Left-out domain: {ex.get('lodo_domain') or 'none'}.",
+            "",
+        ]
+    sections = [
+        ("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
+        ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),
+        ("rq2_lodo", "RQ2: leave-one-domain-out"),
+        ("rq3", "RQ3: robustness and sample efficiency (seen tasks)"),
+        ("ablations", "Ablations and negative controls (seen + held-out tasks)"),
+    ]
     for rq, title in sections:
         if rq not in rqs:
             L += [f"## {title}", "", "Not run.", ""]
@@ -202,7 +247,12 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
         r = rqs[rq]
         L += [f"## {title}", ""]
         if r["cells"]:
-            L += _table(r["cells"]) + ["", "Accuracy per task (mean ± std over adapters):", ""] + _per_task(r["cells"]) + [""]
+            L += (
+                _table(r["cells"])
+                + ["", "Accuracy per task (mean ± std over adapters):", ""]
+                + _per_task(r["cells"])
+                + [""]
+            )
             L += _verdict(r["cells"]) + [""]
         if r.get("not_run"):
             L += [f"Cells not run in this budget: {', '.join(r['not_run'])}.", ""]
@@ -213,13 +263,26 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
         if rq == "rq2" and "report_delta_map.png" in plots:
             L += ["![delta map](report_delta_map.png)", ""]
     if "rq4" in rqs:
-        L += ["## RQ4: composition", "", "Base-model accuracy: " +
-              ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rqs["rq4"]["base_acc"].items()) + ".", ""]
+        L += [
+            "## RQ4: composition",
+            "",
+            "Base-model accuracy: "
+            + ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rqs["rq4"]["base_acc"].items())
+            + ".",
+            "",
+        ]
         for pk, p in rqs["rq4"]["pairs"].items():
             a, b = p["tasks"]
-            L += [f"**{a} + {b}**", "", f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | n |", "|---|---|---|---|---|"]
-            L += [f"| {m} | {_fmt(row['acc_a'])} | {_fmt(row['acc_b'])} | {_fmt(row['acc_mean'])} | {row['acc_mean']['n']} |"
-                  for m, row in p["methods"].items()] + [""]
+            L += [
+                f"**{a} + {b}**",
+                "",
+                f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | n |",
+                "|---|---|---|---|---|",
+            ]
+            L += [
+                f"| {m} | {_fmt(row['acc_a'])} | {_fmt(row['acc_b'])} | {_fmt(row['acc_mean'])} | {row['acc_mean']['n']} |"
+                for m, row in p["methods"].items()
+            ] + [""]
         if "report_composition.png" in plots:
             L += ["![composition](report_composition.png)", ""]
     disc = results / "discussion.md"

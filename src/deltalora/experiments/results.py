@@ -27,25 +27,48 @@ def summarize(cells_dir: Path, cell: Cell) -> dict | None:
     if not files:
         return None
     records = [read_json(f, "experiment cell") for f in files]
-    per_task = {t: {m: mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks}
+    per_task = {
+        t: {m: mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks
+    }
     n_sets = len(records[0]["tasks"][cell.tasks[0]])
     sets = [[statistics.fmean(rec["tasks"][t][d]["acc"] for t in cell.tasks) for d in range(n_sets)] for rec in records]
-    overall = {m: mean_std([statistics.fmean(rec["tasks"][t][d][m] for t in cell.tasks) for rec in records for d in range(n_sets)])
-               for m in METRICS}
-    summary = {"name": cell.name, "method": cell.method, "changes": dict(cell.changes), "prompts": cell.prompts,
-               "tasks": list(cell.tasks), "seeds_done": [rec["seed"] for rec in records], "overall": overall,
-               "per_seed_acc": [mean_std(s)["mean"] for s in sets], "per_task": per_task}
+    overall = {
+        m: mean_std(
+            [statistics.fmean(rec["tasks"][t][d][m] for t in cell.tasks) for rec in records for d in range(n_sets)]
+        )
+        for m in METRICS
+    }
+    summary = {
+        "name": cell.name,
+        "method": cell.method,
+        "changes": dict(cell.changes),
+        "prompts": cell.prompts,
+        "tasks": list(cell.tasks),
+        "seeds_done": [rec["seed"] for rec in records],
+        "overall": overall,
+        "per_seed_acc": [mean_std(s)["mean"] for s in sets],
+        "per_task": per_task,
+    }
     if cell.method == "generator":
         summary["train_seconds"] = mean_std([rec["train_seconds"] for rec in records])
         summary["n_params"] = records[0]["n_params"]
         summary["loss_curve"] = _loss_curve(Path(records[0]["generator"]) / "log.jsonl")
     if cell.method == RETRIEVAL:
-        summary["retrieved"] = {t: sorted({r["retrieved"] for rec in records for r in rec["tasks"][t]}) for t in cell.tasks}
+        summary["retrieved"] = {
+            t: sorted({r["retrieved"] for rec in records for r in rec["tasks"][t]}) for t in cell.tasks
+        }
     return summary
 
 
-def write_results(preset: Preset, cells_dir: Path, results_dir: Path, cells: list[Cell], rq: str, domains: dict[str, str],
-                  deltas: dict[str, torch.Tensor]) -> Path:
+def write_results(
+    preset: Preset,
+    cells_dir: Path,
+    results_dir: Path,
+    cells: list[Cell],
+    rq: str,
+    domains: dict[str, str],
+    deltas: dict[str, torch.Tensor],
+) -> Path:
     """``<results_dir>/<rq>.json`` from the cells of ``rq`` that have run (the rest listed as not run);
     adds the first adapter set's δ of the RQ1/RQ2 cells to ``deltas`` (for the report's δ map)."""
     ex = preset.experiment
@@ -60,9 +83,17 @@ def write_results(preset: Preset, cells_dir: Path, results_dir: Path, cells: lis
         for rec_f in sorted((cells_dir / cell.id).glob("*.json"))[:1] if rq in ("rq1", "rq2") else []:
             for t, rs in read_json(rec_f)["tasks"].items():
                 deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])
-    out = {"rq": rq, "version": RESULTS_VERSION, "preset": preset.name, "base": preset.base,
-           "experiment": dataclasses.asdict(ex), "generator_steps": ex.steps, "cells": rows, "not_run": not_run,
-           "domains": domains}
+    out = {
+        "rq": rq,
+        "version": RESULTS_VERSION,
+        "preset": preset.name,
+        "base": preset.base,
+        "experiment": dataclasses.asdict(ex),
+        "generator_steps": ex.steps,
+        "cells": rows,
+        "not_run": not_run,
+        "domains": domains,
+    }
     f = results_dir / f"{rq}.json"
     atomic_write_json(f, out)
     return f
@@ -76,8 +107,9 @@ def read_results(results_dir: Path) -> dict[str, dict]:
     for f in files:
         r = read_json(f, "experiment results")
         if r.get("version", 1) != RESULTS_VERSION:
-            raise ArtifactError(f"{f}: results of format version {r.get('version')}, this deltalora reads "
-                                f"version {RESULTS_VERSION}")
+            raise ArtifactError(
+                f"{f}: results of format version {r.get('version')}, this deltalora reads version {RESULTS_VERSION}"
+            )
         out[f.stem] = r
     return out
 

@@ -19,8 +19,14 @@ from deltalora.io import atomic_write_bytes, atomic_write_json
 from deltalora.workspace import Workspace
 
 
-def run_experiment(preset: Preset, ws: Workspace, results_dir: str | Path, only: list[str] | None = None,
-                   extra: list[TaskSpec] | None = None, progress: bool = True) -> dict[str, Path]:
+def run_experiment(
+    preset: Preset,
+    ws: Workspace,
+    results_dir: str | Path,
+    only: list[str] | None = None,
+    extra: list[TaskSpec] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Run (or resume) every cell of the grid, or only those of the parts in ``only``; returns the result files."""
     unknown = sorted(set(only or ()) - set(RQS))
     if unknown:
@@ -36,8 +42,11 @@ def run_experiment(preset: Preset, ws: Workspace, results_dir: str | Path, only:
     main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]
     rest = [c for c in cells if c.rq in wanted and c not in main]
     atomic_write_json(ws.experiments / "config.json", preset.to_dict())
-    deltas: dict[str, torch.Tensor] = {f"ref|{t}": runner.scorer.ref(t).ref_delta for t in preset.pool
-                                       if t in {*preset.experiment.seen_eval, *preset.experiment.held_out}}
+    deltas: dict[str, torch.Tensor] = {
+        f"ref|{t}": runner.scorer.ref(t).ref_delta
+        for t in preset.pool
+        if t in {*preset.experiment.seen_eval, *preset.experiment.held_out}
+    }
     files: dict[str, Path] = {}
 
     def results(rq: str) -> None:

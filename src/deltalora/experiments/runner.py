@@ -48,7 +48,9 @@ class Runner:
     # ---------------------------------------------------------------- generators
     def generator_dir(self, preset: Preset, train: tuple[str, ...]) -> Path:
         """Folder of a generator run, named by a hash of its config and training tasks."""
-        key = json.dumps({"generator": dataclasses.asdict(preset.generator), "train": train}, sort_keys=True, default=str)
+        key = json.dumps(
+            {"generator": dataclasses.asdict(preset.generator), "train": train}, sort_keys=True, default=str
+        )
         return self.root / "generators" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def trained_generator(self, cell: Cell, seed: int) -> Path:
@@ -119,19 +121,29 @@ class Runner:
                 key = self.root / "scores" / f"{gen.folder.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
                 if not key.exists():
                     prompts = self.condition_prompts(cell, task)
-                    atomic_write_json(key, [self.score(task, generate_tensors(gen, self.encoder, prompts, stable_seed(task, seed, d)))
-                                            for d in range(ex.draws)])
+                    atomic_write_json(
+                        key,
+                        [
+                            self.score(task, generate_tensors(gen, self.encoder, prompts, stable_seed(task, seed, d)))
+                            for d in range(ex.draws)
+                        ],
+                    )
                 record["tasks"][task] = read_json(key, "experiment scores")
         elif cell.method == RETRIEVAL:
             index = self.retrieval_index(cell.train)
             for task in cell.tasks:
                 rows = []
                 for d in range(ex.draws):
-                    prompts = choose_prompts(self.condition_prompts(cell, task), self.preset.generator.n_prompts,
-                                             stable_seed(task, seed, d))
+                    prompts = choose_prompts(
+                        self.condition_prompts(cell, task), self.preset.generator.n_prompts, stable_seed(task, seed, d)
+                    )
                     hit, folder = retrieve(index, prompts, self.encoder)
-                    rows.append({**self.score(task, load_file(folder / "adapter_model.safetensors"), (RETRIEVAL, hit)),
-                                 "retrieved": hit})
+                    rows.append(
+                        {
+                            **self.score(task, load_file(folder / "adapter_model.safetensors"), (RETRIEVAL, hit)),
+                            "retrieved": hit,
+                        }
+                    )
                 record["tasks"][task] = rows
         else:
             for task in cell.tasks:

@@ -30,6 +30,7 @@ from deltalora.zoo.manifest import Checkpoint, Manifest
 
 def mean_std(xs: list[float]) -> dict:
     """Mean, population std and n of a list, to 4 significant digits (MSEs are ~1e-4)."""
+
     def sig(x: float) -> float:
         return float(f"{x:.4g}")
 
@@ -61,8 +62,14 @@ class Scorer:
     task's reference adapters: accuracy, parameter MSE, δ distance and cosine, and the KL
     from the reference to the adapter at the answer position."""
 
-    def __init__(self, preset: Preset, ws: Workspace, n_test: int | None = None, n_kl: int = 8,
-                 extra: list[TaskSpec] | None = None):
+    def __init__(
+        self,
+        preset: Preset,
+        ws: Workspace,
+        n_test: int | None = None,
+        n_kl: int = 8,
+        extra: list[TaskSpec] | None = None,
+    ):
         self.preset, self.ws, self.n_test, self.n_kl, self.extra = preset, ws, n_test, n_kl, extra
         self.manifest = Manifest.from_file(ws.manifest)
         self.deltas = load_deltas(ws, preset.delta.n_probes)
@@ -101,8 +108,15 @@ class Scorer:
             ref_lp = self._logprobs(kl_prompts)
             with self.model.disable_adapter():
                 base_acc = self._acc(items)
-            self._refs[name] = TaskRef(items, tensors, torch.stack([self.deltas[c.path] for c in refs]).mean(0),
-                                       ref_lp, kl_prompts, ref_acc, base_acc)
+            self._refs[name] = TaskRef(
+                items,
+                tensors,
+                torch.stack([self.deltas[c.path] for c in refs]).mean(0),
+                ref_lp,
+                kl_prompts,
+                ref_acc,
+                base_acc,
+            )
         return self._refs[name]
 
     def _acc(self, items) -> float:
@@ -127,8 +141,9 @@ class Scorer:
     def param_mse(self, name: str, tensors: dict[str, torch.Tensor] | None) -> float:
         """Mean squared difference to each reference adapter (None: the base model, a zero update)."""
         refs = self.ref(name).ref_tensors
-        return statistics.fmean(statistics.fmean(((r[k] - (tensors[k] if tensors else 0)) ** 2).mean().item() for k in r)
-                                for r in refs)
+        return statistics.fmean(
+            statistics.fmean(((r[k] - (tensors[k] if tensors else 0)) ** 2).mean().item() for k in r) for r in refs
+        )
 
     def score_active(self, name: str) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one)."""
@@ -136,8 +151,12 @@ class Scorer:
         delta = self.probe.delta(self.model)
         lp = self._logprobs(ref.kl_prompts)
         kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
-        return {"acc": self._acc(ref.items), "delta_dist": (delta - ref.ref_delta).norm().item(),
-                "delta_cos": cos(delta, ref.ref_delta), "kl": kl}, delta
+        return {
+            "acc": self._acc(ref.items),
+            "delta_dist": (delta - ref.ref_delta).norm().item(),
+            "delta_cos": cos(delta, ref.ref_delta),
+            "kl": kl,
+        }, delta
 
     def close(self) -> None:
         """Take the PEFT layers off the base model."""

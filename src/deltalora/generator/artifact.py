@@ -83,8 +83,10 @@ class GeneratorCard:
         if not isinstance(raw, dict) or raw.get("kind") != CARD_KIND:
             raise GeneratorError(f"{path}: not a trained generator (expected field 'kind' = {CARD_KIND!r})")
         if raw.get("version") != CARD_VERSION:
-            raise ArtifactError(f"{path}: generator of format version {raw.get('version', 0)}, this deltalora reads "
-                                f"version {CARD_VERSION}; train it again with `deltalora train-generator`")
+            raise ArtifactError(
+                f"{path}: generator of format version {raw.get('version', 0)}, this deltalora reads "
+                f"version {CARD_VERSION}; train it again with `deltalora train-generator`"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{**{k: v for k, v in raw.items() if k in names}, "preset": Preset.from_dict(raw["preset"])})
@@ -95,10 +97,14 @@ class GeneratorCard:
         """True if ``other`` describes the same training run (training results aside)."""
         strip = {"train_seconds": None, "steps_done": None, "world_size": None}
         a, b = dataclasses.replace(self, **strip), dataclasses.replace(other, **strip)
-        return json.dumps(a.to_dict(), default=str, sort_keys=True) == json.dumps(b.to_dict(), default=str, sort_keys=True)
+        return json.dumps(a.to_dict(), default=str, sort_keys=True) == json.dumps(
+            b.to_dict(), default=str, sort_keys=True
+        )
 
 
-def save_generator(out_dir: Path, model: Generator, tokenizer: LoraTokenizer, delta_scale: float, card: GeneratorCard) -> None:
+def save_generator(
+    out_dir: Path, model: Generator, tokenizer: LoraTokenizer, delta_scale: float, card: GeneratorCard
+) -> None:
     """Weights, token statistics and δ scale, then the card (whose presence marks the generator done)."""
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
@@ -129,10 +135,12 @@ def load_generator(gen_dir: str | Path) -> LoadedGenerator:
     try:
         tensors = load_file(weights)
         tokenizer = LoraTokenizer({k: tuple(v) for k, v in card.shapes.items()}, card.width)
-        tokenizer.load_state({k[len("tokenizer."):]: v for k, v in tensors.items() if k.startswith("tokenizer.")})
+        tokenizer.load_state({k[len("tokenizer.") :]: v for k, v in tensors.items() if k.startswith("tokenizer.")})
         model = Generator(card.preset.generator, tokenizer.n_tokens, tokenizer.width, card.d_delta)
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     except Exception as e:  # noqa: BLE001 - any inconsistency between config and weights is reported by path
-        raise GeneratorError(f"{weights}: weights do not match the config in {cfg_file} ({type(e).__name__}: {e})") from e
+        raise GeneratorError(
+            f"{weights}: weights do not match the config in {cfg_file} ({type(e).__name__}: {e})"
+        ) from e
     model.eval()
     return LoadedGenerator(model, tokenizer, float(tensors["delta_scale"]), card, gen_dir)

@@ -50,8 +50,14 @@ class TrainingSet:
     """r, lora_alpha, target_modules and base model of the zoo's adapters (what generated adapters declare)."""
 
 
-def training_set(preset: Preset, ws: Workspace, train_tasks: list[str], extra: list[TaskSpec] | None,
-                 encoder: PromptEncoder, save_cache: bool = True) -> tuple[TrainingSet, LoraTokenizer]:
+def training_set(
+    preset: Preset,
+    ws: Workspace,
+    train_tasks: list[str],
+    extra: list[TaskSpec] | None,
+    encoder: PromptEncoder,
+    save_cache: bool = True,
+) -> tuple[TrainingSet, LoraTokenizer]:
     """Load every checkpoint of the training tasks, fit the LoRA tokenizer on them, and embed the train prompts."""
     cfg = preset.generator
     ckpts = [c for c in Manifest.from_file(ws.manifest).singles() if c.task in train_tasks]
@@ -67,7 +73,9 @@ def training_set(preset: Preset, ws: Workspace, train_tasks: list[str], extra: l
         raise GeneratorError(str(e)) from e
     no_delta = [c.path for c in ckpts if c.path not in all_deltas]
     if no_delta:
-        raise GeneratorError(f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`")
+        raise GeneratorError(
+            f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`"
+        )
     adapter_cfg, first = read_adapter(ws.zoo / ckpts[0].path, ckpts[0].sha256)
     sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
     tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
@@ -101,8 +109,14 @@ def _fraction(xs: list, f: float, rng: random.Random) -> list:
 
 
 @torch.no_grad()
-def _noisy(preset: Preset, adapter_cfg: dict, tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig,
-           rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def _noisy(
+    preset: Preset,
+    adapter_cfg: dict,
+    tokenizer: LoraTokenizer,
+    tokens: torch.Tensor,
+    cfg: GeneratorConfig,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy weight targets and the δ of those noisy adapters, measured through the base model."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
@@ -111,8 +125,9 @@ def _noisy(preset: Preset, adapter_cfg: dict, tokenizer: LoraTokenizer, tokens: 
     return noisy, deltas
 
 
-def _mislabelled(tokens: torch.Tensor, deltas: torch.Tensor, ckpt_task: torch.Tensor, f: float,
-                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def _mislabelled(
+    tokens: torch.Tensor, deltas: torch.Tensor, ckpt_task: torch.Tensor, f: float, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fraction of checkpoints take the weights and δ of a random checkpoint of another task."""
     new_t, new_d = tokens.clone(), deltas.clone()
     for i in rng.sample(range(len(tokens)), round(f * len(tokens))):

@@ -24,9 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     """Save one fixed step's gradients: ``WORKSPACE OUT VARIANT``."""
     workspace, out, variant = (argv or sys.argv[1:])[:3]
     torch.set_num_threads(1)
-    preset = apply_overrides(get_preset("tiny"), [f"generator.variant={variant}", "generator.batch_size=4",
-                                                  "generator.exact_samples=3"])
-    grads = gradient_snapshot(preset, Workspace(Path(workspace)), list(preset.pool), torch.tensor([0, 2, 1, 3]), torch.tensor([11, 12, 13, 14]))
+    preset = apply_overrides(
+        get_preset("tiny"), [f"generator.variant={variant}", "generator.batch_size=4", "generator.exact_samples=3"]
+    )
+    grads = gradient_snapshot(
+        preset,
+        Workspace(Path(workspace)),
+        list(preset.pool),
+        torch.tensor([0, 2, 1, 3]),
+        torch.tensor([11, 12, 13, 14]),
+    )
     if init_distributed().is_main:
         save_file({k: v.contiguous() for k, v in grads.items()}, out)
 

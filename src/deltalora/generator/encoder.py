@@ -38,7 +38,9 @@ class PromptEncoder:
             p.requires_grad_(False)
         self.batch_size = batch_size
         self.cache_file = Path(cache_file) if cache_file else None
-        self.cache: dict[str, torch.Tensor] = load_file(self.cache_file) if self.cache_file and self.cache_file.exists() else {}
+        self.cache: dict[str, torch.Tensor] = (
+            load_file(self.cache_file) if self.cache_file and self.cache_file.exists() else {}
+        )
         self._dirty = False
 
     @torch.inference_mode()
@@ -48,7 +50,9 @@ class PromptEncoder:
             raise ValueError("encode needs at least one prompt")
         missing = list(dict.fromkeys(p for p in prompts if _key(p) not in self.cache))
         if missing:
-            emb = self.model.encode(missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False)
+            emb = self.model.encode(
+                missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+            )
             for p, e in zip(missing, emb.float().cpu()):
                 self.cache[_key(p)] = e.clone()
             self._dirty = True

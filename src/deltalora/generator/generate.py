@@ -55,27 +55,35 @@ def choose_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
     return [rng.choice(prompts) for _ in range(n)]
 
 
-def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], adapter_config: dict, provenance: dict) -> Path:
+def write_adapter(
+    out_dir: str | Path, tensors: dict[str, torch.Tensor], adapter_config: dict, provenance: dict
+) -> Path:
     """A PEFT adapter folder (config + safetensors + provenance), written atomically."""
     ac = adapter_config
     cfg = lora_config(ac["r"], ac["lora_alpha"], ac["target_modules"], ac.get("base_model_name_or_path"))
     with atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(str(tmp))
-        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().float().contiguous() for k, v in tensors.items()},
+            tmp / "adapter_model.safetensors",
+            metadata={"format": "pt"},
+        )
         atomic_write_json(tmp / "provenance.json", provenance)
     return Path(out_dir)
 
 
 @torch.inference_mode()
-def generate_tensors(gen: LoadedGenerator, encoder: PromptEncoder, prompts: list[str], seed: int) -> dict[str, torch.Tensor]:
+def generate_tensors(
+    gen: LoadedGenerator, encoder: PromptEncoder, prompts: list[str], seed: int
+) -> dict[str, torch.Tensor]:
     """LoRA tensors (PEFT's saved key form) from a seeded draw of the generator's N prompts."""
     chosen = choose_prompts(prompts, gen.card.n_prompts, seed)
     return {k: v[0] for k, v in gen.tokenizer.decode(gen.model(encoder.encode(chosen)[None])).items()}
 
 
-def generate(gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed: int = 0,
-             encoder: PromptEncoder | None = None) -> dict:
+def generate(
+    gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed: int = 0, encoder: PromptEncoder | None = None
+) -> dict:
     """Prompts -> PEFT adapter folder, for a trained generator or a retrieval index; returns the provenance."""
     gen_dir = Path(gen_dir)
     if not prompts:
@@ -86,8 +94,15 @@ def generate(gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed:
     if is_retrieval(gen_dir):
         task, src = retrieve(gen_dir, prompts, encoder)
         seconds = time.perf_counter() - t0
-        prov = {"generator": str(gen_dir), "kind": "retrieval", "retrieved_task": task, "prompts_sha256": digest,
-                "n_prompts_given": len(prompts), "seed": seed, "generation_seconds": seconds}
+        prov = {
+            "generator": str(gen_dir),
+            "kind": "retrieval",
+            "retrieved_task": task,
+            "prompts_sha256": digest,
+            "n_prompts_given": len(prompts),
+            "seed": seed,
+            "generation_seconds": seconds,
+        }
         config, tensors = read_adapter(src)
         write_adapter(out_dir, tensors, config, prov)
         return prov
@@ -95,8 +110,16 @@ def generate(gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed:
     t0 = time.perf_counter()
     tensors = generate_tensors(gen, encoder, prompts, seed)
     seconds = time.perf_counter() - t0
-    prov = {"generator": str(gen_dir), "kind": "generator", "variant": gen.card.variant, "prompts_sha256": digest,
-            "n_prompts_given": len(prompts), "n_prompts_used": gen.card.n_prompts, "seed": seed,
-            "generation_seconds": seconds, "base_model": gen.card.adapter_config["base_model_name_or_path"]}
+    prov = {
+        "generator": str(gen_dir),
+        "kind": "generator",
+        "variant": gen.card.variant,
+        "prompts_sha256": digest,
+        "n_prompts_given": len(prompts),
+        "n_prompts_used": gen.card.n_prompts,
+        "seed": seed,
+        "generation_seconds": seconds,
+        "base_model": gen.card.adapter_config["base_model_name_or_path"],
+    }
     write_adapter(out_dir, tensors, gen.card.adapter_config, prov)
     return prov

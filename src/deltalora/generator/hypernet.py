@@ -24,13 +24,18 @@ def _grid(width: int) -> tuple[int, int]:
 
 class HyperConvBlock(nn.Module):
     """A norm, two depthwise spatial convolutions (width-then-height and height-then-width), a 1x1 channel mix."""
+
     def __init__(self, c_in: int, c_out: int, h: int, w: int, k: int = 3, act: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm([h, w])
-        self.w_then_h = nn.Sequential(nn.Conv2d(c_in, c_in, (1, k), padding=(0, k // 2), groups=c_in),
-                                      nn.Conv2d(c_in, c_in, (k, 1), padding=(k // 2, 0), groups=c_in))
-        self.h_then_w = nn.Sequential(nn.Conv2d(c_in, c_in, (k, 1), padding=(k // 2, 0), groups=c_in),
-                                      nn.Conv2d(c_in, c_in, (1, k), padding=(0, k // 2), groups=c_in))
+        self.w_then_h = nn.Sequential(
+            nn.Conv2d(c_in, c_in, (1, k), padding=(0, k // 2), groups=c_in),
+            nn.Conv2d(c_in, c_in, (k, 1), padding=(k // 2, 0), groups=c_in),
+        )
+        self.h_then_w = nn.Sequential(
+            nn.Conv2d(c_in, c_in, (k, 1), padding=(k // 2, 0), groups=c_in),
+            nn.Conv2d(c_in, c_in, (1, k), padding=(0, k // 2), groups=c_in),
+        )
         self.bias = nn.Parameter(torch.zeros(1, c_in, h, w))
         self.mix = nn.Conv2d(c_in, c_out, 1)
         self.act = nn.GELU() if act else nn.Identity()
@@ -52,7 +57,8 @@ class HyperConvDecoder(nn.Module):
         self.h, self.w = _grid(width)
         chain = (c0, *channels, n_tokens)
         self.blocks = nn.ModuleList(
-            HyperConvBlock(a, b, self.h, self.w, act=i < len(chain) - 2) for i, (a, b) in enumerate(zip(chain, chain[1:]))
+            HyperConvBlock(a, b, self.h, self.w, act=i < len(chain) - 2)
+            for i, (a, b) in enumerate(zip(chain, chain[1:]))
         )
         # The zoo's mean adapter is a large part of every target; a free per-token bias holds it.
         self.out_bias = nn.Parameter(torch.zeros(n_tokens, width))
@@ -97,7 +103,9 @@ class DeltaHead(nn.Module):
     def __init__(self, n_tokens: int, width: int, d_delta: int, per_token: int = 4, hidden: int = 256):
         super().__init__()
         self.token = nn.Linear(width, per_token)
-        self.net = nn.Sequential(nn.GELU(), nn.Linear(n_tokens * per_token, hidden), nn.GELU(), nn.Linear(hidden, d_delta))
+        self.net = nn.Sequential(
+            nn.GELU(), nn.Linear(n_tokens * per_token, hidden), nn.GELU(), nn.Linear(hidden, d_delta)
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Predict δ from tokens."""
@@ -109,8 +117,14 @@ class PromptToDelta(nn.Module):
 
     def __init__(self, d_in: int, d_delta: int, hidden: int = 512):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(2 * d_in), nn.Linear(2 * d_in, hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_delta))
+        self.net = nn.Sequential(
+            nn.LayerNorm(2 * d_in),
+            nn.Linear(2 * d_in, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, d_delta),
+        )
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Pool the prompt set (mean and std) and map it to δ."""

@@ -21,6 +21,7 @@ from deltalora.errors import AdapterError, GeneratorError
 @dataclass(frozen=True)
 class Segment:
     """One LoRA tensor's place in the token sequence."""
+
     key: str
     """Adapter key in PEFT's saved form."""
     shape: tuple[int, int]
@@ -59,7 +60,9 @@ class LoraTokenizer:
             g = math.gcd(*longs)
             width = g if 16 <= g <= max_width else min(max_width, max(longs))
         self.width = width
-        self.segments = [Segment(k, tuple(shapes[k]), ".lora_B." in k, math.ceil(n / width)) for k, n in zip(keys, longs)]
+        self.segments = [
+            Segment(k, tuple(shapes[k]), ".lora_B." in k, math.ceil(n / width)) for k, n in zip(keys, longs)
+        ]
         self.n_tokens = sum(s.n_tokens for s in self.segments)
         self.mean = torch.zeros(self.n_tokens, 1)
         self.std = torch.ones(self.n_tokens, 1)
@@ -107,7 +110,7 @@ class LoraTokenizer:
         raw = tokens * self.std + self.mean
         out, start = {}, 0
         for s in self.segments:
-            chunk = raw[..., start: start + s.n_tokens, :]
+            chunk = raw[..., start : start + s.n_tokens, :]
             start += s.n_tokens
             rows = chunk.reshape(*chunk.shape[:-2], s.rows, s.per_row * self.width)[..., : s.length]
             out[s.key] = rows.transpose(-1, -2) if s.transpose else rows
@@ -120,7 +123,9 @@ class LoraTokenizer:
     def load_state(self, state: dict[str, torch.Tensor]) -> "LoraTokenizer":
         """Restore saved statistics (shape-checked against this layout)."""
         if state["mean"].shape != (self.n_tokens, self.width):
-            raise GeneratorError(f"tokenizer statistics have shape {tuple(state['mean'].shape)}, this layout needs {(self.n_tokens, self.width)}")
+            raise GeneratorError(
+                f"tokenizer statistics have shape {tuple(state['mean'].shape)}, this layout needs {(self.n_tokens, self.width)}"
+            )
         self.mean, self.std = state["mean"], state["std"]
         return self
 
@@ -140,7 +145,9 @@ class LoraTokenizer:
             missing = sorted(set(want) - set(got))[:2]
             extra = sorted(set(got) - set(want))[:2]
             wrong = [k for k in want if k in got and got[k] != want[k]][:2]
-            raise AdapterError(f"adapter does not match the tokenizer layout: missing {missing}, unexpected {extra}, wrong shape {wrong}")
+            raise AdapterError(
+                f"adapter does not match the tokenizer layout: missing {missing}, unexpected {extra}, wrong shape {wrong}"
+            )
 
 
 def _module_order(key: str) -> tuple:

@@ -52,26 +52,56 @@ class GeneratorLoss(nn.Module):
     gradient of the same global batch.
     """
 
-    def __init__(self, model: nn.Module, data, tokenizer: LoraTokenizer, exact: ExactBehaviour | None,
-                 cfg: GeneratorConfig, world: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        tokenizer: LoraTokenizer,
+        exact: ExactBehaviour | None,
+        cfg: GeneratorConfig,
+        world: int = 1,
+    ):
         super().__init__()
         self.model = model
         self.ctx = (data, tokenizer, exact)  # a tuple: not registered, so DDP leaves the frozen base alone
         self.cfg, self.world = cfg, world
         self.mask = tokenizer.valid_mask()
 
-    def forward(self, idx: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self, idx: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stage: int
+    ) -> dict[str, torch.Tensor]:
         """Named loss terms of ``stage`` (1: the variant's first stage, 2: the main one) for these samples."""
         data, tokenizer, exact = self.ctx
         cfg, spec, b_global = self.cfg, VARIANTS[self.cfg.variant], self.cfg.batch_size
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        emb = torch.stack([draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, g)
-                           + cfg.cond_noise * torch.randn(cfg.n_prompts, DIM, generator=g) for i, g in zip(idx, gens)])
-        target = torch.stack([data.tokens[i] + cfg.target_noise * torch.randn(self.mask.shape, generator=g) * self.mask
-                              for i, g in zip(idx, gens)])
+        emb = torch.stack(
+            [
+                draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, g)
+                + cfg.cond_noise * torch.randn(cfg.n_prompts, DIM, generator=g)
+                for i, g in zip(idx, gens)
+            ]
+        )
+        target = torch.stack(
+            [
+                data.tokens[i] + cfg.target_noise * torch.randn(self.mask.shape, generator=g) * self.mask
+                for i, g in zip(idx, gens)
+            ]
+        )
         n_exact = cfg.exact_samples or b_global
-        step = Step(self.model, data, tokenizer, exact, cfg, idx, gens, emb, target, data.deltas[idx], self.mask,
-                    sel=[k for k in range(len(idx)) if positions[k] < n_exact])
+        step = Step(
+            self.model,
+            data,
+            tokenizer,
+            exact,
+            cfg,
+            idx,
+            gens,
+            emb,
+            target,
+            data.deltas[idx],
+            self.mask,
+            sel=[k for k in range(len(idx)) if positions[k] < n_exact],
+        )
         terms = spec.stage1 if stage == 1 and spec.stage1 else spec.terms
         if terms is spec.terms:
             step.pred = self.model.from_delta(step.delta) if spec.decodes_delta else self.model(emb)

@@ -37,6 +37,8 @@ class Generator(nn.Module):
     def from_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """G_θ: a (scaled) δ, any vector including sums of δs, -> tokens (variants that decode δ)."""
         if not self.spec.decodes_delta:
-            raise GeneratorError(f"variant {self.spec.name} does not decode a δ; variants that do: "
-                                 f"{', '.join(v.name for v in VARIANTS.values() if v.decodes_delta)}")
+            raise GeneratorError(
+                f"variant {self.spec.name} does not decode a δ; variants that do: "
+                f"{', '.join(v.name for v in VARIANTS.values() if v.decodes_delta)}"
+            )
         return self.decoder(self.front(delta))

@@ -31,8 +31,14 @@ def is_retrieval(folder: Path) -> bool:
     return f.exists() and read_json(f).get("kind") == RETRIEVAL
 
 
-def build_retrieval(preset: Preset, ws: Workspace, out_dir: str | Path, train_tasks: list[str],
-                    extra: list[TaskSpec] | None = None, encoder: PromptEncoder | None = None) -> Path:
+def build_retrieval(
+    preset: Preset,
+    ws: Workspace,
+    out_dir: str | Path,
+    train_tasks: list[str],
+    extra: list[TaskSpec] | None = None,
+    encoder: PromptEncoder | None = None,
+) -> Path:
     """Index the training tasks' final adapters (first zoo seed) by their mean train-prompt embedding."""
     seed = preset.zoo.seeds[0]
     finals = {c.task: c.path for c in Manifest.from_file(ws.manifest).finals(seed=seed)}
@@ -40,8 +46,10 @@ def build_retrieval(preset: Preset, ws: Workspace, out_dir: str | Path, train_ta
     if missing:
         raise ArtifactError(f"{ws.manifest}: no final checkpoint (seed {seed}) for {missing}")
     encoder = encoder or PromptEncoder(ws.prompt_cache)
-    means = {t: encoder.encode([it.prompt for it in load_task(resolve_spec(t, extra), preset.tasks).train]).mean(0)
-             for t in train_tasks}
+    means = {
+        t: encoder.encode([it.prompt for it in load_task(resolve_spec(t, extra), preset.tasks).train]).mean(0)
+        for t in train_tasks
+    }
     encoder.save()
     with atomic_dir(out_dir) as tmp:
         for t in train_tasks:

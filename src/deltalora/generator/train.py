@@ -44,8 +44,15 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _setup(preset: Preset, ws: Workspace, train_tasks: list[str], extra: list[TaskSpec] | None, encoder: PromptEncoder,
-           world: int, save_cache: bool):
+def _setup(
+    preset: Preset,
+    ws: Workspace,
+    train_tasks: list[str],
+    extra: list[TaskSpec] | None,
+    encoder: PromptEncoder,
+    world: int,
+    save_cache: bool,
+):
     """The training set, a freshly initialised generator (seeded by the caller) and its loss module."""
     cfg = preset.generator
     data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache)
@@ -62,8 +69,9 @@ def _ddp(loss_fn: GeneratorLoss, world: int):
     return DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
 
 
-def gradient_snapshot(preset: Preset, ws: Workspace, train_tasks: list[str], idx: torch.Tensor,
-                      seeds: torch.Tensor, init_seed: int = 0) -> dict[str, torch.Tensor]:
+def gradient_snapshot(
+    preset: Preset, ws: Workspace, train_tasks: list[str], idx: torch.Tensor, seeds: torch.Tensor, init_seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Gradients of one step on a fixed global batch, under DDP when launched on several ranks.
 
     Used to check that data-parallel training is gradient-equivalent to one process.
@@ -78,8 +86,14 @@ def gradient_snapshot(preset: Preset, ws: Workspace, train_tasks: list[str], idx
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def train_generator(preset: Preset, ws: Workspace, out_dir: str | Path, train_tasks: list[str],
-                    extra: list[TaskSpec] | None = None, progress: bool = True) -> GeneratorCard:
+def train_generator(
+    preset: Preset,
+    ws: Workspace,
+    out_dir: str | Path,
+    train_tasks: list[str],
+    extra: list[TaskSpec] | None = None,
+    progress: bool = True,
+) -> GeneratorCard:
     """Train (or resume) a generator; writes ``out_dir`` with its card, weights and a loss log.
 
     Under torchrun the global batch is split over ranks and the loss module runs in DDP
@@ -98,9 +112,18 @@ def train_generator(preset: Preset, ws: Workspace, out_dir: str | Path, train_ta
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
     rng = torch.Generator().manual_seed(stable_seed("generator", cfg.seed) % 2**63)
-    card = GeneratorCard(preset, list(train_tasks), str(ws.root), n_params(model), tokenizer.n_params, tokenizer.n_tokens,
-                         data.deltas.shape[1], data.adapter_config, {s.key: list(s.shape) for s in tokenizer.segments},
-                         tokenizer.width)
+    card = GeneratorCard(
+        preset,
+        list(train_tasks),
+        str(ws.root),
+        n_params(model),
+        tokenizer.n_params,
+        tokenizer.n_tokens,
+        data.deltas.shape[1],
+        data.adapter_config,
+        {s.key: list(s.shape) for s in tokenizer.segments},
+        tokenizer.width,
+    )
     state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
     start, seconds = 0, 0.0
     if state_file.exists():
@@ -113,8 +136,14 @@ def train_generator(preset: Preset, ws: Workspace, out_dir: str | Path, train_ta
     step_fn = _ddp(loss_fn, info.world)
     # ---- run
     t0 = time.perf_counter() - seconds
-    bar = tqdm(range(start, total), desc=f"generator {cfg.variant}", unit="step", disable=not (progress and info.is_main),
-               initial=start, total=total)
+    bar = tqdm(
+        range(start, total),
+        desc=f"generator {cfg.variant}",
+        unit="step",
+        disable=not (progress and info.is_main),
+        initial=start,
+        total=total,
+    )
     mine = torch.arange(info.rank, cfg.batch_size, info.world)
     for step in bar:
         idx, seeds = draw_batch(rng, len(data.paths), cfg.batch_size)
@@ -142,13 +171,24 @@ def train_generator(preset: Preset, ws: Workspace, out_dir: str | Path, train_ta
 
 def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -> None:
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "seconds": seconds}, buf)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "rng": rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "seconds": seconds,
+        },
+        buf,
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _resume(state_file: Path, out_dir: Path, card: GeneratorCard, model, opt, sched, rng,
-            truncate_log: bool = True) -> tuple[int, float]:
+def _resume(
+    state_file: Path, out_dir: Path, card: GeneratorCard, model, opt, sched, rng, truncate_log: bool = True
+) -> tuple[int, float]:
     cfg_file = out_dir / "train_config.json"
     if cfg_file.exists() and not GeneratorCard.from_file(cfg_file).same_run(card):
         raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out")

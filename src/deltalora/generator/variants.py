@@ -163,15 +163,32 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
-register(Variant("dnd", "weight MSE only (the Drag-and-Drop baseline)",
-                 (dataclasses.replace(MSE, skip_if_zero=False),), baseline=True))
+register(
+    Variant(
+        "dnd",
+        "weight MSE only (the Drag-and-Drop baseline)",
+        (dataclasses.replace(MSE, skip_if_zero=False),),
+        baseline=True,
+    )
+)
 register(Variant("A1", "+ a δ-head H(ΔŴ) predicting δ", (MSE, HEAD, HEAD_FIT), delta_head=True))
 register(Variant("A2", "+ exact δ of base + ΔŴ on the probes", (MSE, EXACT_DELTA)))
-register(Variant("B", "two stages: prompts -> δ (E_ψ), δ -> LoRA (G_θ) with exact-δ consistency",
-                 (MSE, dataclasses.replace(EXACT_DELTA, weight="lambda_cons")), stage1=(PROMPT_DELTA,),
-                 decodes_delta=True))
-register(Variant("C", "behaviour first: exact δ + answer-token KL to the reference, weight MSE as regulariser",
-                 (MSE, EXACT_DELTA, KL)))
+register(
+    Variant(
+        "B",
+        "two stages: prompts -> δ (E_ψ), δ -> LoRA (G_θ) with exact-δ consistency",
+        (MSE, dataclasses.replace(EXACT_DELTA, weight="lambda_cons")),
+        stage1=(PROMPT_DELTA,),
+        decodes_delta=True,
+    )
+)
+register(
+    Variant(
+        "C",
+        "behaviour first: exact δ + answer-token KL to the reference, weight MSE as regulariser",
+        (MSE, EXACT_DELTA, KL),
+    )
+)
 
 
 def baseline() -> Variant:

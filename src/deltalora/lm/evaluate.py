@@ -22,11 +22,13 @@ from transformers import PreTrainedTokenizerBase
 from deltalora.data.tasks import Item
 
 
-def encode(tok: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int, eos: bool = False) -> tuple[list[int], int]:
+def encode(
+    tok: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int, eos: bool = False
+) -> tuple[list[int], int]:
     """Token ids of prompt + completion and the prompt length; the prompt is cut from the left."""
     p = tok(prompt, add_special_tokens=True).input_ids
     c = tok(completion, add_special_tokens=False).input_ids + ([tok.eos_token_id] if eos else [])
-    p = p[-max(1, max_length - len(c)):]
+    p = p[-max(1, max_length - len(c)) :]
     return p + c, len(p)
 
 
@@ -47,8 +49,8 @@ def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -58,8 +60,13 @@ def _n_bytes(choice: str) -> int:
 
 
 @torch.inference_mode()
-def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
-                  batch_size: int = 32, max_length: int = 256) -> list[list[float]]:
+def choice_scores(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> list[list[float]]:
     """Log-probability per byte of every choice of every item.
 
     Each prompt is run once; its KV cache is repeated for the item's choices, so a
@@ -74,7 +81,7 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
     order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
     n_items = max(1, batch_size // max(len(c) for c in conts))
     for start in range(0, len(order), n_items):
-        idx = order[start: start + n_items]
+        idx = order[start : start + n_items]
         ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
@@ -86,7 +93,9 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
         c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
         full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
         c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1])
-        hidden = model.get_decoder()(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache
+        ).last_hidden_state
         # the LM head only where a position predicts a later token of its own choice: with short
         # prompts, logits at padding and at each choice's last token would cost more than the body
         real = [r for r, (b, j) in enumerate(rows) if j < len(conts[idx[b]])]
@@ -102,8 +111,13 @@ def choice_scores(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: S
 
 
 @torch.inference_mode()
-def choice_scores_unshared(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
-                           batch_size: int = 32, max_length: int = 256) -> list[list[float]]:
+def choice_scores_unshared(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> list[list[float]]:
     """Reference for ``choice_scores``: every prompt + choice as its own sequence (no cache sharing)."""
     seqs = []
     for i, it in enumerate(items):
@@ -113,18 +127,23 @@ def choice_scores_unshared(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
     scores = [[0.0] * len(it.choices) for it in items]
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     for start in range(0, len(order), batch_size):
-        batch = [seqs[k] for k in order[start: start + batch_size]]
+        batch = [seqs[k] for k in order[start : start + batch_size]]
         ids, mask = pad_right([b[2] for b in batch], tok.pad_token_id)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         for r, (i, j, s, n_p) in enumerate(batch):
-            scores[i][j] = tok_logp[r, n_p - 1: len(s) - 1].sum().item() / _n_bytes(items[i].choices[j])
+            scores[i][j] = tok_logp[r, n_p - 1 : len(s) - 1].sum().item() / _n_bytes(items[i].choices[j])
     return scores
 
 
 @torch.inference_mode()
-def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
-                   batch_size: int = 32, max_length: int = 256) -> list[str]:
+def greedy_answers(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> list[str]:
     """Greedy continuations with a KV cache, cut by ``answer_span``.
 
     A hand-written loop: ``generate`` costs several times more per token on a CPU for
@@ -135,7 +154,7 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: 
     out = [""] * len(items)
     order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
     for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         new = []
@@ -148,8 +167,7 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: 
                 break
             mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype)], 1)
             pos = pos[:, -1:] + 1
-            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache,
-                        use_cache=True)
+            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
         gen = torch.stack(new, 1)
         for r, k in enumerate(idx):
             seq = gen[r].tolist()
@@ -159,8 +177,13 @@ def greedy_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: 
     return out
 
 
-def answer_logprobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int = 256,
-                    params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def answer_logprobs(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_length: int = 256,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Log-distribution over the first answer token of each prompt [n, vocab]; with ``params``
     the model runs with those tensors swapped in (differentiably, via ``functional_call``)."""
     ids, mask, pos = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
@@ -175,8 +198,13 @@ def answer_span(text: str) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
-def accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item],
-             batch_size: int = 32, max_length: int = 256) -> float:
+def accuracy(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> float:
     """Fraction of items answered correctly (all items of one kind)."""
     if not items:
         raise ValueError("accuracy needs at least one item")

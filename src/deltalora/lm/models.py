@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class KnownModel:
     """A base model deltalora can load without the Hub."""
+
     hub_id: str
     """The same weights on the Hugging Face Hub, for users who have it."""
     requirement: str
@@ -69,11 +70,15 @@ def _resolve(name: str) -> str:
         return str(_cached_known(name))
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
-            raise SourceError(f"{name}: a model folder needs config.json; known model names: {', '.join(known_names())}")
+            raise SourceError(
+                f"{name}: a model folder needs config.json; known model names: {', '.join(known_names())}"
+            )
         return name
     if "/" in name:  # a Hub id; transformers raises its own error when offline
         return name
-    raise ConfigError(f"unknown model {name!r}; known names: {', '.join(known_names())} (or a Hub id or a local folder)")
+    raise ConfigError(
+        f"unknown model {name!r}; known names: {', '.join(known_names())} (or a Hub id or a local folder)"
+    )
 
 
 def _cached_known(name: str) -> Path:
@@ -120,9 +125,16 @@ def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast
     """A small random llama (2 layers, hidden 32) for tests; the same seed gives the same weights."""
     tok = byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     gen = torch.random.fork_rng()
     with gen:

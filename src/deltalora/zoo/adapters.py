@@ -21,8 +21,15 @@ from deltalora.io import sha256_file
 
 def lora_config(r: int, alpha: float, target_modules, base_model: str | None = None) -> LoraConfig:
     """The one LoRA config of every adapter deltalora trains or writes: no dropout, no bias, causal LM."""
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none",
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
 
 
 def read_adapter(folder: str | Path, sha256: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -35,10 +42,14 @@ def read_adapter(folder: str | Path, sha256: str | None = None) -> tuple[dict, d
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for f in (cfg_file, weights):
         if not f.exists():
-            raise AdapterError(f"{f}: missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)")
+            raise AdapterError(
+                f"{f}: missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)"
+            )
     if sha256 is not None and sha256_file(weights) != sha256:
-        raise AdapterError(f"{weights}: checksum does not match the zoo manifest (truncated or corrupted); "
-                           "delete its run record under zoo/runs/ and rerun `deltalora zoo build`")
+        raise AdapterError(
+            f"{weights}: checksum does not match the zoo manifest (truncated or corrupted); "
+            "delete its run record under zoo/runs/ and rerun `deltalora zoo build`"
+        )
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -60,8 +71,9 @@ def read_adapter(folder: str | Path, sha256: str | None = None) -> tuple[dict, d
     return config, tensors
 
 
-def check_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None,
-                  sha256: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def check_adapter(
+    model: torch.nn.Module, folder: str | Path, base_name: str | None = None, sha256: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Validate an adapter against ``model`` (names and shapes) before any compute."""
     config, tensors = read_adapter(folder, sha256)
     recorded = config.get("base_model_name_or_path")
@@ -99,7 +111,9 @@ class AdapterSwapper:
         self.model.eval()
         # saved key -> live parameter, mapped once: a swap is then one copy per tensor
         # (set_peft_model_state_dict re-maps every key on every call, a tenth of a δ's cost)
-        self._params = {n.replace(".default.weight", ".weight"): p for n, p in self.model.named_parameters() if ".lora_" in n}
+        self._params = {
+            n.replace(".default.weight", ".weight"): p for n, p in self.model.named_parameters() if ".lora_" in n
+        }
 
     def load(self, folder: str | Path, sha256: str | None = None) -> PeftModel:
         """Validate the adapter folder against the base model and swap its tensors in."""
@@ -113,11 +127,15 @@ class AdapterSwapper:
         ``source`` names them in errors."""
         if set(tensors) != set(self._params):
             missing, extra = sorted(set(self._params) - set(tensors)), sorted(set(tensors) - set(self._params))
-            raise AdapterError(f"{source}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(self._params)} "
-                               f"tensors): missing {missing[:3]}, unexpected {extra[:3]}")
+            raise AdapterError(
+                f"{source}: adapter targets other modules than this zoo's ({len(tensors)} vs {len(self._params)} "
+                f"tensors): missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for key, param in self._params.items():  # all checked before any is copied: no half-swapped adapter
             if tensors[key].shape != param.shape:
-                raise AdapterError(f"{source}: LoRA tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+                raise AdapterError(
+                    f"{source}: LoRA tensor {key}: shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}"
+                )
         for key, param in self._params.items():
             param.copy_(tensors[key])
 

@@ -78,8 +78,10 @@ def build_zoo(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None
             if not ws.base_record(name).exists():
                 t0 = time.perf_counter()
                 acc = accuracy(base, tok, task.test, preset.zoo.eval_batch_size, preset.zoo.max_length)
-                atomic_write_json(ws.base_record(name), {"task": name, "base_acc": acc, "n_test": len(task.test),
-                                                         "seconds": time.perf_counter() - t0})
+                atomic_write_json(
+                    ws.base_record(name),
+                    {"task": name, "base_acc": acc, "n_test": len(task.test), "seconds": time.perf_counter() - t0},
+                )
         for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
             _run_job(job, preset, tasks, base, tok, ws)
     barrier()
@@ -109,7 +111,9 @@ def _check_same_preset(ws: Workspace, preset: Preset) -> None:
                 a = {k: v for k, v in a.items() if k not in ("seeds", *_SPEED_ONLY)}
                 b = {k: v for k, v in b.items() if k not in ("seeds", *_SPEED_ONLY)}
             if a != b:
-                raise ConfigError(f"{f}: zoo was built with a different {key!r} config; use a new workspace or the same preset")
+                raise ConfigError(
+                    f"{f}: zoo was built with a different {key!r} config; use a new workspace or the same preset"
+                )
 
 
 def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Module, tok, ws: Workspace) -> None:
@@ -131,12 +135,34 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
             for t in job.tasks:
                 scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)
             eval_seconds = time.perf_counter() - t_eval
-        ckpts.append(Checkpoint(job.name, job.domain, job.seed, step, loss, str(rel), digest, final=step == steps,
-                                pair_of=job.tasks if job.is_pair else None,
-                                test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if step == steps else None))
+        ckpts.append(
+            Checkpoint(
+                job.name,
+                job.domain,
+                job.seed,
+                step,
+                loss,
+                str(rel),
+                digest,
+                final=step == steps,
+                pair_of=job.tasks if job.is_pair else None,
+                test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if step == steps else None,
+            )
+        )
 
     remove_stale_tmp(ws.run_adapters(job.name, job.seed))  # this run's own folder: no other rank writes here
     result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save)
-    RunRecord(task=job.name, domain=job.domain, seed=job.seed, tasks=list(job.tasks), steps=steps, n_train=len(items),
-              test_acc=scores, train_seconds=result.seconds - eval_seconds, eval_seconds=eval_seconds,
-              wall_seconds=time.perf_counter() - t0, losses=result.losses, checkpoints=ckpts).to_file(ws.run_record(job.run_id))
+    RunRecord(
+        task=job.name,
+        domain=job.domain,
+        seed=job.seed,
+        tasks=list(job.tasks),
+        steps=steps,
+        n_train=len(items),
+        test_acc=scores,
+        train_seconds=result.seconds - eval_seconds,
+        eval_seconds=eval_seconds,
+        wall_seconds=time.perf_counter() - t0,
+        losses=result.losses,
+        checkpoints=ckpts,
+    ).to_file(ws.run_record(job.run_id))

@@ -133,8 +133,14 @@ class Manifest:
 
     def to_file(self, path: Path) -> None:
         """Write atomically, with the format version."""
-        atomic_write_json(path, {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-                                 "checkpoints": [c.to_dict() for c in self.checkpoints]})
+        atomic_write_json(
+            path,
+            {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "checkpoints": [c.to_dict() for c in self.checkpoints],
+            },
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> Manifest:
@@ -142,9 +148,11 @@ class Manifest:
         raw = read_json(path, "zoo manifest (run `deltalora zoo build` first)")
         if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
             got = raw.get("version") if isinstance(raw, dict) else 1
-            raise ArtifactError(f"{path}: zoo manifest of format version {got}, this deltalora reads version "
-                                f"{MANIFEST_VERSION}; rerun `deltalora zoo build` with the same preset and workspace "
-                                "(finished runs are kept, the manifest is rewritten)")
+            raise ArtifactError(
+                f"{path}: zoo manifest of format version {got}, this deltalora reads version "
+                f"{MANIFEST_VERSION}; rerun `deltalora zoo build` with the same preset and workspace "
+                "(finished runs are kept, the manifest is rewritten)"
+            )
         return cls(tuple(Checkpoint.from_dict(c, str(path)) for c in raw["checkpoints"]))
 
     @classmethod

@@ -25,18 +25,32 @@ def zoo_summary(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = No
         accs = [r.test_acc[name] for r in runs]
         base_acc = read_json(base_f, "base accuracy")["base_acc"]
         lora_acc = sum(accs) / len(accs)
-        rows.append({
-            "task": name, "domain": task.domain, "kind": task.kind, "n_train": len(task.train), "n_test": len(task.test),
-            "base_acc": round(base_acc, 4), "lora_acc": round(lora_acc, 4), "lora_acc_per_seed": [round(a, 4) for a in accs],
-            "gain": round(lora_acc - base_acc, 4),
-            "train_seconds": round(sum(r.train_seconds for r in runs) / len(runs), 1),
-            "wall_seconds_all_seeds": round(sum(r.wall_seconds for r in runs), 1),
-        })
+        rows.append(
+            {
+                "task": name,
+                "domain": task.domain,
+                "kind": task.kind,
+                "n_train": len(task.train),
+                "n_test": len(task.test),
+                "base_acc": round(base_acc, 4),
+                "lora_acc": round(lora_acc, 4),
+                "lora_acc_per_seed": [round(a, 4) for a in accs],
+                "gain": round(lora_acc - base_acc, 4),
+                "train_seconds": round(sum(r.train_seconds for r in runs) / len(runs), 1),
+                "wall_seconds_all_seeds": round(sum(r.wall_seconds for r in runs), 1),
+            }
+        )
     return rows
 
 
-def zoo_results(preset: Preset, ws: Workspace, out_json: Path, out_md: Path | None,
-                extra: list[TaskSpec] | None = None, min_gain: float = 0.05) -> list[dict]:
+def zoo_results(
+    preset: Preset,
+    ws: Workspace,
+    out_json: Path,
+    out_md: Path | None,
+    extra: list[TaskSpec] | None = None,
+    min_gain: float = 0.05,
+) -> list[dict]:
     """Per-task zoo results as JSON and a Markdown table; dropped candidates listed with the reason."""
     rows = zoo_summary(preset, ws, extra)
     dropped = zoo_summary(preset.replace(pool=tuple(DROPPED), pairs=()), ws, extra) if DROPPED else []
@@ -50,14 +64,19 @@ def zoo_results(preset: Preset, ws: Workspace, out_json: Path, out_md: Path | No
     def in_pool(names) -> bool:
         return all(t in preset.pool for t in names)
 
-    pool_seconds = sum(r.wall_seconds for r in runs if in_pool(r.tasks)) + sum(b["seconds"] for b in bases if in_pool([b["task"]]))
+    pool_seconds = sum(r.wall_seconds for r in runs if in_pool(r.tasks)) + sum(
+        b["seconds"] for b in bases if in_pool([b["task"]])
+    )
     payload = {
-        "preset": preset.name, "base": preset.base,
+        "preset": preset.name,
+        "base": preset.base,
         "zoo": dataclasses.asdict(preset.zoo),
         "build_wall_seconds": round(pool_seconds, 1),
         "build_wall_seconds_note": "sum of per-run wall times (training, checkpoint saving, final test evaluation) and "
-                                   "base-model evaluations for the pool tasks and pair adapters",
-        "build_wall_seconds_all_candidates": round(sum(r.wall_seconds for r in runs) + sum(b["seconds"] for b in bases), 1),
+        "base-model evaluations for the pool tasks and pair adapters",
+        "build_wall_seconds_all_candidates": round(
+            sum(r.wall_seconds for r in runs) + sum(b["seconds"] for b in bases), 1
+        ),
         "n_adapter_runs": sum(in_pool(r.tasks) for r in runs),
         "n_checkpoints": sum(len(r.checkpoints) for r in runs if in_pool(r.tasks)),
         "pairs": [{"pair": r.task, "test_acc": r.test_acc} for r in runs if len(r.tasks) > 1 and in_pool(r.tasks)],
@@ -71,13 +90,20 @@ def zoo_results(preset: Preset, ws: Workspace, out_json: Path, out_md: Path | No
 
 
 def _markdown(rows: list[dict], dropped: list[dict]) -> list[str]:
-    lines = ["| task | domain | kind | n_train | n_test | base acc | LoRA acc (mean over seeds) | gain | train s/adapter |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| task | domain | kind | n_train | n_test | base acc | LoRA acc (mean over seeds) | gain | train s/adapter |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         per_seed = ", ".join(f"{a:.3f}" for a in r["lora_acc_per_seed"])
-        lines.append(f"| {r['task']} | {r['domain']} | {r['kind']} | {r['n_train']} | {r['n_test']} | {r['base_acc']:.3f} | "
-                     f"{r['lora_acc']:.3f} ({per_seed}) | {r['gain']:+.3f} | {r['train_seconds']:.0f} |")
+        lines.append(
+            f"| {r['task']} | {r['domain']} | {r['kind']} | {r['n_train']} | {r['n_test']} | {r['base_acc']:.3f} | "
+            f"{r['lora_acc']:.3f} ({per_seed}) | {r['gain']:+.3f} | {r['train_seconds']:.0f} |"
+        )
     if dropped:
         lines += ["", "Candidates measured and dropped from the pool:", ""]
-        lines += [f"- `{r['task']}` ({r['domain']}): base {r['base_acc']:.3f}, LoRA {r['lora_acc']:.3f} — {r['dropped']}" for r in dropped]
+        lines += [
+            f"- `{r['task']}` ({r['domain']}): base {r['base_acc']:.3f}, LoRA {r['lora_acc']:.3f} — {r['dropped']}"
+            for r in dropped
+        ]
     return lines

@@ -22,13 +22,16 @@ from deltalora.data.tasks import Item, stable_seed
 @dataclass
 class TrainResult:
     """Losses and wall time of one LoRA training run."""
+
     losses: list[float]
     """Mean completion loss of every step."""
     seconds: float
     """Wall time of the training loop, including whatever ``on_checkpoint`` does."""
 
 
-def completion_batch(tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_batch(
+    tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, mask and labels where only the answer (+ EOS) is supervised."""
     return _labelled([encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items], tok.pad_token_id)
 
@@ -38,12 +41,18 @@ def _labelled(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[to
     labels = ids.clone()
     for r, (seq, n_prompt) in enumerate(encoded):
         labels[r, :n_prompt] = -100
-        labels[r, len(seq):] = -100
+        labels[r, len(seq) :] = -100
     return ids, mask, labels
 
 
-def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int,
-                    micro_batch: int, min_shared_prefix: int = 0) -> torch.Tensor:
+def completion_loss(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    max_length: int,
+    micro_batch: int,
+    min_shared_prefix: int = 0,
+) -> torch.Tensor:
     """Mean cross-entropy over every answer token of the batch: the value of transformers'
     padded ``labels=`` loss on ``completion_batch``, computed leaner.
 
@@ -65,8 +74,9 @@ def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items:
             past = body(input_ids=ids[:1, :shared], use_cache=True).cache
             past.batch_repeat_interleave(len(chunk))
             # the prefix's own positions carry no supervised logit (shared_prefix_length stops before them)
-            hidden = body(input_ids=ids[:, shared:], attention_mask=mask, cache=past,
-                          use_cache=True).last_hidden_state[:, :-1][keep[:, shared:]]
+            hidden = body(input_ids=ids[:, shared:], attention_mask=mask, cache=past, use_cache=True).last_hidden_state[
+                :, :-1
+            ][keep[:, shared:]]
         else:
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
         total = total + F.cross_entropy(head(hidden).float(), target[keep], reduction="sum")
@@ -74,11 +84,14 @@ def completion_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, items:
     return total / max(1, n_tokens)
 
 
-def micro_batches(tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int,
-                  micro_batch: int) -> list[list[tuple[list[int], int]]]:
+def micro_batches(
+    tok: PreTrainedTokenizerBase, items: Sequence[Item], max_length: int, micro_batch: int
+) -> list[list[tuple[list[int], int]]]:
     """A batch as ``completion_loss`` runs it: (ids, prompt length) pairs sorted by length, cut into micro-batches."""
-    encoded = sorted((encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items), key=lambda e: len(e[0]))
-    return [encoded[start: start + micro_batch] for start in range(0, len(encoded), micro_batch)]
+    encoded = sorted(
+        (encode(tok, it.prompt, it.completion(), max_length, eos=True) for it in items), key=lambda e: len(e[0])
+    )
+    return [encoded[start : start + micro_batch] for start in range(0, len(encoded), micro_batch)]
 
 
 def shared_prefix_length(encoded: Sequence[tuple[list[int], int]], minimum: int = 1) -> int:
@@ -110,16 +123,25 @@ def batches(items: Sequence[Item], batch_size: int, steps: int, seed: int) -> li
     return out
 
 
-def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Sequence[Item], cfg: ZooConfig,
-               steps: int, seed: int, run_name: str,
-               on_checkpoint: Callable[[PeftModel, int, float], None],
-               loss_fn: Callable[[PeftModel, Sequence[Item]], torch.Tensor] | None = None) -> TrainResult:
+def train_lora(
+    base: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    cfg: ZooConfig,
+    steps: int,
+    seed: int,
+    run_name: str,
+    on_checkpoint: Callable[[PeftModel, int, float], None],
+    loss_fn: Callable[[PeftModel, Sequence[Item]], torch.Tensor] | None = None,
+) -> TrainResult:
     """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return).
 
     ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps;
     ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss).
     """
-    loss_fn = loss_fn or (lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch, cfg.min_shared_prefix))
+    loss_fn = loss_fn or (
+        lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch, cfg.min_shared_prefix)
+    )
     torch.manual_seed(stable_seed("lora-init", *([run_name] if cfg.init_per_task else []), seed) % 2**63)
     model = get_peft_model(base, lora_config(cfg.rank, cfg.alpha, cfg.target_modules))
     try:
@@ -130,8 +152,12 @@ def train_lora(base: torch.nn.Module, tok: PreTrainedTokenizerBase, items: Seque
         keep = set(cfg.checkpoint_steps(steps))
         losses: list[float] = []
         t0 = time.perf_counter()
-        bar = tqdm(batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)),
-                   desc=run_name, unit="step", leave=False)
+        bar = tqdm(
+            batches(items, cfg.batch_size, steps, stable_seed("batches", run_name, seed)),
+            desc=run_name,
+            unit="step",
+            leave=False,
+        )
         for step, batch in enumerate(bar, 1):
             loss = loss_fn(model, batch)
             loss.backward()
