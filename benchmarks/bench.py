@@ -291,8 +291,8 @@ def bench_trainer(
             ids, mask, labels = completion_batch(tok, batch, cfg.max_length)
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-        def run(key, loss_fn):  # same run name and seed: the same init and batches (`plan`)
-            losses[key] = train_lora(base, tok, items, cfg, steps, 0, "bench", lambda *a: None, loss_fn).losses
+        def run(key, loss_fn, items=items):  # same run name and seed: the same init and batches (`plan`)
+            losses[key] = train_lora(base, tok, items, cfg, steps, 0, "bench", lambda *a: None, loss_fn).losses  # noqa: B023
 
         plain = lambda: run("plain", transformers_loss)  # noqa: E731
         ours = lambda: run("ours", None)  # noqa: E731
@@ -351,7 +351,7 @@ def bench_generator(preset, ws, repeats: int, overrides: list[str], steps: int =
     out = {}
     for v in VARIANTS:
         runs = []
-        for r in range(repeats):  # a dnd run of 10 steps lasts about a second: take the median of several
+        for _ in range(repeats):  # a dnd run of 10 steps lasts about a second: take the median of several
             with tempfile.TemporaryDirectory() as tmp:
                 res = subprocess.run(
                     [
@@ -412,8 +412,8 @@ def bench_eval(
     for name in [t for t in tasks if t in mc] or mc[:2]:
         items = loaded[name].test[:n_items]
         args = (base, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)
-        shared, t_sh = median_time(lambda: choice_scores(*args), repeats)
-        unshared, t_un = median_time(lambda: choice_scores_unshared(*args), repeats)
+        shared, t_sh = median_time(lambda args=args: choice_scores(*args), repeats)
+        unshared, t_un = median_time(lambda args=args: choice_scores_unshared(*args), repeats)
         s1, s2 = choice_scores(*args), choice_scores_unshared(*args)
         pick = lambda s: [max(range(len(x)), key=x.__getitem__) for x in s]  # noqa: E731
         out[name] = {

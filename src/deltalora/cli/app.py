@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,22 +31,22 @@ app.add_typer(delta_app, name="delta")
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Named preset: tiny (tests) or small (CPU default).")]
 WorkspaceOpt = Annotated[
-    Optional[Path], typer.Option("--workspace", "-w", help="Folder for all artifacts (default runs/<preset>).")
+    Path | None, typer.Option("--workspace", "-w", help="Folder for all artifacts (default runs/<preset>).")
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--set", help="Override a config field, e.g. --set zoo.steps=10, or the task pool: --set pool=a,b (repeatable)."
     ),
 ]
 TasksFileOpt = Annotated[
-    Optional[Path], typer.Option("--tasks-file", help="JSON list of user tasks {name, domain, path to JSONL}.")
+    Path | None, typer.Option("--tasks-file", help="JSON list of user tasks {name, domain, path to JSONL}.")
 ]
 BaseOpt = Annotated[
-    Optional[str], typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")
+    str | None, typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")
 ]
 TasksOpt = Annotated[
-    Optional[str], typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
+    str | None, typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
 ]
 
 

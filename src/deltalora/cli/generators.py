@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -40,14 +40,12 @@ def train_generator_cmd(
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
     tasks: Annotated[
-        Optional[str], typer.Option("--tasks", help="Comma-separated training tasks (default: the pool).")
+        str | None, typer.Option("--tasks", help="Comma-separated training tasks (default: the pool).")
     ] = None,
     shuffle_delta: Annotated[
         bool, typer.Option("--shuffle-delta", help="Negative control: permute δ targets across tasks.")
     ] = False,
-    out: Annotated[
-        Optional[Path], typer.Option(help="Output folder (default <workspace>/generators/<variant>).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <workspace>/generators/<variant>).")] = None,
 ) -> None:
     """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill."""
     from deltalora.generator.retrieval import build_retrieval
@@ -105,11 +103,11 @@ def assess_cmd(
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
     tasks: Annotated[
-        Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")
+        str | None, typer.Option("--tasks", help="Comma-separated tasks (default: the generator's training tasks).")
     ] = None,
     draws: Annotated[int, typer.Option(help="Generated adapters per task (different train-prompt draws).")] = 2,
-    n_test: Annotated[Optional[int], typer.Option(help="Score only the first N test items.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="JSON output: one entry per generator.")] = None,
+    n_test: Annotated[int | None, typer.Option(help="Score only the first N test items.")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON output: one entry per generator.")] = None,
     merge: Annotated[
         bool, typer.Option("--merge", help="Add these generators to an existing --out file (same draws and n_test).")
     ] = False,
@@ -148,11 +146,11 @@ def experiment_cmd(
     overrides: SetOpt = None,
     tasks: TasksOpt = None,
     only: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, rq2_lodo, rq3, rq4, ablations."),
     ] = None,
     results_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")
+        Path | None, typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")
     ] = None,
 ) -> None:
     """RQ1-RQ4, ablations and controls on a built zoo with Delta Activations. Resumable: every finished

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -127,8 +127,8 @@ def zoo_results_cmd(
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
     tasks: TasksOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/zoo_<preset>.json).")] = None,
-    md: Annotated[Optional[Path], typer.Option(help="Markdown table (default docs/zoo_<preset>.md).")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default results/zoo_<preset>.json).")] = None,
+    md: Annotated[Path | None, typer.Option(help="Markdown table (default docs/zoo_<preset>.md).")] = None,
 ) -> None:
     """Per-task base vs LoRA accuracy and train time, as JSON and a Markdown table."""
     from deltalora.zoo.summary import zoo_results
@@ -150,7 +150,7 @@ def delta_compute(
     base: BaseOpt = None,
     tasks: TasksOpt = None,
     probes: Annotated[
-        Optional[list[int]], typer.Option("--probes", help="Probe-set sizes: 1, 5 and/or 20 (repeatable).")
+        list[int] | None, typer.Option("--probes", help="Probe-set sizes: 1, 5 and/or 20 (repeatable).")
     ] = None,
 ) -> None:
     """δ for every checkpoint in the zoo (of the --tasks only, if given; resumable); base activations computed once."""
@@ -168,8 +168,8 @@ def delta_report_cmd(
     workspace: WorkspaceOpt = None,
     overrides: SetOpt = None,
     tasks: TasksOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/delta_<preset>.json).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="PNG map (default docs/delta_map_<preset>.png).")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default results/delta_<preset>.json).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG map (default docs/delta_map_<preset>.png).")] = None,
 ) -> None:
     """Silhouette by domain (δ vs flattened weights), 2-D map, additivity of pair adapters."""
     from deltalora.delta.report import delta_report
@@ -186,7 +186,7 @@ def delta_report_cmd(
 def evaluate_cmd(
     task: Annotated[str, typer.Option("--task", "-t", help="Task name.")],
     adapter: Annotated[
-        Optional[Path], typer.Option("--adapter", "-a", help="PEFT adapter folder (omit: base model).")
+        Path | None, typer.Option("--adapter", "-a", help="PEFT adapter folder (omit: base model).")
     ] = None,
     preset: PresetOpt = "small",
     base: BaseOpt = None,

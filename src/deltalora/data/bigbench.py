@@ -56,7 +56,10 @@ def extract_bigbench(task_paths: list[str]) -> None:
 
 
 def bigbench_items(path: str, kind: str | None, file: Path) -> list[tuple[Item, str | None]]:
-    """Items of a BIG-bench ``task.json`` (MC by target scores, or exact match), validated; errors name the file and example."""
+    """Items of a BIG-bench ``task.json`` (MC by target scores, or exact match), validated.
+
+    Errors name the file and the example.
+    """
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

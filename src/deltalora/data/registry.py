@@ -77,7 +77,8 @@ CANDIDATES: tuple[TaskSpec, ...] = (
 
 # Filled from measurements (results/zoo_small.json): name -> reason.
 DROPPED: dict[str, str] = {
-    "unit_conversion.unit_identification": "base model already at 0.99 on 200 test items (measured): no room for a 5-point gain",
+    "unit_conversion.unit_identification": "base model already at 0.99 on 200 test items (measured): "
+    "no room for a 5-point gain",
     "color.hex": "LoRA gain +0.045 (0.185 -> 0.230 on 200 test items), below the 5-point bar",
     "epistemic_reasoning": "LoRA gain -0.005 (0.635 -> 0.630 on 200 test items)",
     "implicatures": "LoRA gain -0.030 (0.515 -> 0.485 on 200 test items)",

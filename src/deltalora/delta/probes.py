@@ -10,7 +10,6 @@ forward through ``torch.func.functional_call`` so LoRA tensors inside an autogra
 
 from __future__ import annotations
 
-
 import torch
 from transformers import PreTrainedTokenizerBase
 

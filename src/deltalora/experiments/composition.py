@@ -23,7 +23,6 @@ from deltalora.generator.generate import choose_prompts, generate_tensors
 from deltalora.generator.variants import VARIANTS
 from deltalora.io import atomic_write_json, file_lock, read_json
 
-
 _PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)": "svd"}
 
 
@@ -31,52 +30,7 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     """Every method on every zoo pair, cached per method; writes and returns ``rq4.json``."""
     pre, ex = runner.preset, runner.preset.experiment
     main = {c.name: c for c in cells if c.rq == "rq1" and c.method == "generator"}
-    decoders = [name for name, c in main.items() if VARIANTS[dict(c.changes)["variant"]].decodes_delta]
-    pairs: dict[str, Any] = {}
-    for a, b in pre.pairs:
-        cache = runner.root / "composition" / f"{a}+{b}"
-        ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
-
-        def both(tensors: dict[str, torch.Tensor] | None) -> dict:
-            if tensors is None:  # the PEFT model's active adapter is what is scored
-                return {t: runner.scorer.score_active(t)[0] for t in (a, b)}
-            return {t: {k: v for k, v in runner.score(t, tensors).items() if k != "delta"} for t in (a, b)}
-
-        def cached(name: str, make) -> None:
-            f = cache / ("".join(c if c.isalnum() else "_" for c in name) + ".json")
-            if f.exists():
-                return
-            with file_lock(f.with_suffix(".lock")) as mine:  # another experiment process may be on it
-                if mine and not f.exists():
-                    atomic_write_json(f, {"method": name, "adapters": make()})
-
-        union = runner.scorer.manifest.union(a, b)
-        cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])
-        cached(f"{b} LoRA", lambda: [both(ref_b.ref_tensors[0])])
-        if union:
-            cached("union LoRA (trained on both tasks)", lambda: [both(runner.scorer.tensors(union[0]))])
-        for label, kind in _PEFT_MERGES.items():
-            cached(label, lambda kind=kind: [_peft_merge(runner, a, b, kind, both)])
-        for name in decoders:
-            for seed in ex.seeds:
-                gen = runner.trained_generator(main[name], seed)
-                for alpha in (1.0, *ex.interpolations):
-                    label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
-                    w_a, w_b = (1.0, 1.0) if alpha == 1.0 else (alpha, 1 - alpha)
-                    cached(
-                        f"{label} seed{seed}",
-                        lambda g=gen, wa=w_a, wb=w_b: [
-                            both(_decode_delta(g, wa * ref_a.ref_delta + wb * ref_b.ref_delta))
-                        ],
-                    )
-        for v in ex.mixed_variants:
-            if v not in main:
-                continue
-            for seed in ex.seeds:
-                cached(
-                    f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both)
-                )
-        pairs[f"{a}+{b}"] = _summary(cache, a, b)
+    pairs = {f"{a}+{b}": _pair(runner, main, a, b) for a, b in pre.pairs}
     out = {
         "rq": "rq4",
         "preset": pre.name,
@@ -93,6 +47,48 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     f = runner.results_dir / "rq4.json"
     atomic_write_json(f, out)
     return f
+
+
+def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, Any]:
+    """Every method on one pair, each cached in its own file (another process may take some); the pair's summary."""
+    ex = runner.preset.experiment
+    cache = runner.root / "composition" / f"{a}+{b}"
+    ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
+
+    def both(tensors: dict[str, torch.Tensor] | None) -> dict:
+        if tensors is None:  # the PEFT model's active adapter is what is scored
+            return {t: runner.scorer.score_active(t)[0] for t in (a, b)}
+        return {t: {k: v for k, v in runner.score(t, tensors).items() if k != "delta"} for t in (a, b)}
+
+    def cached(name: str, make) -> None:
+        f = cache / ("".join(c if c.isalnum() else "_" for c in name) + ".json")
+        if f.exists():
+            return
+        with file_lock(f.with_suffix(".lock")) as mine:  # another experiment process may be on it
+            if mine and not f.exists():
+                atomic_write_json(f, {"method": name, "adapters": make()})
+
+    union = runner.scorer.manifest.union(a, b)
+    cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])
+    cached(f"{b} LoRA", lambda: [both(ref_b.ref_tensors[0])])
+    if union:
+        cached("union LoRA (trained on both tasks)", lambda: [both(runner.scorer.tensors(union[0]))])
+    for label, kind in _PEFT_MERGES.items():
+        cached(label, lambda kind=kind: [_peft_merge(runner, a, b, kind, both)])
+    for name in (n for n, c in main.items() if VARIANTS[dict(c.changes)["variant"]].decodes_delta):
+        for seed in ex.seeds:
+            gen = runner.trained_generator(main[name], seed)
+            for alpha in (1.0, *ex.interpolations):
+                label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
+                w_a, w_b = (1.0, 1.0) if alpha == 1.0 else (alpha, 1 - alpha)
+                delta = w_a * ref_a.ref_delta + w_b * ref_b.ref_delta
+                cached(f"{label} seed{seed}", lambda g=gen, d=delta: [both(_decode_delta(g, d))])
+    for v in ex.mixed_variants:
+        if v not in main:
+            continue
+        for seed in ex.seeds:
+            cached(f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both))
+    return _summary(cache, a, b)
 
 
 def _peft_merge(runner: Runner, a: str, b: str, kind: str, both) -> dict:

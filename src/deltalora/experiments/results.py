@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from deltalora.config import Preset
+from deltalora.errors import ArtifactError
 from deltalora.experiments.grid import METRICS, Cell
 from deltalora.experiments.scoring import mean_std
 from deltalora.generator.retrieval import RETRIEVAL
-from deltalora.errors import ArtifactError
 from deltalora.io import atomic_write_json, read_json
 
 RESULTS_VERSION = 1

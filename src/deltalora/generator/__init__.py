@@ -1,1 +1,1 @@
-"""Prompt-to-LoRA generators: encoder, LoRA tokens, the hyper-network, the variant table, training, generation, retrieval."""
+"""Prompt-to-LoRA generators: encoder, LoRA tokens, hyper-network, variant table, training, generation, retrieval."""

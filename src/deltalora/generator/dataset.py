@@ -19,8 +19,8 @@ from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.delta.compute import load_deltas
 from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.encoder import PromptEncoder
-from deltalora.generator.loss import ExactBehaviour
 from deltalora.generator.lora_tokens import LoraTokenizer
+from deltalora.generator.loss import ExactBehaviour
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import read_adapter
 from deltalora.zoo.manifest import Manifest

@@ -68,7 +68,7 @@ class LoraTokenizer:
         self.std = torch.ones(self.n_tokens, 1)
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], width: int | None = None) -> "LoraTokenizer":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], width: int | None = None) -> LoraTokenizer:
         """The layout of an adapter state dict (statistics not fitted yet)."""
         return cls({k: tuple(v.shape) for k, v in sd.items()}, width)
 
@@ -88,7 +88,7 @@ class LoraTokenizer:
             parts.append(torch.nn.functional.pad(t, (0, pad)).reshape(s.n_tokens, self.width))
         return torch.cat(parts)
 
-    def fit(self, sds: list[dict[str, torch.Tensor]], eps: float = 1e-8) -> "LoraTokenizer":
+    def fit(self, sds: list[dict[str, torch.Tensor]], eps: float = 1e-8) -> LoraTokenizer:
         """Per-element mean and std over a set of adapters.
 
         Per element, not per token: zoo adapters share their lora_A init, so a per-token
@@ -120,11 +120,12 @@ class LoraTokenizer:
         """The fitted statistics, for saving."""
         return {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> "LoraTokenizer":
+    def load_state(self, state: dict[str, torch.Tensor]) -> LoraTokenizer:
         """Restore saved statistics (shape-checked against this layout)."""
         if state["mean"].shape != (self.n_tokens, self.width):
             raise GeneratorError(
-                f"tokenizer statistics have shape {tuple(state['mean'].shape)}, this layout needs {(self.n_tokens, self.width)}"
+                f"tokenizer statistics have shape {tuple(state['mean'].shape)}, "
+                f"this layout needs {(self.n_tokens, self.width)}"
             )
         self.mean, self.std = state["mean"], state["std"]
         return self
@@ -146,7 +147,8 @@ class LoraTokenizer:
             extra = sorted(set(got) - set(want))[:2]
             wrong = [k for k in want if k in got and got[k] != want[k]][:2]
             raise AdapterError(
-                f"adapter does not match the tokenizer layout: missing {missing}, unexpected {extra}, wrong shape {wrong}"
+                f"adapter does not match the tokenizer layout: missing {missing}, unexpected {extra}, "
+                f"wrong shape {wrong}"
             )
 
 

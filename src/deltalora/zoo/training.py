@@ -13,10 +13,10 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from deltalora.zoo.adapters import lora_config
 from deltalora.config import ZooConfig
-from deltalora.lm.evaluate import encode, pad_right
 from deltalora.data.tasks import Item, stable_seed
+from deltalora.lm.evaluate import encode, pad_right
+from deltalora.zoo.adapters import lora_config
 
 
 @dataclass
