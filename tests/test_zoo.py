@@ -165,9 +165,9 @@ def test_interrupted_build_resumes_without_retraining(reference_zoo, two_task_pr
     saves = []
 
     @contextlib.contextmanager
-    def flaky_atomic_dir(path):
+    def flaky_atomic_dir(path, *args, **kwargs):
         # the 4th checkpoint save (syn.copy's final step) is killed after its files are written
-        with real_atomic_dir(path) as tmp:
+        with real_atomic_dir(path, *args, **kwargs) as tmp:
             yield tmp
             saves.append(path)
             if len(saves) == 4:
@@ -329,21 +329,21 @@ def test_checkpoint_saving_never_contacts_the_hub(two_task_preset, tmp_path, mon
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    from deltalora.io import atomic_dir
+    from deltalora.outputs import atomic_dir
 
     target = tmp_path / "out"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "checkpoint") as tmp:
         (tmp / "a.txt").write_text("first")
     assert (target / "a.txt").read_text() == "first"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, "checkpoint", overwrite=True) as tmp:
             (tmp / "a.txt").write_text("second")
             raise KeyboardInterrupt
     assert (target / "a.txt").read_text() == "first"  # the old folder is untouched
     assert not leftover_tmp(tmp_path)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "checkpoint", overwrite=True) as tmp:
         (tmp / "b.txt").write_text("replaced")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".deltalora.json", "b.txt"]
 
 
 def test_atomic_json_and_read_json_errors(tmp_path):

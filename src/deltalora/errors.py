@@ -39,3 +39,7 @@ class ArtifactError(DeltaloraError):
 
 class SourceError(DeltaloraError):
     """An offline source (a PyPI distribution, the BIG-bench sdist, a model folder) cannot be found or fetched."""
+
+
+class OutputError(DeltaloraError):
+    """deltalora will not write this path; the message names it and the way out (nothing was changed)."""

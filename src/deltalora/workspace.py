@@ -113,6 +113,11 @@ class Workspace:
         return self.root / "generators" / name
 
     @property
+    def protected(self) -> tuple[Path, Path]:
+        """Folders no output a user names may be written in or replace: the zoo and δ."""
+        return self.zoo, self.delta
+
+    @property
     def experiments(self) -> Path:
         """Root of the experiment grid's cache."""
         return self.root / "experiments"

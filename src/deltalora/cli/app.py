@@ -45,6 +45,13 @@ TasksFileOpt = Annotated[
 BaseOpt = Annotated[
     str | None, typer.Option("--base", help="Base model: known name, Hub id or folder (default: the preset's).")
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace a folder deltalora wrote before for the same kind of artifact (never any other folder).",
+    ),
+]
 TasksOpt = Annotated[
     str | None, typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
 ]
@@ -77,6 +84,18 @@ def setup(
     if tasks:
         p = with_pool(p, tasks)
     return Run(p, load_user_specs(tasks_file) if tasks_file else [], Workspace.of(workspace, p.name))
+
+
+def check_outputs(ws: Workspace | None, files: tuple[Path, ...] = (), dirs: tuple[Path, ...] = ()) -> None:
+    """Refuse bad result paths before any work: files that are folders, anything in the workspace's zoo or δ."""
+    from deltalora.io import check_output_file
+    from deltalora.outputs import check_output_dir
+
+    keep = ws.protected if ws else ()
+    for f in files:
+        check_output_file(f, protected=keep)
+    for d in dirs:
+        check_output_dir(d, None, protected=keep)
 
 
 def split_names(names: str | None) -> list[str] | None:

@@ -8,7 +8,18 @@ from typing import Annotated
 
 import typer
 
-from deltalora.cli.app import PresetOpt, SetOpt, TasksFileOpt, TasksOpt, WorkspaceOpt, app, setup, split_names
+from deltalora.cli.app import (
+    OverwriteOpt,
+    PresetOpt,
+    SetOpt,
+    TasksFileOpt,
+    TasksOpt,
+    WorkspaceOpt,
+    app,
+    check_outputs,
+    setup,
+    split_names,
+)
 from deltalora.errors import UsageError
 from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.generator.variants import VARIANTS
@@ -45,7 +56,11 @@ def train_generator_cmd(
     shuffle_delta: Annotated[
         bool, typer.Option("--shuffle-delta", help="Negative control: permute δ targets across tasks.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default <workspace>/generators/<variant>).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default <workspace>/generators/<variant>): new, empty, or ours (resumed)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill."""
     from deltalora.generator.retrieval import build_retrieval
@@ -62,10 +77,10 @@ def train_generator_cmd(
     names = split_names(tasks) or list(run.preset.pool)
     dest = out or run.ws.generator(variant + ("_shuffled" if shuffle_delta else ""))
     if variant == RETRIEVAL:
-        build_retrieval(run.preset, run.ws, dest, names, run.extra)
+        build_retrieval(run.preset, run.ws, dest, names, run.extra, overwrite=overwrite)
         typer.echo(f"retrieval index over {len(names)} tasks in {dest}")
         return
-    card = train_generator(run.preset, run.ws, dest, names, run.extra)
+    card = train_generator(run.preset, run.ws, dest, names, run.extra, overwrite=overwrite)
     typer.echo(
         f"generator {variant}: {card.n_params:,} parameters, emits {card.lora_params:,} LoRA parameters; "
         f"{card.train_seconds:.0f} s; saved to {dest}"
@@ -76,15 +91,17 @@ def train_generator_cmd(
 def generate_cmd(
     generator: GeneratorOpt,
     prompts: Annotated[Path, typer.Option("--prompts", help="Text file (one prompt a line) or JSONL.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write: new or empty.")],
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
     preset: PresetOpt = "small",
     workspace: WorkspaceOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Emit a PEFT adapter for the prompts (loads with peft.PeftModel.from_pretrained)."""
     from deltalora.generator.generate import generate, read_prompts
 
-    prov = generate(_generator_dir(Workspace.of(workspace, preset), generator), read_prompts(prompts), out, seed)
+    gen_dir = _generator_dir(Workspace.of(workspace, preset), generator)
+    prov = generate(gen_dir, read_prompts(prompts), out, seed, overwrite=overwrite)
     typer.echo(json.dumps(prov))
 
 
@@ -117,6 +134,7 @@ def assess_cmd(
     from deltalora.io import atomic_write_json, read_json
 
     run = setup(preset, workspace, overrides, tasks_file)
+    check_outputs(run.ws, (out,) if out else ())
     results = {}
     for g in (_generator_dir(run.ws, g) for g in generators):
         conf = read_json(g / "config.json", "generator config")
@@ -159,9 +177,9 @@ def experiment_cmd(
     from deltalora.experiments.run import run_experiment
 
     run = setup(preset, workspace, overrides, tasks_file, tasks=tasks)
-    files = run_experiment(
-        run.preset, run.ws, results_dir or Path(f"results/experiments_{run.preset.name}"), only, run.extra
-    )
+    results_dir = results_dir or Path(f"results/experiments_{run.preset.name}")
+    check_outputs(run.ws, dirs=(results_dir,))
+    files = run_experiment(run.preset, run.ws, results_dir, only, run.extra)
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
 
 
@@ -173,4 +191,5 @@ def report_cmd(
     """Write the report (Markdown + PNG plots) from the experiment result files alone."""
     from deltalora.experiments.report import write_report
 
+    check_outputs(None, (out,))
     typer.echo(str(write_report(results_dir, out)))

@@ -16,6 +16,7 @@ from deltalora.cli.app import (
     TasksOpt,
     WorkspaceOpt,
     app,
+    check_outputs,
     delta_app,
     setup,
     tasks_app,
@@ -135,9 +136,9 @@ def zoo_results_cmd(
 
     run = setup(preset, workspace, overrides, tasks_file, tasks=tasks)
     name = run.preset.name
-    rows = zoo_results(
-        run.preset, run.ws, out or Path(f"results/zoo_{name}.json"), md or Path(f"docs/zoo_{name}.md"), run.extra
-    )
+    out, md = out or Path(f"results/zoo_{name}.json"), md or Path(f"docs/zoo_{name}.md")
+    check_outputs(run.ws, (out, md))
+    rows = zoo_results(run.preset, run.ws, out, md, run.extra)
     for r in rows:
         typer.echo(f"{r['task']:45s} base={r['base_acc']:.3f} lora={r['lora_acc']:.3f} gain={r['gain']:+.3f}")
 
@@ -177,7 +178,9 @@ def delta_report_cmd(
 
     run = setup(preset, workspace, overrides, tasks=tasks)
     out = out or Path(f"results/delta_{run.preset.name}.json")
-    res = delta_report(run.ws, out, plot or Path(f"docs/delta_map_{run.preset.name}.png"), run.preset.pool)
+    plot = plot or Path(f"docs/delta_map_{run.preset.name}.png")
+    check_outputs(run.ws, (out, plot, Path("docs") / "results.md"))
+    res = delta_report(run.ws, out, plot, run.preset.pool)
     write_results_md(run.preset.name, out.parent, Path("docs"))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
 
@@ -243,5 +246,6 @@ def run_cmd(
     from deltalora.pipeline import run_all
 
     run = setup(preset, workspace, overrides, tasks_file, base, tasks)
+    check_outputs(run.ws, dirs=(results_dir, docs_dir))
     res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deltalora.io import atomic_write_bytes
 from deltalora.zoo.manifest import Manifest
 
 
@@ -110,6 +112,7 @@ def plot_map(
     ax.set_yticks([])
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())

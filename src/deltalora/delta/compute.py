@@ -18,6 +18,7 @@ from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import ArtifactError
 from deltalora.io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
 from deltalora.lm.models import load_base
+from deltalora.outputs import own_dir
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import AdapterSwapper
 from deltalora.zoo.manifest import Checkpoint, Manifest
@@ -52,6 +53,9 @@ def compute_zoo_deltas(
     file and rank 0 merges them.
     """
     info = init_distributed()
+    if info.is_main:  # a folder that deltalora did not write is refused, not filled
+        own_dir(ws.delta, "delta")
+    barrier()
     out_file = ws.deltas(cfg.n_probes)
     merged = load_file(out_file) if out_file.exists() else {}
     mine = info.shard([c for c in checkpoints if c.path not in merged])

@@ -16,6 +16,7 @@ from deltalora.experiments.grid import RQS, Cell, plan
 from deltalora.experiments.results import write_results
 from deltalora.experiments.runner import Runner
 from deltalora.io import atomic_write_bytes, atomic_write_json
+from deltalora.outputs import own_dir
 from deltalora.workspace import Workspace
 
 
@@ -36,6 +37,7 @@ def run_experiment(
         if stray:
             raise ConfigError(f"experiment.{field}: {stray} not in the preset's pool")
     results_dir = Path(results_dir)
+    own_dir(ws.experiments, "experiment")  # a folder that deltalora did not write is refused, not filled
     runner = Runner(preset, ws, results_dir, extra)
     cells = plan(preset, runner.domains)
     wanted = set(only or RQS)

@@ -16,7 +16,9 @@ from deltalora.errors import GeneratorError
 from deltalora.generator.artifact import LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.retrieval import is_retrieval, retrieve
-from deltalora.io import atomic_dir, atomic_write_json
+from deltalora.io import atomic_write_json, read_json
+from deltalora.outputs import atomic_dir, claim_output_dir
+from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import lora_config, read_adapter
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,17 @@ def choose_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def write_adapter(
-    out_dir: str | Path, tensors: dict[str, torch.Tensor], adapter_config: dict, provenance: dict
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    adapter_config: dict,
+    provenance: dict,
+    overwrite: bool = False,
+    protected: tuple[Path, ...] = (),
 ) -> Path:
-    """A PEFT adapter folder (config + safetensors + provenance), written atomically."""
+    """A PEFT adapter folder (config + safetensors + provenance), written atomically (``outputs.atomic_dir``)."""
     ac = adapter_config
     cfg = lora_config(ac["r"], ac["lora_alpha"], ac["target_modules"], ac.get("base_model_name_or_path"))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "adapter", overwrite=overwrite, protected=protected) as tmp:
         cfg.save_pretrained(str(tmp))
         save_file(
             {k: v.detach().float().contiguous() for k, v in tensors.items()},
@@ -81,13 +88,30 @@ def generate_tensors(
     return {k: v[0] for k, v in gen.tokenizer.decode(gen.model(encoder.encode(chosen)[None])).items()}
 
 
+def _keep_out(gen_dir: Path) -> tuple[Path, ...]:
+    """Folders a generated adapter may not be written in: the generator and its workspace's zoo and δ."""
+    card = gen_dir / "config.json"
+    recorded = read_json(card, "generator config").get("workspace") if card.exists() else None
+    return (gen_dir, *Workspace(Path(recorded)).protected) if recorded else (gen_dir,)
+
+
 def generate(
-    gen_dir: str | Path, prompts: list[str], out_dir: str | Path, seed: int = 0, encoder: PromptEncoder | None = None
+    gen_dir: str | Path,
+    prompts: list[str],
+    out_dir: str | Path,
+    seed: int = 0,
+    encoder: PromptEncoder | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Prompts -> PEFT adapter folder, for a trained generator or a retrieval index; returns the provenance."""
+    """Prompts -> PEFT adapter folder, for a trained generator or a retrieval index; returns the provenance.
+
+    ``out_dir`` must be new or empty, or (with ``overwrite``) an adapter folder this function wrote.
+    """
     gen_dir = Path(gen_dir)
     if not prompts:
         raise GeneratorError("no prompts given")
+    protected = _keep_out(gen_dir)
+    claim_output_dir(out_dir, "adapter", overwrite=overwrite, protected=protected)  # before any work
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     encoder = encoder or PromptEncoder()
     t0 = time.perf_counter()
@@ -104,7 +128,7 @@ def generate(
             "generation_seconds": seconds,
         }
         config, tensors = read_adapter(src)
-        write_adapter(out_dir, tensors, config, prov)
+        write_adapter(out_dir, tensors, config, prov, overwrite, protected)
         return prov
     gen = load_generator(gen_dir)
     t0 = time.perf_counter()
@@ -121,5 +145,5 @@ def generate(
         "generation_seconds": seconds,
         "base_model": gen.card.adapter_config["base_model_name_or_path"],
     }
-    write_adapter(out_dir, tensors, gen.card.adapter_config, prov)
+    write_adapter(out_dir, tensors, gen.card.adapter_config, prov, overwrite, protected)
     return prov

@@ -17,7 +17,8 @@ from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.errors import ArtifactError
 from deltalora.generator.encoder import PromptEncoder
-from deltalora.io import atomic_dir, atomic_write_json, read_json
+from deltalora.io import atomic_write_json, read_json
+from deltalora.outputs import atomic_dir, claim_output_dir
 from deltalora.workspace import Workspace
 from deltalora.zoo.manifest import Manifest
 
@@ -38,8 +39,13 @@ def build_retrieval(
     train_tasks: list[str],
     extra: list[TaskSpec] | None = None,
     encoder: PromptEncoder | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Index the training tasks' final adapters (first zoo seed) by their mean train-prompt embedding."""
+    """Index the training tasks' final adapters (first zoo seed) by their mean train-prompt embedding.
+
+    ``out_dir`` must be new or empty, or (with ``overwrite``) an index of ours.
+    """
+    claim_output_dir(out_dir, RETRIEVAL, overwrite=overwrite, protected=ws.protected)  # before any work
     seed = preset.zoo.seeds[0]
     finals = {c.task: c.path for c in Manifest.from_file(ws.manifest).finals(seed=seed)}
     missing = [t for t in train_tasks if t not in finals]
@@ -51,11 +57,14 @@ def build_retrieval(
         for t in train_tasks
     }
     encoder.save()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, RETRIEVAL, overwrite=overwrite, protected=ws.protected) as tmp:
         for t in train_tasks:
             shutil.copytree(ws.zoo / finals[t], tmp / "adapters" / t)
         save_file({t: m.contiguous() for t, m in means.items()}, tmp / "means.safetensors")
-        atomic_write_json(tmp / "config.json", {"kind": RETRIEVAL, "tasks": train_tasks, "preset": preset.to_dict()})
+        atomic_write_json(
+            tmp / "config.json",
+            {"kind": RETRIEVAL, "tasks": train_tasks, "preset": preset.to_dict(), "workspace": str(ws.root)},
+        )
     return Path(out_dir)
 
 

@@ -30,6 +30,7 @@ from deltalora.generator.loss import ExactBehaviour, GeneratorLoss, draw_batch
 from deltalora.generator.model import Generator
 from deltalora.generator.variants import VARIANTS
 from deltalora.io import atomic_write_bytes
+from deltalora.outputs import atomic_dir, claim_output_dir, own_dir
 from deltalora.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,34 @@ def train_generator(
     train_tasks: list[str],
     extra: list[TaskSpec] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> GeneratorCard:
     """Train (or resume) a generator; writes ``out_dir`` with its card, weights and a loss log.
 
+    ``out_dir`` must be new, empty or a generator folder of ours (resumed); with ``overwrite`` a finished
+    one is replaced only once the new generator is complete (a killed ``overwrite`` run starts again).
     Under torchrun the global batch is split over ranks and the loss module runs in DDP
     (gloo on CPU, NCCL on GPU); every rank steps its own LR schedule; rank 0 alone writes.
     """
-    cfg, spec, out_dir = preset.generator, VARIANTS[preset.generator.variant], Path(out_dir)
+    out_dir = Path(out_dir)
+    if init_distributed().is_main:  # the only rank that writes; checked before any work
+        state = claim_output_dir(out_dir, "generator", overwrite=overwrite, resume=True, protected=ws.protected)
+        if overwrite and state == "own":  # train beside the old generator, replace it once complete
+            with atomic_dir(out_dir, "generator", overwrite=True, protected=ws.protected) as tmp:
+                return _train(preset, ws, tmp, train_tasks, extra, progress, resume=False)
+    return _train(preset, ws, out_dir, train_tasks, extra, progress, resume=not overwrite)
+
+
+def _train(
+    preset: Preset,
+    ws: Workspace,
+    out_dir: Path,
+    train_tasks: list[str],
+    extra: list[TaskSpec] | None,
+    progress: bool,
+    resume: bool,
+) -> GeneratorCard:
+    cfg, spec = preset.generator, VARIANTS[preset.generator.variant]
     info = init_distributed()
     if cfg.batch_size % info.world:
         raise GeneratorError(f"generator.batch_size={cfg.batch_size} must be divisible by the {info.world} ranks")
@@ -126,10 +148,10 @@ def train_generator(
     )
     state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
     start, seconds = 0, 0.0
-    if state_file.exists():
+    if resume and state_file.exists():
         start, seconds = _resume(state_file, out_dir, card, model, opt, sched, rng, truncate_log=info.is_main)
     elif info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        own_dir(out_dir, "generator", protected=ws.protected)
         card.to_file(out_dir / "train_config.json")
         log_file.unlink(missing_ok=True)  # a log without a training state is this run's own, from before its first save
     barrier()
@@ -191,7 +213,7 @@ def _resume(
 ) -> tuple[int, float]:
     cfg_file = out_dir / "train_config.json"
     if cfg_file.exists() and not GeneratorCard.from_file(cfg_file).same_run(card):
-        raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out")
+        raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out or --overwrite")
     try:
         state = torch.load(state_file, weights_only=True)
         model.load_state_dict(state["model"])

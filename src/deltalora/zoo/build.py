@@ -19,9 +19,10 @@ from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import Task, load_pool
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import ConfigError
-from deltalora.io import atomic_dir, atomic_write_json, read_json, remove_stale_tmp, sha256_file
+from deltalora.io import atomic_write_json, read_json, remove_stale_tmp, sha256_file
 from deltalora.lm.evaluate import accuracy
 from deltalora.lm.models import load_base
+from deltalora.outputs import atomic_dir, own_dir
 from deltalora.workspace import Workspace
 from deltalora.zoo.manifest import Checkpoint, Manifest, RunRecord
 from deltalora.zoo.training import train_lora
@@ -64,6 +65,7 @@ def build_zoo(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None
     _check_same_preset(ws, preset)
     tasks = load_pool(preset, extra)
     if info.is_main:  # no rank writes before the barrier below
+        own_dir(ws.zoo, "zoo")  # a folder named zoo that deltalora did not write is refused, not filled
         for sub in (ws.zoo, ws.runs, ws.base_evals):
             remove_stale_tmp(sub)
     barrier()  # every rank has checked the old config before rank 0 replaces it
@@ -127,7 +129,7 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
     def save(model, step: int, loss: float) -> None:
         nonlocal eval_seconds
         rel = ws.checkpoint(job.name, job.seed, step)
-        with atomic_dir(ws.zoo / rel) as tmp:
+        with atomic_dir(ws.zoo / rel, "checkpoint", overwrite=True) as tmp:  # a killed run's checkpoint is redone
             model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
             digest = sha256_file(tmp / "adapter_model.safetensors")
         if step == steps:
