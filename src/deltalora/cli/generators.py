@@ -131,16 +131,24 @@ def assess_cmd(
 ) -> None:
     """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
     from deltalora.experiments.assess import assess_generator
+    from deltalora.generator.artifact import GeneratorCard
+    from deltalora.generator.retrieval import index_tasks, is_retrieval
     from deltalora.io import atomic_write_json, read_json
 
     run = setup(preset, workspace, overrides, tasks_file)
     check_outputs(run.ws, (out,) if out else ())
     results = {}
     for g in (_generator_dir(run.ws, g) for g in generators):
-        conf = read_json(g / "config.json", "generator config")
-        names = split_names(tasks) or conf.get("train_tasks") or conf["tasks"]
+        card = None if is_retrieval(g) else GeneratorCard.from_file(g / "config.json")
+        names = split_names(tasks) or (index_tasks(g) if card is None else card.train_tasks)
         res = assess_generator(run.preset, run.ws, g, names, draws, n_test, run.extra)
-        res.update({k: conf[k] for k in ("train_seconds", "n_params", "lora_params", "steps_done") if k in conf})
+        if card is not None:
+            res.update(
+                train_seconds=card.train_seconds,
+                n_params=card.n_params,
+                lora_params=card.lora_params,
+                steps_done=card.steps_done,
+            )
         results[g.name] = res
         typer.echo(f"{g.name}: " + json.dumps(res["overall"]))
     if out:

@@ -32,6 +32,11 @@ def is_retrieval(folder: Path) -> bool:
     return f.exists() and read_json(f).get("kind") == RETRIEVAL
 
 
+def index_tasks(folder: Path) -> list[str]:
+    """The training tasks a retrieval index was built over."""
+    return read_json(Path(folder) / "config.json", "retrieval index")["tasks"]
+
+
 def build_retrieval(
     preset: Preset,
     ws: Workspace,
