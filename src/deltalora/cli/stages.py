@@ -249,3 +249,62 @@ def run_cmd(
     check_outputs(run.ws, dirs=(results_dir, docs_dir))
     res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
+
+
+ProbeOpt = Annotated[int | None, typer.Option("--probes", help="Probe-set size: 1, 5 or 20 (default: the preset's).")]
+
+
+@delta_app.command("embed")
+def delta_embed(
+    folders: Annotated[
+        list[Path], typer.Argument(help="PEFT LoRA adapter folders and/or full fine-tuned model folders.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="δ file (.safetensors); its JSON index goes next to it.")],
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    overrides: SetOpt = None,
+    base: BaseOpt = None,
+    probes: ProbeOpt = None,
+    key: Annotated[str, typer.Option("--key", help="Key of each δ: the folder's path as given, or its name.")] = "path",
+) -> None:
+    """δ of any PEFT LoRA adapters and full fine-tunes of the base, in one safetensors file plus a JSON index."""
+    from deltalora.delta.embed import embed_folders, index_path, probe_config
+
+    run = setup(preset, workspace, overrides, base=base)
+    cfg = probe_config(run.preset.delta, probes)
+    for e in embed_folders(folders, out, run.preset.base, cfg, key, run.ws.protected):
+        typer.echo(f"{e.kind:5s} |δ|={e.delta_norm:.4g}  {e.key}")
+    typer.echo(f"wrote {out} and {index_path(out)} (base {run.preset.base}, |P|={cfg.n_probes})")
+
+
+@delta_app.command("neighbours")
+def delta_neighbours(
+    query: Annotated[Path | None, typer.Argument(help="Adapter or model folder, embedded on the set's base.")] = None,
+    query_key: Annotated[str | None, typer.Option("--query-key", help="Query: an entry of the δ set.")] = None,
+    deltas: Annotated[
+        Path | None, typer.Option("--deltas", help="A δ file from `delta embed` (default: the workspace's zoo δ).")
+    ] = None,
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    overrides: SetOpt = None,
+    base: BaseOpt = None,
+    probes: ProbeOpt = None,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many neighbours to print.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """The adapters of a δ set nearest to a query by cosine (a --query-key entry is not its own neighbour)."""
+    from deltalora.delta.embed import DeltaSet, probe_config, query_neighbours
+
+    if deltas is not None and workspace is not None:
+        raise UsageError("--deltas and --workspace name two δ sets; give one")
+    run = setup(preset, workspace, overrides, base=base)
+    cfg = probe_config(run.preset.delta, probes)
+    dset = DeltaSet.from_file(deltas) if deltas else DeltaSet.from_workspace(run.ws, run.preset.base, cfg.n_probes)
+    dset = dset.resolved(base, probes, run.preset.base, cfg.n_probes)
+    res = query_neighbours(dset, query, query_key, top, cfg.batch_size)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1))
+        return
+    typer.echo(f"{res['query']} in {res['set']} (base {res['base']}, |P|={res['n_probes']}):")
+    for i, r in enumerate(res["neighbours"], 1):
+        typer.echo(f"{i:3d}  cos={r['cosine']:+.4f}  {r['task'] or '-':30s}  {r['key']}")
