@@ -36,7 +36,7 @@ _KNOWN: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "adapter": (
         "provenance.json",
         "prompts_sha256",
-        ("adapter_config.json", "adapter_model.safetensors", "provenance.json"),
+        ("adapter_config.json", "adapter_model.safetensors", "provenance.json", "README.md"),
     ),
     "checkpoint": (
         "adapter_config.json",
@@ -46,7 +46,7 @@ _KNOWN: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "generator": (
         "train_config.json",
         "train_tasks",
-        ("train_config.json", "train_state.pt", "log.jsonl", "generator.safetensors", "config.json"),
+        ("train_config.json", "train_state.pt", "log.jsonl", "generator.safetensors", "config.json", "README.md"),
     ),
     "retrieval": ("config.json", "kind", ("config.json", "means.safetensors", "adapters")),
     "zoo": ("config.json", "zoo", ("config.json", "manifest.json", "adapters", "runs", "base")),

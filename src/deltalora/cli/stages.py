@@ -200,7 +200,7 @@ def evaluate_cmd(
     """Accuracy of an adapter (or the base model) on a task's split."""
     from deltalora.data.tasks import load_task, resolve_spec
     from deltalora.lm.evaluate import accuracy
-    from deltalora.lm.models import load_base
+    from deltalora.lm.models import load_base, offline_name
     from deltalora.zoo.adapters import load_adapter, read_adapter
 
     if split not in ("test", "train"):
@@ -210,8 +210,8 @@ def evaluate_cmd(
     t = load_task(resolve_spec(task, run.extra), p.tasks)
     if adapter is not None:
         recorded = read_adapter(adapter)[0].get("base_model_name_or_path")
-        if base is None and recorded:
-            p = p.replace(base=recorded)
+        if base is None and recorded:  # deltalora's own adapters were trained on the offline copy
+            p = p.replace(base=offline_name(recorded))
     model, tok = load_base(p.base)
     if adapter is not None:
         model = load_adapter(model, adapter, p.base)

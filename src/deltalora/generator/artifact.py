@@ -21,6 +21,7 @@ from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.model import Generator
 from deltalora.io import atomic_write_bytes, atomic_write_json, read_json
+from deltalora.lm.models import base_id, weights_note
 
 CARD_KIND = "generator"
 CARD_VERSION = 1
@@ -110,7 +111,38 @@ def save_generator(
     tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
     tensors["delta_scale"] = torch.tensor([delta_scale])
     atomic_write_bytes(out_dir / "generator.safetensors", save(tensors))
+    atomic_write_bytes(out_dir / "README.md", _readme(card).encode())
     card.to_file(out_dir / "config.json")
+
+
+def _readme(card: GeneratorCard) -> str:
+    ac, g = card.adapter_config, card.preset.generator
+    return "\n".join(
+        [
+            f"# deltalora generator (variant `{card.variant}`)",
+            "",
+            f"Reads {card.n_prompts} prompts of a task and emits a LoRA adapter "
+            f"(r={ac['r']}, alpha={ac['lora_alpha']:g}, "
+            f"on {', '.join(sorted(ac['target_modules']))}; {card.lora_params:,} parameters) for the base "
+            f"`{base_id(card.preset.base)}`, trained against {weights_note(card.preset.base)}.",
+            "",
+            f"- trained on the zoo adapters of {len(card.train_tasks)} tasks: {', '.join(card.train_tasks)}",
+            f"- {card.steps_done} steps, seed {g.seed}, {card.n_params:,} parameters; the full config is `config.json`",
+            "- self-contained: the weights, LoRA-token statistics and δ scale are in `generator.safetensors`",
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from deltalora import Generator",
+            "",
+            'gen = Generator.from_pretrained("path/to/this/folder")',
+            'gen.save_adapter(["a prompt of the task", "another one"], "my_adapter")  # a PEFT folder',
+            "```",
+            "",
+            "or `deltalora generate -g path/to/this/folder --prompts prompts.txt --out my_adapter`.",
+            "",
+        ]
+    )
 
 
 @dataclass

@@ -37,6 +37,11 @@ def index_tasks(folder: Path) -> list[str]:
     return read_json(Path(folder) / "config.json", "retrieval index")["tasks"]
 
 
+def index_base(folder: Path) -> str:
+    """The base model (as deltalora names it) of the zoo a retrieval index was built from."""
+    return Preset.from_dict(read_json(Path(folder) / "config.json", "retrieval index")["preset"]).base
+
+
 def build_retrieval(
     preset: Preset,
     ws: Workspace,

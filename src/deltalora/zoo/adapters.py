@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from deltalora.errors import AdapterError
 from deltalora.io import sha256_file
+from deltalora.lm.models import base_id, weights_note
 
 
 def lora_config(r: int, alpha: float, target_modules, base_model: str | None = None) -> LoraConfig:
@@ -29,6 +30,21 @@ def lora_config(r: int, alpha: float, target_modules, base_model: str | None = N
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
+    )
+
+
+def model_card(base: str, title: str, about: list[str]) -> str:
+    """A ``README.md`` for a PEFT adapter folder: what it is, its base and the base's exact weights, how to load it."""
+    bid = base_id(base)
+    return "\n".join(
+        ["---", f"base_model: {bid}", "library_name: peft", "tags:", "- lora", "- deltalora", "---", ""]
+        + [f"# {title}", "", *about, "", "## Base model", "", f"`{bid}`; trained against {weights_note(base)}.", ""]
+        + ["## Load", "", "```python", "from peft import AutoPeftModelForCausalLM", ""]
+        + ['model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")', "```", ""]
+        + [
+            "or `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` with a loaded base.",
+            "",
+        ]
     )
 
 
@@ -77,7 +93,7 @@ def check_adapter(
     """Validate an adapter against ``model`` (names and shapes) before any compute."""
     config, tensors = read_adapter(folder, sha256)
     recorded = config.get("base_model_name_or_path")
-    if base_name is not None and recorded not in (None, base_name):
+    if base_name is not None and recorded is not None and base_id(recorded) != base_id(base_name):
         raise AdapterError(f"{folder}: adapter was trained on base {recorded!r}, not {base_name!r}")
     modules = dict(model.named_modules())
     r = config.get("r")

@@ -24,6 +24,7 @@ from deltalora.lm.evaluate import accuracy
 from deltalora.lm.models import load_base
 from deltalora.outputs import atomic_dir, own_dir
 from deltalora.workspace import Workspace
+from deltalora.zoo.adapters import model_card
 from deltalora.zoo.manifest import Checkpoint, Manifest, RunRecord
 from deltalora.zoo.training import train_lora
 
@@ -131,6 +132,15 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
         rel = ws.checkpoint(job.name, job.seed, step)
         with atomic_dir(ws.zoo / rel, "checkpoint", overwrite=True) as tmp:  # a killed run's checkpoint is redone
             model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
+            z = preset.zoo
+            about = [
+                f"A reference LoRA of the deltalora zoo for the task `{job.name}` ({job.domain}), trained on "
+                f"{len(items)} train items with a completion-only loss.",
+                "",
+                f"- seed {job.seed}, step {step} of {steps}, training loss {loss:.4f}",
+                f"- r={z.rank}, alpha={z.alpha:g}, on {', '.join(z.target_modules)}",
+            ]
+            (tmp / "README.md").write_text(model_card(preset.base, f"LoRA for `{job.name}`", about))  # PEFT's is empty
             digest = sha256_file(tmp / "adapter_model.safetensors")
         if step == steps:
             t_eval = time.perf_counter()
