@@ -20,7 +20,8 @@ from deltalora.api import Generator, Zoo
 from deltalora.delta.compute import delta_stage, load_deltas
 from deltalora.errors import AdapterError
 from deltalora.generator.train import train_generator
-from deltalora.lm.models import base_id, load_base, offline_name, tiny_llama, weights_note
+from deltalora.lm.models import load_base, tiny_llama
+from deltalora.lm.names import base_id, offline_name, weights_note
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import check_adapter

@@ -200,7 +200,8 @@ def evaluate_cmd(
     """Accuracy of an adapter (or the base model) on a task's split."""
     from deltalora.data.tasks import load_task, resolve_spec
     from deltalora.lm.evaluate import accuracy
-    from deltalora.lm.models import load_base, offline_name
+    from deltalora.lm.models import load_base
+    from deltalora.lm.names import offline_name
     from deltalora.zoo.adapters import load_adapter, read_adapter
 
     if split not in ("test", "train"):

@@ -21,7 +21,7 @@ from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.model import Generator
 from deltalora.io import atomic_write_bytes, atomic_write_json, read_json
-from deltalora.lm.models import base_id, weights_note
+from deltalora.lm.names import base_id, weights_note
 
 CARD_KIND = "generator"
 CARD_VERSION = 1

@@ -17,7 +17,7 @@ from deltalora.generator.artifact import LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.retrieval import index_base, is_retrieval, retrieve
 from deltalora.io import atomic_write_json, read_json
-from deltalora.lm.models import base_id
+from deltalora.lm.names import base_id
 from deltalora.outputs import atomic_dir, claim_output_dir
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import lora_config, model_card, read_adapter

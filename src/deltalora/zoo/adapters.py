@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from deltalora.errors import AdapterError
 from deltalora.io import sha256_file
-from deltalora.lm.models import base_id, weights_note
+from deltalora.lm.names import base_id, weights_note
 
 
 def lora_config(r: int, alpha: float, target_modules, base_model: str | None = None) -> LoraConfig:
