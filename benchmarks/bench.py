@@ -121,7 +121,9 @@ def bench_generation(preset, ws, repeats: int) -> dict:
             encoder.cache.clear()
             k = next(counter)
             tensors = generate_tensors(loaded, encoder, prompts, k)
-            write_adapter(Path(tmp) / f"adapter{k}", tensors, loaded.card.adapter_config, {"bench": True})
+            write_adapter(
+                Path(tmp) / f"adapter{k}", tensors, loaded.card.adapter_config, {"bench": True}, loaded.card.preset.base
+            )
 
         emit()  # warm-up: first-call allocations
         gen, gen_all = median_time(emit, repeats)
@@ -133,7 +135,9 @@ def bench_generation(preset, ws, repeats: int) -> dict:
             decode = median_time(lambda: tokenizer.decode(model(cond)), repeats)[0]
             tensors = {k: v[0] for k, v in tokenizer.decode(model(cond)).items()}
         write = median_time(
-            lambda: write_adapter(Path(tmp) / f"adapter{next(counter)}", tensors, loaded.card.adapter_config, {}),
+            lambda: write_adapter(
+                Path(tmp) / f"adapter{next(counter)}", tensors, loaded.card.adapter_config, {}, loaded.card.preset.base
+            ),
             repeats,
         )[0]
         enc_tokens = sum(len(x) for x in encoder.model.tokenizer(chosen).input_ids)

@@ -16,11 +16,16 @@ from deltalora.zoo.summary import zoo_results
 
 
 def run_all(
-    preset: Preset, ws: Workspace, results_dir: Path, docs_dir: Path, extra: list[TaskSpec] | None = None
+    preset: Preset,
+    ws: Workspace,
+    results_dir: Path,
+    docs_dir: Path,
+    extra: list[TaskSpec] | None = None,
+    tensorboard: Path | None = None,
 ) -> dict:
     """The main job: zoo -> Delta Activations (|P| = 1, 5, 20) -> results and report files."""
     t0 = time.perf_counter()
-    build_zoo(preset, ws, extra)
+    build_zoo(preset, ws, extra, tensorboard)
     delta_stage(preset, ws, (1, 5, 20))
     zoo_results(preset, ws, results_dir / f"zoo_{preset.name}.json", docs_dir / f"zoo_{preset.name}.md", extra)
     out = delta_report(

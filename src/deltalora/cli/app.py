@@ -52,6 +52,14 @@ OverwriteOpt = Annotated[
         help="Replace a folder deltalora wrote before for the same kind of artifact (never any other folder).",
     ),
 ]
+TensorboardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Write training curves (losses, learning rate, test accuracy) to this folder "
+        "for TensorBoard (off by default; needs the tensorboard package).",
+    ),
+]
 TasksOpt = Annotated[
     str | None, typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
 ]

@@ -14,6 +14,7 @@ from deltalora.cli.app import (
     SetOpt,
     TasksFileOpt,
     TasksOpt,
+    TensorboardOpt,
     WorkspaceOpt,
     app,
     check_outputs,
@@ -61,6 +62,7 @@ def train_generator_cmd(
         typer.Option(help="Output folder (default <workspace>/generators/<variant>): new, empty, or ours (resumed)."),
     ] = None,
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorboardOpt = None,
 ) -> None:
     """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill."""
     from deltalora.generator.retrieval import build_retrieval
@@ -80,7 +82,7 @@ def train_generator_cmd(
         build_retrieval(run.preset, run.ws, dest, names, run.extra, overwrite=overwrite)
         typer.echo(f"retrieval index over {len(names)} tasks in {dest}")
         return
-    card = train_generator(run.preset, run.ws, dest, names, run.extra, overwrite=overwrite)
+    card = train_generator(run.preset, run.ws, dest, names, run.extra, overwrite=overwrite, tensorboard=tensorboard)
     typer.echo(
         f"generator {variant}: {card.n_params:,} parameters, emits {card.lora_params:,} LoRA parameters; "
         f"{card.train_seconds:.0f} s; saved to {dest}"

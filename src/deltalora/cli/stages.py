@@ -14,6 +14,7 @@ from deltalora.cli.app import (
     SetOpt,
     TasksFileOpt,
     TasksOpt,
+    TensorboardOpt,
     WorkspaceOpt,
     app,
     check_outputs,
@@ -112,12 +113,13 @@ def zoo_build(
     overrides: SetOpt = None,
     base: BaseOpt = None,
     tasks: TasksOpt = None,
+    tensorboard: TensorboardOpt = None,
 ) -> None:
     """Train every missing adapter (resumable: rerun continues where a killed build stopped)."""
     from deltalora.zoo.build import build_zoo
 
     run = setup(preset, workspace, overrides, tasks_file, base, tasks)
-    manifest = build_zoo(run.preset, run.ws, run.extra)
+    manifest = build_zoo(run.preset, run.ws, run.extra, tensorboard)
     typer.echo(f"zoo: {len(manifest)} checkpoints in {run.ws.zoo}")
 
 
@@ -242,13 +244,14 @@ def run_cmd(
     tasks: TasksOpt = None,
     results_dir: Annotated[Path, typer.Option(help="Where result JSON goes.")] = Path("results"),
     docs_dir: Annotated[Path, typer.Option(help="Where tables and plots go.")] = Path("docs"),
+    tensorboard: TensorboardOpt = None,
 ) -> None:
     """The main job: build the zoo, compute Delta Activations (|P| = 1, 5, 20), write results and plots."""
     from deltalora.pipeline import run_all
 
     run = setup(preset, workspace, overrides, tasks_file, base, tasks)
     check_outputs(run.ws, dirs=(results_dir, docs_dir))
-    res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra)
+    res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra, tensorboard)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
 
 

@@ -63,28 +63,19 @@ def write_adapter(
     tensors: dict[str, torch.Tensor],
     adapter_config: dict,
     provenance: dict,
+    base: str,
     overwrite: bool = False,
     protected: tuple[Path, ...] = (),
 ) -> Path:
     """A PEFT adapter folder (config, safetensors, provenance, model card), written atomically (``outputs.atomic_dir``).
 
-    The config records the base's real id (``provenance["base_alias"]`` keeps the name deltalora loaded it by), so
-    plain PEFT finds the base.
+    The config records ``base``'s real id (a Hub id for a known offline name), so plain PEFT finds the base.
     """
-    ac, base = adapter_config, provenance["base_alias"]
+    ac = adapter_config
     cfg = lora_config(ac["r"], ac["lora_alpha"], ac["target_modules"], base_id(base))
-    source = (
-        f"the zoo adapter of `{provenance['retrieved_task']}` (retrieval)"
-        if "retrieved_task" in provenance
-        else f"a generator of variant {provenance['variant']}"
-    )
     about = [
-        f"A LoRA adapter that deltalora generated from {provenance['n_prompts_given']} prompts "
-        f"(sha256 {provenance['prompts_sha256'][:12]}...), by {source}"
-        f" at `{provenance['generator']}`, seed {provenance['seed']}.",
-        "",
+        *_origin(provenance),
         f"- r={ac['r']}, alpha={ac['lora_alpha']:g}, on {', '.join(sorted(ac['target_modules']))}",
-        "- provenance: `provenance.json`",
     ]
     with atomic_dir(out_dir, "adapter", overwrite=overwrite, protected=protected) as tmp:
         cfg.save_pretrained(str(tmp))
@@ -105,6 +96,23 @@ def generate_tensors(
     """LoRA tensors (PEFT's saved key form) from a seeded draw of the generator's N prompts."""
     chosen = choose_prompts(prompts, gen.card.n_prompts, seed)
     return {k: v[0] for k, v in gen.tokenizer.decode(gen.model(encoder.encode(chosen)[None])).items()}
+
+
+def _origin(provenance: dict) -> list[str]:
+    """Model-card lines saying where a generated adapter came from (empty for other callers' provenance)."""
+    if "prompts_sha256" not in provenance:
+        return []
+    source = (
+        f"the zoo adapter of `{provenance['retrieved_task']}` (retrieval)"
+        if "retrieved_task" in provenance
+        else f"a generator of variant {provenance['variant']}"
+    )
+    return [
+        f"A LoRA adapter that deltalora generated from {provenance['n_prompts_given']} prompts "
+        f"(sha256 {provenance['prompts_sha256'][:12]}...), by {source} at `{provenance['generator']}`, "
+        f"seed {provenance['seed']}; `provenance.json` has the details.",
+        "",
+    ]
 
 
 def _keep_out(gen_dir: Path) -> tuple[Path, ...]:
@@ -151,7 +159,7 @@ def generate(
             "base_alias": index_base(gen_dir),
         }
         config, tensors = read_adapter(src)
-        write_adapter(out_dir, tensors, config, prov, overwrite, protected)
+        write_adapter(out_dir, tensors, config, prov, prov["base_alias"], overwrite, protected)
         return prov
     gen = loaded or load_generator(gen_dir)
     t0 = time.perf_counter()
@@ -169,5 +177,5 @@ def generate(
         "base_model": base_id(gen.card.preset.base),
         "base_alias": gen.card.preset.base,
     }
-    write_adapter(out_dir, tensors, gen.card.adapter_config, prov, overwrite, protected)
+    write_adapter(out_dir, tensors, gen.card.adapter_config, prov, prov["base_alias"], overwrite, protected)
     return prov

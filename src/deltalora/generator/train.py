@@ -31,6 +31,7 @@ from deltalora.generator.model import Generator
 from deltalora.generator.variants import VARIANTS
 from deltalora.io import atomic_write_bytes
 from deltalora.outputs import atomic_dir, claim_output_dir, own_dir
+from deltalora.tracking import Curves
 from deltalora.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -95,21 +96,28 @@ def train_generator(
     extra: list[TaskSpec] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    tensorboard: Path | None = None,
 ) -> GeneratorCard:
     """Train (or resume) a generator; writes ``out_dir`` with its card, weights and a loss log.
 
     ``out_dir`` must be new, empty or a generator folder of ours (resumed); with ``overwrite`` a finished
     one is replaced only once the new generator is complete (a killed ``overwrite`` run starts again).
+    With ``tensorboard``, every loss term and the learning rate go to ``<dir>/generator/<out_dir name>``.
     Under torchrun the global batch is split over ranks and the loss module runs in DDP
     (gloo on CPU, NCCL on GPU); every rank steps its own LR schedule; rank 0 alone writes.
     """
     out_dir = Path(out_dir)
-    if init_distributed().is_main:  # the only rank that writes; checked before any work
-        state = claim_output_dir(out_dir, "generator", overwrite=overwrite, resume=True, protected=ws.protected)
-        if overwrite and state == "own":  # train beside the old generator, replace it once complete
-            with atomic_dir(out_dir, "generator", overwrite=True, protected=ws.protected) as tmp:
-                return _train(preset, ws, tmp, train_tasks, extra, progress, resume=False)
-    return _train(preset, ws, out_dir, train_tasks, extra, progress, resume=not overwrite)
+    main = init_distributed().is_main
+    curves = Curves(tensorboard if main else None, f"generator/{out_dir.name}")
+    try:
+        if main:  # the only rank that writes; checked before any work
+            state = claim_output_dir(out_dir, "generator", overwrite=overwrite, resume=True, protected=ws.protected)
+            if overwrite and state == "own":  # train beside the old generator, replace it once complete
+                with atomic_dir(out_dir, "generator", overwrite=True, protected=ws.protected) as tmp:
+                    return _train(preset, ws, tmp, train_tasks, extra, progress, False, curves)
+        return _train(preset, ws, out_dir, train_tasks, extra, progress, not overwrite, curves)
+    finally:
+        curves.close()
 
 
 def _train(
@@ -120,6 +128,7 @@ def _train(
     extra: list[TaskSpec] | None,
     progress: bool,
     resume: bool,
+    curves: Curves,
 ) -> GeneratorCard:
     cfg, spec = preset.generator, VARIANTS[preset.generator.variant]
     info = init_distributed()
@@ -171,6 +180,7 @@ def _train(
         idx, seeds = draw_batch(rng, len(data.paths), cfg.batch_size)
         losses = step_fn(idx[mine], seeds[mine], mine, 1 if step < stage1 else 2)
         loss = sum(losses.values())
+        lr = opt.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,6 +191,9 @@ def _train(
             with log_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
+            curves.log(
+                step + 1, lr=lr, **{k if k == "loss" else f"loss/{k}": v for k, v in record.items() if k != "step"}
+            )
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
                 _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
     # ---- save

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from deltalora.io import atomic_write_json, read_json, remove_stale_tmp, sha256_
 from deltalora.lm.evaluate import accuracy
 from deltalora.lm.models import load_base
 from deltalora.outputs import atomic_dir, own_dir
+from deltalora.tracking import Curves
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import model_card
 from deltalora.zoo.manifest import Checkpoint, Manifest, RunRecord
@@ -56,11 +58,14 @@ def jobs_for(preset: Preset, domains: dict[str, str]) -> list[Job]:
     return jobs
 
 
-def build_zoo(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None) -> Manifest:
+def build_zoo(
+    preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None, tensorboard: Path | None = None
+) -> Manifest:
     """Train every missing adapter of the zoo; returns the manifest (all checkpoints).
 
     Under torchrun / accelerate launch, adapters and base evaluations are sharded by rank;
-    each job is deterministic in its seed, so the union equals a single-process build.
+    each job is deterministic in its seed, so the union equals a single-process build. With
+    ``tensorboard``, each run's loss, learning rate and final test accuracy go to ``<dir>/zoo/<run>``.
     """
     info = init_distributed()
     _check_same_preset(ws, preset)
@@ -86,7 +91,7 @@ def build_zoo(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None
                     {"task": name, "base_acc": acc, "n_test": len(task.test), "seconds": time.perf_counter() - t0},
                 )
         for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
-            _run_job(job, preset, tasks, base, tok, ws)
+            _run_job(job, preset, tasks, base, tok, ws, tensorboard)
     barrier()
     if info.is_main:
         Manifest.from_runs(ws.runs).to_file(ws.manifest)
@@ -119,7 +124,15 @@ def _check_same_preset(ws: Workspace, preset: Preset) -> None:
                 )
 
 
-def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Module, tok, ws: Workspace) -> None:
+def _run_job(
+    job: Job,
+    preset: Preset,
+    tasks: dict[str, Task],
+    base: torch.nn.Module,
+    tok,
+    ws: Workspace,
+    tensorboard: Path | None,
+) -> None:
     items = [it for t in job.tasks for it in tasks[t].train]
     steps = preset.zoo.pair_steps if job.is_pair else preset.zoo.steps
     ckpts: list[Checkpoint] = []
@@ -163,7 +176,12 @@ def _run_job(job: Job, preset: Preset, tasks: dict[str, Task], base: torch.nn.Mo
         )
 
     remove_stale_tmp(ws.run_adapters(job.name, job.seed))  # this run's own folder: no other rank writes here
-    result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save)
+    curves = Curves(tensorboard, f"zoo/{job.run_id}")
+    try:
+        result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save, curves=curves)
+        curves.log(steps, **{f"test_acc/{t}": a for t, a in scores.items()})
+    finally:
+        curves.close()
     RunRecord(
         task=job.name,
         domain=job.domain,

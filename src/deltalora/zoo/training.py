@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from deltalora.config import ZooConfig
 from deltalora.data.tasks import Item, stable_seed
 from deltalora.lm.evaluate import encode, pad_right
+from deltalora.tracking import Curves
 from deltalora.zoo.adapters import lora_config
 
 
@@ -133,11 +134,13 @@ def train_lora(
     run_name: str,
     on_checkpoint: Callable[[PeftModel, int, float], None],
     loss_fn: Callable[[PeftModel, Sequence[Item]], torch.Tensor] | None = None,
+    curves: Curves | None = None,
 ) -> TrainResult:
     """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return).
 
     ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps;
-    ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss).
+    ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss); ``curves``
+    receives each step's loss and learning rate.
     """
     loss_fn = loss_fn or (
         lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch, cfg.min_shared_prefix)
@@ -162,10 +165,13 @@ def train_lora(
             loss = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = opt.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if curves is not None:
+                curves.log(step, loss=losses[-1], lr=lr)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if step in keep:
                 model.eval()
