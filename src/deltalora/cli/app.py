@@ -60,6 +60,7 @@ TensorboardOpt = Annotated[
         "for TensorBoard (off by default; needs the tensorboard package).",
     ),
 ]
+ProbeOpt = Annotated[int | None, typer.Option("--probes", help="Probe-set size: 1, 5 or 20 (default: the preset's).")]
 TasksOpt = Annotated[
     str | None, typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
 ]

@@ -11,6 +11,7 @@ import typer
 from deltalora.cli.app import (
     BaseOpt,
     PresetOpt,
+    ProbeOpt,
     SetOpt,
     TasksFileOpt,
     TasksOpt,
@@ -253,9 +254,6 @@ def run_cmd(
     check_outputs(run.ws, dirs=(results_dir, docs_dir))
     res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra, tensorboard)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
-
-
-ProbeOpt = Annotated[int | None, typer.Option("--probes", help="Probe-set size: 1, 5 or 20 (default: the preset's).")]
 
 
 @delta_app.command("embed")
