@@ -314,7 +314,7 @@ def bb_cache(tmp_path, monkeypatch):
     # Any attempt to reach the package index would be a bug here: the task.json is cached.
     import deltalora.data.bigbench as bb
 
-    monkeypatch.setattr(bb, "_sdist", lambda: pytest.fail("BIG-bench sdist requested for a cached task"))
+    monkeypatch.setattr(bb, "sdist_path", lambda: pytest.fail("BIG-bench sdist requested for a cached task"))
     return cache
 
 

@@ -19,10 +19,12 @@ from deltalora.io import atomic_write_bytes
 from deltalora.offline import cache_dir, pypi_distribution
 
 REQUIREMENT = "bigbench==1.0.0"
-_MARKER = "/bigbench/benchmark_tasks/"
+TASKS_DIR = "/bigbench/benchmark_tasks/"
+"""The folder of the sdist that holds one folder per task (``<family>/<subtask>/task.json``)."""
 
 
-def _sdist() -> Path:
+def sdist_path() -> Path:
+    """The ``bigbench`` sdist: ``$DELTALORA_BIGBENCH_SDIST``, or downloaded once into the cache."""
     env = os.environ.get("DELTALORA_BIGBENCH_SDIST")
     return Path(env) if env else pypi_distribution(REQUIREMENT, sdist=True)
 
@@ -41,11 +43,11 @@ def extract_bigbench(task_paths: list[str]) -> None:
     wanted = {p for p in task_paths if not (root / p / "task.json").exists()}
     if not wanted:
         return
-    with tarfile.open(_sdist()) as tf:
+    with tarfile.open(sdist_path()) as tf:
         for member in tf:
-            if not member.isfile() or _MARKER not in member.name or not member.name.endswith("/task.json"):
+            if not member.isfile() or TASKS_DIR not in member.name or not member.name.endswith("/task.json"):
                 continue
-            rel = member.name.split(_MARKER, 1)[1][: -len("/task.json")]
+            rel = member.name.split(TASKS_DIR, 1)[1][: -len("/task.json")]
             if rel in wanted:
                 atomic_write_bytes(root / rel / "task.json", tf.extractfile(member).read())
                 wanted.discard(rel)
