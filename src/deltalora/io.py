@@ -66,12 +66,18 @@ def check_output_file(path: str | Path, *, protected: Iterable[str | Path] = ())
             raise OutputError(
                 f"{path}: is inside {p}, which deltalora keeps (the workspace's zoo or δ); choose a path outside it"
             )
+    existing_parent(path)
+    return path
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest existing folder above ``path`` (where a write would create it); refused if it is a file."""
     anc = path.parent
     while not (anc.exists() or anc.is_symlink()) and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
         raise OutputError(f"{path}: {anc} is a file, not a folder")
-    return path
+    return anc
 
 
 def disk_full_error(e: OSError, path: Path, kept: bool) -> OutputError:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deltalora.errors import OutputError
-from deltalora.io import TMP_RANDOM, atomic_write_json, dir_mode, disk_full_error, file_mode, inside
+from deltalora.io import TMP_RANDOM, atomic_write_json, dir_mode, disk_full_error, existing_parent, file_mode, inside
 
 MARKER = ".deltalora.json"
 """Marker file in every folder deltalora owns: ``{"kind", "written_by": "deltalora", "version", "files"?}``."""
@@ -140,11 +140,7 @@ def _refuse_location(path: Path, protected: Iterable[str | Path]) -> Path:
                 f"{path}: {'is inside' if inside(real, rp) else 'holds'} {p}, which deltalora keeps "
                 f"(the workspace's zoo or δ); choose a folder outside it"
             )
-    anc = path.parent
-    while not (anc.exists() or anc.is_symlink()) and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"{path}: {anc} is a file, not a folder")
+    anc = existing_parent(path)
     if not os.access(anc, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: {anc} is not writable; choose another folder")
     return real

@@ -147,6 +147,7 @@ def generate(
     if is_retrieval(gen_dir):
         task, src = retrieve(gen_dir, prompts, encoder)
         seconds = time.perf_counter() - t0
+        base = index_base(gen_dir)
         prov = {
             "generator": str(gen_dir),
             "kind": "retrieval",
@@ -155,8 +156,8 @@ def generate(
             "n_prompts_given": len(prompts),
             "seed": seed,
             "generation_seconds": seconds,
-            "base_model": base_id(index_base(gen_dir)),
-            "base_alias": index_base(gen_dir),
+            "base_model": base_id(base),
+            "base_alias": base,
         }
         config, tensors = read_adapter(src)
         write_adapter(out_dir, tensors, config, prov, prov["base_alias"], overwrite, protected)
