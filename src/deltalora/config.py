@@ -32,6 +32,12 @@ class TaskConfig:
     """Never put more than this fraction of a task's items into test."""
     max_train: int = 1000
     """Cap on train items per task."""
+    family_domains: bool = False
+    """Label each BIG-bench task by its family (the folder before the subtask, e.g. ``arithmetic``) rather
+    than by the registry's hand-made domain."""
+    n_val: int = 0
+    """Validation items carved from the train side (never from test): the split on which tasks are
+    selected and generators are tuned. 0 = none (the train split is then what it always was)."""
     min_items: int = 8
     """A task with fewer items than this is rejected."""
 
@@ -40,6 +46,7 @@ class TaskConfig:
         _check(0.0 < self.max_test_fraction < 1.0, "tasks.max_test_fraction must be in (0, 1)")
         _check(self.max_train >= 1, "tasks.max_train must be >= 1")
         _check(self.min_items >= 2, "tasks.min_items must be >= 2")
+        _check(self.n_val >= 0, "tasks.n_val must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,16 @@ class ZooConfig:
     seeds: tuple[int, ...] = (0,)
     """One adapter per task and seed. More seeds can be added to a built zoo later (resumable)."""
     keep_last: int = 5
-    """K checkpoints kept from the last steps of training (as DnD collects them)."""
+    """K checkpoints kept, the last at the final step."""
     save_every: int = 1
-    """Spacing in steps between the kept checkpoints."""
+    """Spacing in steps between the kept checkpoints: 1 takes the last K steps (as DnD collects them);
+    steps / K spreads them over training, so they show how far a task's weights move."""
+    parts: int = 1
+    """Disjoint parts of each task's train split, one LoRA per part and seed (3: the Delta Activations
+    paper's protocol of three LoRAs per dataset)."""
+    min_gain: float = 0.05
+    """A task is selected when its LoRA beats the base model by at least this accuracy on the validation
+    split (on test when the preset has none, as the ``small`` pool was chosen)."""
     pair_steps: int = 50
     """Steps for the adapters trained on the union of two tasks."""
     eval_batch_size: int = 32
@@ -96,6 +110,7 @@ class ZooConfig:
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "zoo.seeds must be distinct and non-empty"
         )
         _check(self.keep_last >= 1 and self.save_every >= 1, "zoo.keep_last and zoo.save_every must be >= 1")
+        _check(self.parts >= 1, "zoo.parts must be >= 1")
         _check(
             (self.keep_last - 1) * self.save_every < min(self.steps, self.pair_steps),
             "zoo.keep_last checkpoints spaced zoo.save_every apart must fit in zoo.steps",

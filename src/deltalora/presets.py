@@ -1,7 +1,8 @@
 """Named presets and ``--set`` overrides.
 
 ``tiny`` runs the whole pipeline on a random in-memory llama in seconds (tests); ``small``
-is the CPU default on SmolLM2-135M.
+is the CPU default on SmolLM2-135M; ``families`` grows the zoo to families of sibling BIG-bench
+subtasks, selected on a validation split.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 import typing
 
 from deltalora.config import DeltaConfig, ExperimentConfig, GeneratorConfig, Preset, TaskConfig, ZooConfig
-from deltalora.data.registry import DEFAULT_POOL, PAIRS, TINY_PAIRS, TINY_POOL
+from deltalora.data.registry import DEFAULT_POOL, FAMILY_CANDIDATES, FAMILY_PAIRS, PAIRS, TINY_PAIRS, TINY_POOL
 from deltalora.errors import ConfigError
 
 PRESETS: dict[str, Preset] = {
@@ -87,6 +88,17 @@ PRESETS: dict[str, Preset] = {
             lodo_domain="science",
             lodo_eval=("unit_conversion.si_conversion", "unit_conversion.novel_systems"),
         ),
+    ),
+    # Sibling subtasks of BIG-bench families, selected on a validation split; LoRAs with checkpoints spread
+    # over training (steps 8, 16, 24). Sized for <= 2 h on 2 CPU cores (the README gives the measured time).
+    "families": Preset(
+        name="families",
+        base="smollm2-135m",
+        pool=tuple(s.name for s in FAMILY_CANDIDATES),
+        pairs=FAMILY_PAIRS,
+        tasks=TaskConfig(max_test=100, max_train=600, n_val=50, family_domains=True),
+        zoo=ZooConfig(steps=24, keep_last=3, save_every=8, pair_steps=24, max_length=112),
+        generator=GeneratorConfig(exact_samples=1),
     ),
 }
 

@@ -5,9 +5,9 @@
     <root>/
       tasks.json                          tasks prepare: the pool's tasks and split sizes
       zoo/config.json                     resolved preset of the zoo build
-      zoo/adapters/<task>/seed<k>/step<s>/  PEFT adapter folders
-      zoo/runs/<task>__seed<k>.json       one record per finished run (its presence = done)
-      zoo/base/<task>.json                base-model test accuracy
+      zoo/adapters/<task>/seed<k>/[part<p>/]step<s>/  PEFT adapter folders
+      zoo/runs/<task>__seed<k>[__part<p>].json  one record per finished run (its presence = done)
+      zoo/base/<task>.json                base-model accuracy and per-item hits (test, validation)
       zoo/manifest.json                   every checkpoint (typed: ``deltalora.zoo.manifest``)
       delta/deltas_p<n>.safetensors       δ of every checkpoint for a probe set of size n
       delta/timing_p<n>.json, config.json
@@ -74,13 +74,14 @@ class Workspace:
         """The base model's accuracy on one task."""
         return self.base_evals / f"{task}.json"
 
-    def run_adapters(self, name: str, seed: int) -> Path:
-        """Folder of one run's checkpoints."""
-        return self.zoo / "adapters" / name / f"seed{seed}"
+    def run_adapters(self, name: str, seed: int, part: int | None = None) -> Path:
+        """Folder of one run's checkpoints (``part``: of a zoo whose tasks are split into parts)."""
+        return self.zoo / self.checkpoint(name, seed, 0, part).parent
 
-    def checkpoint(self, name: str, seed: int, step: int) -> Path:
+    def checkpoint(self, name: str, seed: int, step: int, part: int | None = None) -> Path:
         """A checkpoint folder relative to the zoo root, as the manifest records it."""
-        return Path("adapters") / name / f"seed{seed}" / f"step{step:05d}"
+        run = Path("adapters") / name / f"seed{seed}"
+        return (run if part is None else run / f"part{part}") / f"step{step:05d}"
 
     # ---------------------------------------------------------------- δ
     @property

@@ -26,13 +26,15 @@ class Item:
 
 @dataclass(frozen=True)
 class Task:
-    """A named task: its domain, kind (``mc`` or ``exact``) and deterministic train/test split."""
+    """A named task: its domain, kind (``mc`` or ``exact``) and deterministic train/validation/test split."""
 
     name: str
     domain: str
     kind: str
     train: tuple[Item, ...]
     test: tuple[Item, ...]
+    val: tuple[Item, ...] = ()
+    """Carved from the train side (``tasks.n_val``); empty when the preset has none."""
 
 
 def stable_seed(*parts: object) -> int:

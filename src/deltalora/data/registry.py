@@ -98,6 +98,66 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("arithmetic.2_digit_subtraction", "intent_recognition"),
 )
 
+
+def _family(family: str, subtasks: str, kind: str | None = None) -> tuple[TaskSpec, ...]:
+    return tuple(_bb(f"{family}/{sub}", family, kind) for sub in subtasks.split())
+
+
+# Candidates for the `families` pool: BIG-bench families of sibling subtasks that share a format and
+# differ in the rule (counted by benchmarks/bigbench_census.py); the family is the domain label. Each is
+# trained and kept when its LoRA gains >= zoo.min_gain over the base model on a validation split carved
+# from train. Cheap formats are favoured: a family of long prompts costs ~3 s per training step on a CPU.
+FAMILY_CANDIDATES: tuple[TaskSpec, ...] = (
+    *_family(
+        "arithmetic",
+        "2_digit_addition 2_digit_subtraction 2_digit_multiplication 3_digit_addition 3_digit_subtraction "
+        "3_digit_multiplication 3_digit_division 4_digit_addition 4_digit_subtraction 4_digit_multiplication "
+        "4_digit_division 5_digit_addition 5_digit_subtraction 5_digit_multiplication 5_digit_division",
+        kind="mc",
+    ),
+    *_family(
+        "linguistic_mappings",
+        "plural_json plural_regular_json past_tense_json past_tense_regular_json de_past_tense_json "
+        "de_past_tense_regular_json pronoun_replacement_json question_formation_json sentence_negation_json",
+    ),
+    *_family("unit_conversion", "si_conversion different_systems novel_systems chained_conversion"),
+    *_family("color", "rgb hex hsl hcl"),
+    # English sentences of four review domains (the `all_*` subtasks would repeat their items) and one German
+    *_family(
+        "multiemo",
+        "hotels_sentence_en medicine_sentence_en products_sentence_en reviews_sentence_en hotels_sentence_de "
+        "medicine_sentence_de products_sentence_de reviews_sentence_de",
+    ),
+    *_family(
+        "bbq_lite_json",
+        "age_ambig age_disambig gender_identity_ambig nationality_disambig religion_ambig ses_disambig "
+        "disability_status_ambig physical_appearance_ambig race_ethnicity_ambig ses_ambig nationality_ambig "
+        "sexual_orientation_ambig race_ethnicity_disambig gender_identity_disambig",
+    ),
+    # in-context rules on dates, strings and numbers: short prompts, exact match
+    *_family(
+        "unnatural_in_context_learning",
+        "dates dates_unnatural_content dates_unnatural_content_and_form dates_unnatural_form identity "
+        "reverse_natural_content reverse_to_natural_content unnatural_addition_2_digit",
+    ),
+    # arithmetic with a twist (+1 on every answer) and its controls; few-shot prompts of ~100 tokens
+    *_family(
+        "modified_arithmetic",
+        "three_digit_addition_control three_digit_addition_plus_one three_digit_subtraction_control "
+        "three_digit_subtraction_plus_one two_digit_multiplication_control two_digit_multiplication_plus_one",
+    ),
+)
+
+# Union adapters for additivity and composition, each pair from two families (named once for every use).
+FAMILY_PAIRS: tuple[tuple[str, str], ...] = (
+    ("arithmetic.2_digit_addition", "linguistic_mappings.plural_json"),
+    ("arithmetic.2_digit_subtraction", "unit_conversion.si_conversion"),
+    ("linguistic_mappings.past_tense_json", "bbq_lite_json.age_ambig"),
+    ("multiemo.hotels_sentence_en", "arithmetic.3_digit_addition"),
+    ("unit_conversion.novel_systems", "linguistic_mappings.sentence_negation_json"),
+    ("color.rgb", "bbq_lite_json.religion_ambig"),
+)
+
 SYNTHETIC: tuple[TaskSpec, ...] = (
     TaskSpec("syn.add", "math", "synthetic:add", note="a+b with MC over nearby sums"),
     TaskSpec("syn.parity", "math", "synthetic:parity", note="is a number even or odd (MC)"),
@@ -107,4 +167,6 @@ SYNTHETIC: tuple[TaskSpec, ...] = (
 TINY_POOL: tuple[str, ...] = tuple(s.name for s in SYNTHETIC)
 TINY_PAIRS: tuple[tuple[str, str], ...] = (("syn.add", "syn.copy"),)
 
-BUILTIN: dict[str, TaskSpec] = {s.name: s for s in CANDIDATES + SYNTHETIC}
+# a family candidate that is also a `small` candidate keeps the `small` spec (its domain; `tasks.family_domains`
+# relabels it by family in the `families` preset)
+BUILTIN: dict[str, TaskSpec] = {s.name: s for s in FAMILY_CANDIDATES + CANDIDATES + SYNTHETIC}

@@ -43,13 +43,16 @@ def load_task(spec: TaskSpec, cfg: TaskConfig) -> Task:
             unique.append((it, split))
     if len(unique) < cfg.min_items:
         raise TaskError(f"task {spec.name}: {len(unique)} distinct items, need at least {cfg.min_items}")
-    return Task(spec.name, spec.domain, "mc" if unique[0][0].is_mc else "exact", *split_items(spec.name, unique, cfg))
+    train, val, test = split_items(spec.name, unique, cfg)
+    domain = ref.split("/", 1)[0] if cfg.family_domains and kind == "bigbench" else spec.domain
+    return Task(spec.name, domain, "mc" if unique[0][0].is_mc else "exact", train, test, val)
 
 
 def split_items(
     name: str, items: list[tuple[Item, str | None]], cfg: TaskConfig
-) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
-    """Deterministic train/test split; items pinned with 'split' keep their side."""
+) -> tuple[tuple[Item, ...], tuple[Item, ...], tuple[Item, ...]]:
+    """Deterministic (train, val, test) split; items pinned with 'split' keep their side (validation
+    comes from the free items after test, so ``n_val=0`` leaves train as it was)."""
     pinned_train = [it for it, s in items if s == "train"]
     pinned_test = [it for it, s in items if s == "test"]
     free = [it for it, s in items if s is None]
@@ -57,10 +60,13 @@ def split_items(
     # Pinned items always stay on their side; the caps apply to the free items.
     n_test = max(0, min(cfg.max_test, int(len(items) * cfg.max_test_fraction)) - len(pinned_test))
     test = pinned_test + free[:n_test]
-    train = pinned_train + free[n_test:][: max(0, cfg.max_train - len(pinned_train))]
+    val = free[n_test : n_test + cfg.n_val]
+    train = pinned_train + free[n_test + len(val) :][: max(0, cfg.max_train - len(pinned_train))]
     if not test or not train:
         raise TaskError(f"task {name}: split left {len(train)} train and {len(test)} test items; need both")
-    return tuple(train), tuple(test)
+    if len(val) < cfg.n_val:
+        raise TaskError(f"task {name}: {len(val)} items left for validation, tasks.n_val asks for {cfg.n_val}")
+    return tuple(train), tuple(val), tuple(test)
 
 
 def load_pool(preset: Preset, extra: list[TaskSpec] | None = None) -> dict[str, Task]:

@@ -198,6 +198,28 @@ def answer_span(text: str) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
+def hits(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> list[bool]:
+    """Whether each item is answered correctly (all items of one kind), in the items' order."""
+    if not items:
+        raise ValueError("scoring needs at least one item")
+    was_training = model.training
+    model.eval()
+    try:
+        if items[0].is_mc:
+            scores = choice_scores(model, tok, items, batch_size, max_length)
+            return [it.choices[max(range(len(s)), key=s.__getitem__)] == it.answer for it, s in zip(items, scores)]
+        preds = greedy_answers(model, tok, items, batch_size, max_length)
+        return [p == answer_span(it.answer) for it, p in zip(items, preds)]
+    finally:
+        model.train(was_training)
+
+
 def accuracy(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -206,17 +228,5 @@ def accuracy(
     max_length: int = 256,
 ) -> float:
     """Fraction of items answered correctly (all items of one kind)."""
-    if not items:
-        raise ValueError("accuracy needs at least one item")
-    was_training = model.training
-    model.eval()
-    try:
-        if items[0].is_mc:
-            scores = choice_scores(model, tok, items, batch_size, max_length)
-            hits = [it.choices[max(range(len(s)), key=s.__getitem__)] == it.answer for it, s in zip(items, scores)]
-        else:
-            preds = greedy_answers(model, tok, items, batch_size, max_length)
-            hits = [p == answer_span(it.answer) for it, p in zip(items, preds)]
-    finally:
-        model.train(was_training)
-    return sum(hits) / len(hits)
+    h = hits(model, tok, items, batch_size, max_length)
+    return sum(h) / len(h)

@@ -16,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from deltalora.config import Preset
+from deltalora.data.items import Item
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import Task, load_pool
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import ConfigError
 from deltalora.io import atomic_write_json, read_json, remove_stale_tmp, sha256_file
-from deltalora.lm.evaluate import accuracy
+from deltalora.lm.evaluate import hits
 from deltalora.lm.models import load_base
 from deltalora.outputs import atomic_dir, own_dir
 from deltalora.tracking import Curves
@@ -33,12 +34,15 @@ from deltalora.zoo.training import train_lora
 
 @dataclass(frozen=True)
 class Job:
-    """One adapter to train: a pool task, or the union of two (``a+b``)."""
+    """One adapter to train: a pool task, or the union of two (``a+b``), on one part of their train splits."""
 
     name: str
     domain: str
     seed: int
     tasks: tuple[str, ...]
+    part: int = 0
+    """Which of ``parts`` disjoint slices of the train split it learns from."""
+    parts: int = 1
 
     @property
     def is_pair(self) -> bool:
@@ -48,13 +52,27 @@ class Job:
     @property
     def run_id(self) -> str:
         """File-name stem of the run's record."""
-        return f"{self.name}__seed{self.seed}"
+        return f"{self.name}__seed{self.seed}" + (f"__part{self.part}" if self.parts > 1 else "")
+
+    @property
+    def folder_part(self) -> int | None:
+        """The part as the workspace names its folder (None in a zoo of one part)."""
+        return self.part if self.parts > 1 else None
+
+    def items(self, tasks: dict[str, Task]) -> list[Item]:
+        """The train items of this part (a fixed stride through the already shuffled split: disjoint parts)."""
+        return [it for t in self.tasks for it in tasks[t].train[self.part :: self.parts]]
 
 
 def jobs_for(preset: Preset, domains: dict[str, str]) -> list[Job]:
-    """Seed-major order, so an interrupted build has covered every task at least once early."""
-    jobs = [Job(t, domains[t], s, (t,)) for s in preset.zoo.seeds for t in preset.pool]
-    jobs += [Job(f"{a}+{b}", "pair", preset.zoo.seeds[0], (a, b)) for a, b in preset.pairs]
+    """Seed- then part-major order, so an interrupted build has covered every task at least once early.
+
+    Union adapters learn from the first part of each of their two tasks, as the single-task adapters they are
+    compared with do.
+    """
+    n = preset.zoo.parts
+    jobs = [Job(t, domains[t], s, (t,), p, n) for s in preset.zoo.seeds for p in range(n) for t in preset.pool]
+    jobs += [Job(f"{a}+{b}", "pair", preset.zoo.seeds[0], (a, b), 0, n) for a, b in preset.pairs]
     return jobs
 
 
@@ -85,10 +103,19 @@ def build_zoo(
         for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):
             if not ws.base_record(name).exists():
                 t0 = time.perf_counter()
-                acc = accuracy(base, tok, task.test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+                scored = _score(base, tok, task, preset)
                 atomic_write_json(
                     ws.base_record(name),
-                    {"task": name, "base_acc": acc, "n_test": len(task.test), "seconds": time.perf_counter() - t0},
+                    {
+                        "task": name,
+                        "base_acc": _mean(scored["test"]),
+                        "n_test": len(task.test),
+                        "base_val_acc": _mean(scored.get("val")),
+                        "n_val": len(task.val),
+                        "test_hits": scored["test"],
+                        "val_hits": scored.get("val", []),
+                        "seconds": time.perf_counter() - t0,
+                    },
                 )
         for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
             _run_job(job, preset, tasks, base, tok, ws, tensorboard)
@@ -124,6 +151,20 @@ def _check_same_preset(ws: Workspace, preset: Preset) -> None:
                 )
 
 
+def _score(model: torch.nn.Module, tok, task: Task, preset: Preset) -> dict[str, list[int]]:
+    """0/1 per test item, and per validation item where the task has them (kept for paired intervals)."""
+    splits = {"test": task.test, "val": task.val}
+    return {
+        k: [int(h) for h in hits(model, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)]
+        for k, items in splits.items()
+        if items
+    }
+
+
+def _mean(xs: list[int] | None) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _run_job(
     job: Job,
     preset: Preset,
@@ -133,16 +174,17 @@ def _run_job(
     ws: Workspace,
     tensorboard: Path | None,
 ) -> None:
-    items = [it for t in job.tasks for it in tasks[t].train]
+    items = job.items(tasks)
     steps = preset.zoo.pair_steps if job.is_pair else preset.zoo.steps
     ckpts: list[Checkpoint] = []
     scores: dict[str, float] = {}
+    scored: dict[str, dict[str, list[int]]] = {}
     eval_seconds = 0.0
     t0 = time.perf_counter()
 
     def save(model, step: int, loss: float) -> None:
         nonlocal eval_seconds
-        rel = ws.checkpoint(job.name, job.seed, step)
+        rel = ws.checkpoint(job.name, job.seed, step, job.folder_part)
         with atomic_dir(ws.zoo / rel, "checkpoint", overwrite=True) as tmp:  # a killed run's checkpoint is redone
             model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would query the Hub
             z = preset.zoo
@@ -150,7 +192,8 @@ def _run_job(
                 f"A reference LoRA of the deltalora zoo for the task `{job.name}` ({job.domain}), trained on "
                 f"{len(items)} train items with a completion-only loss.",
                 "",
-                f"- seed {job.seed}, step {step} of {steps}, training loss {loss:.4f}",
+                f"- seed {job.seed}, step {step} of {steps}, training loss {loss:.4f}"
+                + (f", part {job.part + 1} of {job.parts} of the train split" if job.parts > 1 else ""),
                 f"- r={z.rank}, alpha={z.alpha:g}, on {', '.join(z.target_modules)}",
             ]
             (tmp / "README.md").write_text(model_card(preset.base, f"LoRA for `{job.name}`", about))  # PEFT's is empty
@@ -158,7 +201,8 @@ def _run_job(
         if step == steps:
             t_eval = time.perf_counter()
             for t in job.tasks:
-                scores[t] = accuracy(model, tok, tasks[t].test, preset.zoo.eval_batch_size, preset.zoo.max_length)
+                scored[t] = _score(model, tok, tasks[t], preset)
+                scores[t] = _mean(scored[t]["test"])
             eval_seconds = time.perf_counter() - t_eval
         ckpts.append(
             Checkpoint(
@@ -170,12 +214,15 @@ def _run_job(
                 str(rel),
                 digest,
                 final=step == steps,
+                part=job.part,
                 pair_of=job.tasks if job.is_pair else None,
                 test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if step == steps else None,
             )
         )
 
-    remove_stale_tmp(ws.run_adapters(job.name, job.seed))  # this run's own folder: no other rank writes here
+    remove_stale_tmp(
+        ws.run_adapters(job.name, job.seed, job.folder_part)
+    )  # this run's own folder: no other rank writes here
     curves = Curves(tensorboard, f"zoo/{job.run_id}")
     try:
         result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save, curves=curves)
@@ -190,6 +237,10 @@ def _run_job(
         steps=steps,
         n_train=len(items),
         test_acc=scores,
+        val_acc={t: _mean(s.get("val")) for t, s in scored.items() if s.get("val")},
+        test_hits={t: s["test"] for t, s in scored.items()},
+        part=job.part,
+        parts=job.parts,
         train_seconds=result.seconds - eval_seconds,
         eval_seconds=eval_seconds,
         wall_seconds=time.perf_counter() - t0,

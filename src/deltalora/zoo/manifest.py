@@ -44,6 +44,8 @@ class Checkpoint:
     """The two tasks of a union adapter; None for a single task."""
     test_acc: float | dict[str, float] | None = None
     """Test accuracy (final checkpoints only; per task for a union adapter)."""
+    part: int = 0
+    """Which disjoint part of the train split the run learnt from (0 when the zoo has one part)."""
 
     @property
     def is_pair(self) -> bool:
@@ -87,6 +89,13 @@ class RunRecord:
     losses: list[float]
     """Loss of every step."""
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    val_acc: dict[str, float] = field(default_factory=dict)
+    """Validation accuracy of the final checkpoint (single-task runs of a preset with a validation split)."""
+    test_hits: dict[str, list[int]] = field(default_factory=dict)
+    """0/1 per test item of the final checkpoint, in the split's order (for paired intervals)."""
+    part: int = 0
+    """Which of ``parts`` disjoint slices of the train split the run learnt from."""
+    parts: int = 1
 
     def to_file(self, path: Path) -> None:
         """Write atomically."""

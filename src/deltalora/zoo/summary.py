@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
 from deltalora.config import Preset
 from deltalora.data.registry import DROPPED, TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
@@ -14,7 +17,8 @@ from deltalora.zoo.manifest import RunRecord
 
 
 def zoo_summary(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = None) -> list[dict]:
-    """One record per task: sizes, base and LoRA test accuracy (mean over seeds), train time."""
+    """One record per task: sizes, base and LoRA accuracy on validation and test (mean over its runs), the test
+    gain's paired 95% interval over items, whether it is selected, and its cost."""
     rows = []
     for name in preset.pool:
         base_f = ws.base_record(name)
@@ -22,25 +26,52 @@ def zoo_summary(preset: Preset, ws: Workspace, extra: list[TaskSpec] | None = No
         if not base_f.exists() or not runs:
             continue
         task = load_task(resolve_spec(name, extra), preset.tasks)
+        base = read_json(base_f, "base accuracy")
         accs = [r.test_acc[name] for r in runs]
-        base_acc = read_json(base_f, "base accuracy")["base_acc"]
         lora_acc = sum(accs) / len(accs)
+        vals = [r.val_acc[name] for r in runs if name in r.val_acc]
+        lora_val = sum(vals) / len(vals) if vals else None
+        base_val = base.get("base_val_acc")
+        val_gain = lora_val - base_val if vals and base_val is not None else None
+        gain = lora_acc - base["base_acc"]
         rows.append(
             {
                 "task": name,
                 "domain": task.domain,
                 "kind": task.kind,
                 "n_train": len(task.train),
+                "n_val": len(task.val),
                 "n_test": len(task.test),
-                "base_acc": round(base_acc, 4),
+                "base_val_acc": _round(base_val),
+                "lora_val_acc": _round(lora_val),
+                "val_gain": _round(val_gain),
+                "base_acc": round(base["base_acc"], 4),
                 "lora_acc": round(lora_acc, 4),
-                "lora_acc_per_seed": [round(a, 4) for a in accs],
-                "gain": round(lora_acc - base_acc, 4),
+                "lora_acc_per_run": [round(a, 4) for a in accs],
+                "gain": round(gain, 4),
+                "gain_ci95": _paired_interval(base.get("test_hits"), [r.test_hits.get(name) for r in runs]),
+                "selected_on": "validation" if val_gain is not None else "test",
+                "passes_min_gain": (val_gain if val_gain is not None else gain) >= preset.zoo.min_gain,
                 "train_seconds": round(sum(r.train_seconds for r in runs) / len(runs), 1),
-                "wall_seconds_all_seeds": round(sum(r.wall_seconds for r in runs), 1),
+                "wall_seconds_all_runs": round(sum(r.wall_seconds for r in runs), 1),
             }
         )
     return rows
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _paired_interval(base_hits: list[int] | None, run_hits: list[list[int] | None]) -> list[float] | None:
+    """t-interval of the per-item accuracy difference (LoRA, averaged over runs, minus base) on the same items."""
+    if not base_hits or not all(run_hits):
+        return None
+    diff = np.mean(np.array(run_hits, dtype=float), 0) - np.array(base_hits, dtype=float)
+    if np.ptp(diff) == 0:  # every item moved alike: the interval is the point (scipy would return nan)
+        return [round(float(diff[0]), 4)] * 2
+    ci = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
+    return [round(float(ci.low), 4), round(float(ci.high), 4)]
 
 
 def zoo_results(
