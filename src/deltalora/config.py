@@ -11,13 +11,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltalora.errors import ConfigError
-from deltalora.generator.variants import VARIANTS
+from deltalora.errors import require as _check
+from deltalora.experiments.config import ExperimentConfig
+from deltalora.generator.config import GeneratorConfig
 
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+__all__ = [
+    "DeltaConfig",
+    "ExperimentConfig",
+    "GeneratorConfig",
+    "Preset",
+    "ProtocolConfig",
+    "TaskConfig",
+    "ZooConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class ZooConfig:
     parts: int = 1
     """Disjoint parts of each task's train split, one LoRA per part and seed (3: the Delta Activations
     paper's protocol of three LoRAs per dataset)."""
+    evaluate: bool = True
+    """Score the base model and each run's final checkpoint on validation and test (the protocol's LoRAs,
+    compared by their δ only, skip it)."""
     min_gain: float = 0.05
     """A task is selected when its LoRA beats the base model by at least this accuracy on the validation
     split (on test when the preset has none, as the ``small`` pool was chosen)."""
@@ -139,151 +148,30 @@ class DeltaConfig:
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
-    """How a prompt-to-LoRA generator is built and trained (the variants: ``deltalora.generator.variants``)."""
+class ProtocolConfig:
+    """The Delta Activations paper's protocol (``deltalora delta protocol``): LoRAs on disjoint parts of a
+    task's train split, once with the zoo's shared ``lora_A`` init and once with an init per task."""
 
-    variant: str = "dnd"
-    """A name in the variant table: dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA),
-    C (δ + KL first)."""
-    n_prompts: int = 32
-    """N prompts per condition batch, drawn fresh from a task's train split every step."""
-    channels: tuple[int, ...] = (64, 256)
-    """Hidden channel counts of the hyper-convolutional decoder (between N and the T tokens)."""
-    steps: int = 300
-    """Optimizer steps (for B: of stage 2, the decoder G_θ)."""
-    stage1_steps: int = 300
-    """Variant B only: steps training E_ψ (prompts -> δ) before G_θ."""
-    batch_size: int = 4
-    """(prompt batch, checkpoint) samples per step."""
-    lr: float = 1e-3
-    """AdamW peak learning rate (cosine schedule after warm-up)."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    warmup_steps: int = 20
-    """Linear warm-up steps."""
-    lambda_w: float = 1.0
-    """Weight of the token MSE (the only loss of dnd; a regulariser for C)."""
-    lambda_delta: float = 1.0
-    """Weight of the δ loss (A1: predicted by H, A2 and C: exact)."""
-    lambda_cons: float = 0.1
-    """Variant B: weight of the exact-δ consistency term of G_θ."""
-    lambda_kl: float = 1.0
-    """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
-    kl_prompts: int = 4
-    """Variant C: task prompts per sample for the KL term."""
-    exact_samples: int = 0
-    """Samples per step that get the exact-δ / KL terms (A2, B, C); 0 = the whole batch. Each costs a
-    forward and backward of the probes through the base model, the dominant cost on a CPU."""
-    n_probes: int = 5
-    """Probe set of the δ targets and of the exact δ (1, 5 or 20)."""
-    cond_noise: float = 1e-4
-    """Std of Gaussian noise added to prompt embeddings during training."""
-    target_noise: float = 1e-5
-    """Std of Gaussian noise added to target tokens during training."""
-    shuffle_delta: bool = False
-    """Negative control: δ targets permuted across tasks."""
-    data_fraction: float = 1.0
-    """RQ3: fraction of each task's checkpoints and train prompts the generator may use (at least one of each)."""
-    weight_noise: float = 0.0
-    """RQ3: std of fixed Gaussian noise on the reference tokens (in units of each position's zoo std);
-    the δ targets are re-measured on the noisy adapters, as a real noisy zoo would give them."""
-    mislabel_fraction: float = 0.0
-    """RQ3: fraction of checkpoints whose weights and δ are replaced by another task's (a mislabelled zoo)."""
-    save_every: int = 50
-    """Steps between resumable training checkpoints."""
-    seed: int = 0
-    """Seed of initialisation, sampling and noise."""
+    tasks_per_family: int = 3
+    """Selected tasks per family: those of the preset's pairs first, then the best by validation gain."""
+    parts: int = 3
+    """Disjoint parts of each task's train split, one LoRA each (the paper: 3)."""
+    steps: int = 12
+    """Optimizer steps of every part's LoRA and of each union adapter (the zoo's batch size and lr)."""
+    probe_sizes: tuple[int, ...] = (1, 5, 20)
+    """Probe-set sizes whose δ are compared."""
+    permutations: int = 1000
+    """Label shuffles of each permutation null."""
 
     def __post_init__(self) -> None:
+        _check(self.tasks_per_family >= 2, "protocol.tasks_per_family must be >= 2")
+        _check(self.parts >= 2, "protocol.parts must be >= 2 (silhouette by task needs two LoRAs per task)")
+        _check(self.steps >= 1, "protocol.steps must be >= 1")
         _check(
-            self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+            bool(self.probe_sizes) and all(p in (1, 5, 20) for p in self.probe_sizes),
+            "protocol.probe_sizes must be among 1, 5, 20",
         )
-        _check(1 <= self.n_prompts <= 512, "generator.n_prompts must be in [1, 512]")
-        _check(all(c >= 1 for c in self.channels), "generator.channels must be positive")
-        _check(self.steps >= 1 and self.stage1_steps >= 0, "generator.steps must be >= 1 and stage1_steps >= 0")
-        _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
-        _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
-        _check(
-            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0,
-            "generator loss weights must be >= 0",
-        )
-        _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
-        _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
-        _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
-        _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
-        _check(self.save_every >= 1, "generator.save_every must be >= 1")
-        _check(0 < self.data_fraction <= 1, "generator.data_fraction must be in (0, 1]")
-        _check(self.weight_noise >= 0, "generator.weight_noise must be >= 0")
-        _check(0 <= self.mislabel_fraction < 1, "generator.mislabel_fraction must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """The research-question grid run by ``deltalora experiment`` (cells, budgets, controls)."""
-
-    held_out: tuple[str, ...] = ()
-    """RQ2: pool tasks left out of generator training; each domain keeps other training tasks."""
-    seen_eval: tuple[str, ...] = ()
-    """RQ1: training tasks whose test items are scored."""
-    lodo_domain: str = ""
-    """RQ2: the domain left out of training entirely ("" skips leave-one-domain-out)."""
-    lodo_eval: tuple[str, ...] = ()
-    """Tasks of that domain that are scored."""
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    """Generator variants of the main grid (RQ1, RQ2 held-out tasks)."""
-    lodo_variants: tuple[str, ...] = ("dnd", "A2")
-    """Variants trained for leave-one-domain-out."""
-    seeds: tuple[int, ...] = (0, 1)
-    """Generator seeds of every cell."""
-    draws: int = 5
-    """Generated adapters per task and generator seed, each from its own train-split prompt draw."""
-    n_test: int = 20
-    """Test items scored per task (the same items for every method)."""
-    n_kl: int = 8
-    """Test prompts on which the answer-position KL to the reference adapter is measured."""
-    steps: int = 100
-    """Generator optimizer steps of every cell (variant B: also its stage-1 steps)."""
-    long_steps: int = 1500
-    """dnd is also trained for this many steps, about the wall time of an exact-δ variant at ``steps``
-    on a CPU (a compute-matched baseline; 0 skips it)."""
-    rq3_variants: tuple[str, ...] = ("dnd", "A2")
-    """Variants of the data-scarcity and noisy-target cells."""
-    fractions: tuple[float, ...] = (0.25,)
-    """RQ3: data fractions below 100% (100% is the main grid)."""
-    weight_noise: tuple[float, ...] = (1.0,)
-    """RQ3: Gaussian noise levels on the reference tokens."""
-    mislabel: tuple[float, ...] = (0.25,)
-    """RQ3: fractions of mislabelled checkpoints."""
-    ablation_variant: str = "A2"
-    """The δ variant whose probe-set size and λ_δ are varied, and whose δ targets are shuffled."""
-    probe_sizes: tuple[int, ...] = (1, 20)
-    """Ablation: probe-set sizes besides the default."""
-    lambdas: tuple[float, ...] = (0.3, 3.0)
-    """Ablation: λ_δ values besides the default."""
-    interpolations: tuple[float, ...] = (0.25, 0.5, 0.75)
-    """RQ4: α in G_θ(α·δ_a + (1-α)·δ_b)."""
-    mixed_variants: tuple[str, ...] = ("dnd", "A2", "B")
-    """RQ4: variants given half the prompts from each task of a pair."""
-
-    def __post_init__(self) -> None:
-        _check(
-            not set(self.held_out) & set(self.seen_eval),
-            "experiment.held_out and experiment.seen_eval must not overlap",
-        )
-        for v in (*self.variants, *self.lodo_variants, *self.rq3_variants, *self.mixed_variants, self.ablation_variant):
-            _check(v in VARIANTS, f"experiment: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
-        _check(
-            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
-            "experiment.seeds must be distinct and non-empty",
-        )
-        _check(
-            self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
-            "experiment.draws, n_test, n_kl and steps must be >= 1",
-        )
-        _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
-        _check(self.long_steps >= 0, "experiment.long_steps must be >= 0")
-        _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
-        _check(all(p in (1, 5, 20) for p in self.probe_sizes), "experiment.probe_sizes must be 1, 5 or 20")
+        _check(self.permutations >= 1, "protocol.permutations must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -301,6 +189,7 @@ class Preset:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 

@@ -43,3 +43,9 @@ class SourceError(DeltaloraError):
 
 class OutputError(DeltaloraError):
     """deltalora will not write this path; the message names it and the way out (nothing was changed)."""
+
+
+def require(cond: bool, msg: str) -> None:
+    """Raise ``ConfigError(msg)`` unless ``cond``: the one check every config's ``__post_init__`` makes."""
+    if not cond:
+        raise ConfigError(msg)

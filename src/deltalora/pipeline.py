@@ -23,13 +23,14 @@ def run_all(
     extra: list[TaskSpec] | None = None,
     tensorboard: Path | None = None,
 ) -> dict:
-    """The main job: zoo -> Delta Activations (|P| = 1, 5, 20) -> results and report files."""
+    """The main job: zoo -> results -> Delta Activations (|P| = 1, 5, 20) of the selected tasks -> report files."""
     t0 = time.perf_counter()
     build_zoo(preset, ws, extra, tensorboard)
-    delta_stage(preset, ws, (1, 5, 20))
-    zoo_results(preset, ws, results_dir / f"zoo_{preset.name}.json", docs_dir / f"zoo_{preset.name}.md", extra)
+    rows = zoo_results(preset, ws, results_dir / f"zoo_{preset.name}.json", docs_dir / f"zoo_{preset.name}.md", extra)
+    selected = tuple(r["task"] for r in rows if r["passes_min_gain"])
+    delta_stage(preset, ws, (1, 5, 20), pool=selected)
     out = delta_report(
-        ws, results_dir / f"delta_{preset.name}.json", docs_dir / f"delta_map_{preset.name}.png", preset.pool
+        ws, results_dir / f"delta_{preset.name}.json", docs_dir / f"delta_map_{preset.name}.png", selected
     )
     out["pipeline_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
     write_results_md(preset.name, results_dir, docs_dir)
@@ -48,8 +49,6 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
     ]
     if zoo_f.exists():
         z = read_json(zoo_f)
-        rows = z["tasks"]
-        passing = [r for r in rows if r["passes_min_gain"]]
         lines += [
             "## Reference LoRA zoo",
             "",
@@ -59,8 +58,11 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
             f"{z['n_adapter_runs']} runs, {z['n_checkpoints']} checkpoints; build wall time "
             f"{z['build_wall_seconds'] / 60:.1f} min on this machine (sum over runs and base evaluations).",
             "",
-            f"{len(passing)} of {len(rows)} tasks gain at least 5 accuracy points over the base model "
-            f"in {len({r['domain'] for r in passing})} domains.",
+            f"Selection: {z['selection']}. {z['n_selected']} of {z['n_candidates']} tasks selected; "
+            f"{z['n_counted']} counted ({z['counted_note']}) in {len(z['counted_per_domain'])} domains, "
+            f"{z['domains_with_4_counted']} of them with 4 or more. Stage times (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in z["stage_seconds"].items())
+            + ".",
             "",
         ]
         lines += (

@@ -33,6 +33,7 @@ PRESETS: dict[str, Preset] = {
             keep_last=2,
             pair_steps=4,
             eval_batch_size=16,
+            min_gain=-1.0,  # a random model's LoRAs gain nothing: keep every task
         ),
         delta=DeltaConfig(n_probes=5, batch_size=5),
         generator=GeneratorConfig(
@@ -97,10 +98,16 @@ PRESETS: dict[str, Preset] = {
         pool=tuple(s.name for s in FAMILY_CANDIDATES),
         pairs=FAMILY_PAIRS,
         tasks=TaskConfig(max_test=100, max_train=600, n_val=50, family_domains=True),
-        zoo=ZooConfig(steps=24, keep_last=3, save_every=8, pair_steps=24, max_length=112),
+        zoo=ZooConfig(steps=24, keep_last=3, save_every=8, pair_steps=24, max_length=112, eval_batch_size=256),
         generator=GeneratorConfig(exact_samples=1),
     ),
 }
+
+
+SECTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(Preset) if f.default_factory is not dataclasses.MISSING
+)
+"""The preset's stage sections that ``--set section.field=value`` reaches."""
 
 
 def with_pool(preset: Preset, names: str) -> Preset:
@@ -125,10 +132,8 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             preset = with_pool(preset, value)
             continue
         section, _, name = key.partition(".")
-        if not sep or not name or section not in ("tasks", "zoo", "delta", "generator", "experiment"):
-            raise ConfigError(
-                f"override {ov!r}: expected tasks|zoo|delta|generator|experiment.<field>=<value> or pool=<task>,<task>"
-            )
+        if not sep or not name or section not in SECTIONS:
+            raise ConfigError(f"override {ov!r}: expected {'|'.join(SECTIONS)}.<field>=<value> or pool=<task>,<task>")
         sub = getattr(preset, section)
         fields = {f.name: f for f in dataclasses.fields(sub)}
         if name not in fields:

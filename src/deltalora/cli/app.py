@@ -29,7 +29,14 @@ app.add_typer(tasks_app, name="tasks")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(delta_app, name="delta")
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Named preset: tiny (tests) or small (CPU default).")]
+PresetOpt = Annotated[
+    str,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="Named preset: tiny (tests), small (CPU default) or families (families of BIG-bench subtasks).",
+    ),
+]
 WorkspaceOpt = Annotated[
     Path | None, typer.Option("--workspace", "-w", help="Folder for all artifacts (default runs/<preset>).")
 ]

@@ -175,17 +175,42 @@ def delta_report_cmd(
     out: Annotated[Path | None, typer.Option(help="JSON output (default results/delta_<preset>.json).")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG map (default docs/delta_map_<preset>.png).")] = None,
 ) -> None:
-    """Silhouette by domain (δ vs flattened weights), 2-D map, additivity of pair adapters."""
+    """Silhouette by domain (δ vs flattened weights), 2-D map, additivity of pair adapters, over the selected tasks."""
     from deltalora.delta.report import delta_report
     from deltalora.pipeline import write_results_md
+    from deltalora.zoo.summary import selected_tasks
 
     run = setup(preset, workspace, overrides, tasks=tasks)
     out = out or Path(f"results/delta_{run.preset.name}.json")
     plot = plot or Path(f"docs/delta_map_{run.preset.name}.png")
     check_outputs(run.ws, (out, plot, Path("docs") / "results.md"))
-    res = delta_report(run.ws, out, plot, run.preset.pool)
+    res = delta_report(run.ws, out, plot, selected_tasks(run.preset, run.ws, run.extra))
     write_results_md(run.preset.name, out.parent, Path("docs"))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
+
+
+@delta_app.command("protocol")
+def delta_protocol_cmd(
+    preset: PresetOpt = "families",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default results/protocol_<preset>.json).")] = None,
+    md: Annotated[Path | None, typer.Option(help="Markdown tables (default docs/protocol_<preset>.md).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG map (default docs/protocol_map_<preset>.png).")] = None,
+) -> None:
+    """The Delta Activations paper's protocol on a built zoo: LoRAs on disjoint parts of each selected task (shared
+    and independent inits; resumable), then δ vs flattened weights vs ΔW by silhouette and 1-NN retrieval against
+    permutation nulls, and additivity against a control."""
+    from deltalora.delta.protocol import protocol_stage
+
+    run = setup(preset, workspace, overrides, tasks_file)
+    name = run.preset.name
+    out = out or Path(f"results/protocol_{name}.json")
+    md, plot = md or Path(f"docs/protocol_{name}.md"), plot or Path(f"docs/protocol_map_{name}.png")
+    check_outputs(run.ws, (out, md, plot))
+    protocol_stage(run.preset, run.ws, out, md, plot, run.extra)
+    typer.echo(f"protocol: {out}, {md}, {plot}")
 
 
 @app.command("evaluate")
@@ -198,7 +223,7 @@ def evaluate_cmd(
     base: BaseOpt = None,
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
-    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
 ) -> None:
     """Accuracy of an adapter (or the base model) on a task's split."""
     from deltalora.data.tasks import load_task, resolve_spec
@@ -207,11 +232,13 @@ def evaluate_cmd(
     from deltalora.lm.names import offline_name
     from deltalora.zoo.adapters import load_adapter, read_adapter
 
-    if split not in ("test", "train"):
-        raise UsageError(f"--split must be test or train, got {split!r}")
+    if split not in ("test", "val", "train"):
+        raise UsageError(f"--split must be test, val or train, got {split!r}")
     run = setup(preset, overrides=overrides, tasks_file=tasks_file, base=base)
     p = run.preset
     t = load_task(resolve_spec(task, run.extra), p.tasks)
+    if not getattr(t, split):
+        raise UsageError(f"task {task} has no {split} items in preset {p.name} (tasks.n_val=0: no validation split)")
     if adapter is not None:
         recorded = read_adapter(adapter)[0].get("base_model_name_or_path")
         if base is None and recorded:  # deltalora's own adapters were trained on the offline copy

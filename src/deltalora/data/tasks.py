@@ -62,10 +62,10 @@ def split_items(
     test = pinned_test + free[:n_test]
     val = free[n_test : n_test + cfg.n_val]
     train = pinned_train + free[n_test + len(val) :][: max(0, cfg.max_train - len(pinned_train))]
-    if not test or not train:
-        raise TaskError(f"task {name}: split left {len(train)} train and {len(test)} test items; need both")
     if len(val) < cfg.n_val:
         raise TaskError(f"task {name}: {len(val)} items left for validation, tasks.n_val asks for {cfg.n_val}")
+    if not test or not train:
+        raise TaskError(f"task {name}: split left {len(train)} train and {len(test)} test items; need both")
     return tuple(train), tuple(val), tuple(test)
 
 

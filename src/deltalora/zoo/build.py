@@ -7,7 +7,6 @@ its seed, so the redone checkpoints are the same.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +97,8 @@ def build_zoo(
     jobs = info.shard(jobs_for(preset, {n: t.domain for n, t in tasks.items()}))
     todo = [j for j in jobs if not ws.run_record(j.run_id).exists()]
     my_tasks = {n: tasks[n] for n in info.shard(list(tasks))}
+    if not preset.zoo.evaluate:
+        my_tasks = {}
     if todo or any(not ws.base_record(n).exists() for n in my_tasks):
         base, tok = load_base(preset.base)
         for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):
@@ -138,10 +139,11 @@ def _check_same_preset(ws: Workspace, preset: Preset) -> None:
     """
     f = ws.zoo_config
     if f.exists():
-        old = read_json(f, "zoo config")
-        new = json.loads(json.dumps(preset.to_dict(), default=str))
+        # read through the config classes, so a field added since (with its default) is no difference
+        old = Preset.from_dict(read_json(f, "zoo config")).to_dict()
+        new = preset.to_dict()
         for key in ("base", "tasks", "zoo"):
-            a, b = (dict(old.get(key) or {}) if key != "base" else old.get(key)), new[key]
+            a, b = old[key], new[key]
             if key == "zoo":
                 a = {k: v for k, v in a.items() if k not in ("seeds", *_SPEED_ONLY)}
                 b = {k: v for k, v in b.items() if k not in ("seeds", *_SPEED_ONLY)}
@@ -198,7 +200,7 @@ def _run_job(
             ]
             (tmp / "README.md").write_text(model_card(preset.base, f"LoRA for `{job.name}`", about))  # PEFT's is empty
             digest = sha256_file(tmp / "adapter_model.safetensors")
-        if step == steps:
+        if step == steps and preset.zoo.evaluate:
             t_eval = time.perf_counter()
             for t in job.tasks:
                 scored[t] = _score(model, tok, tasks[t], preset)
@@ -216,7 +218,7 @@ def _run_job(
                 final=step == steps,
                 part=job.part,
                 pair_of=job.tasks if job.is_pair else None,
-                test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if step == steps else None,
+                test_acc=(scores if job.is_pair else scores[job.tasks[0]]) if scores else None,
             )
         )
 

@@ -1,0 +1,77 @@
+"""The research grid's config (``Preset.experiment``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltalora.errors import require as _check
+from deltalora.generator.variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The research-question grid run by ``deltalora experiment`` (cells, budgets, controls)."""
+
+    held_out: tuple[str, ...] = ()
+    """RQ2: pool tasks left out of generator training; each domain keeps other training tasks."""
+    seen_eval: tuple[str, ...] = ()
+    """RQ1: training tasks whose test items are scored."""
+    lodo_domain: str = ""
+    """RQ2: the domain left out of training entirely ("" skips leave-one-domain-out)."""
+    lodo_eval: tuple[str, ...] = ()
+    """Tasks of that domain that are scored."""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """Generator variants of the main grid (RQ1, RQ2 held-out tasks)."""
+    lodo_variants: tuple[str, ...] = ("dnd", "A2")
+    """Variants trained for leave-one-domain-out."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Generator seeds of every cell."""
+    draws: int = 5
+    """Generated adapters per task and generator seed, each from its own train-split prompt draw."""
+    n_test: int = 20
+    """Test items scored per task (the same items for every method)."""
+    n_kl: int = 8
+    """Test prompts on which the answer-position KL to the reference adapter is measured."""
+    steps: int = 100
+    """Generator optimizer steps of every cell (variant B: also its stage-1 steps)."""
+    long_steps: int = 1500
+    """dnd is also trained for this many steps, about the wall time of an exact-δ variant at ``steps``
+    on a CPU (a compute-matched baseline; 0 skips it)."""
+    rq3_variants: tuple[str, ...] = ("dnd", "A2")
+    """Variants of the data-scarcity and noisy-target cells."""
+    fractions: tuple[float, ...] = (0.25,)
+    """RQ3: data fractions below 100% (100% is the main grid)."""
+    weight_noise: tuple[float, ...] = (1.0,)
+    """RQ3: Gaussian noise levels on the reference tokens."""
+    mislabel: tuple[float, ...] = (0.25,)
+    """RQ3: fractions of mislabelled checkpoints."""
+    ablation_variant: str = "A2"
+    """The δ variant whose probe-set size and λ_δ are varied, and whose δ targets are shuffled."""
+    probe_sizes: tuple[int, ...] = (1, 20)
+    """Ablation: probe-set sizes besides the default."""
+    lambdas: tuple[float, ...] = (0.3, 3.0)
+    """Ablation: λ_δ values besides the default."""
+    interpolations: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """RQ4: α in G_θ(α·δ_a + (1-α)·δ_b)."""
+    mixed_variants: tuple[str, ...] = ("dnd", "A2", "B")
+    """RQ4: variants given half the prompts from each task of a pair."""
+
+    def __post_init__(self) -> None:
+        _check(
+            not set(self.held_out) & set(self.seen_eval),
+            "experiment.held_out and experiment.seen_eval must not overlap",
+        )
+        for v in (*self.variants, *self.lodo_variants, *self.rq3_variants, *self.mixed_variants, self.ablation_variant):
+            _check(v in VARIANTS, f"experiment: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+        _check(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+            "experiment.seeds must be distinct and non-empty",
+        )
+        _check(
+            self.draws >= 1 and self.n_test >= 1 and self.n_kl >= 1 and self.steps >= 1,
+            "experiment.draws, n_test, n_kl and steps must be >= 1",
+        )
+        _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
+        _check(self.long_steps >= 0, "experiment.long_steps must be >= 0")
+        _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
+        _check(all(p in (1, 5, 20) for p in self.probe_sizes), "experiment.probe_sizes must be 1, 5 or 20")

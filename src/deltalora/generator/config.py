@@ -1,0 +1,87 @@
+"""The generator stage's config (``Preset.generator``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltalora.errors import require as _check
+from deltalora.generator.variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """How a prompt-to-LoRA generator is built and trained (the variants: ``deltalora.generator.variants``)."""
+
+    variant: str = "dnd"
+    """A name in the variant table: dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA),
+    C (δ + KL first)."""
+    n_prompts: int = 32
+    """N prompts per condition batch, drawn fresh from a task's train split every step."""
+    channels: tuple[int, ...] = (64, 256)
+    """Hidden channel counts of the hyper-convolutional decoder (between N and the T tokens)."""
+    steps: int = 300
+    """Optimizer steps (for B: of stage 2, the decoder G_θ)."""
+    stage1_steps: int = 300
+    """Variant B only: steps training E_ψ (prompts -> δ) before G_θ."""
+    batch_size: int = 4
+    """(prompt batch, checkpoint) samples per step."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (cosine schedule after warm-up)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    lambda_w: float = 1.0
+    """Weight of the token MSE (the only loss of dnd; a regulariser for C)."""
+    lambda_delta: float = 1.0
+    """Weight of the δ loss (A1: predicted by H, A2 and C: exact)."""
+    lambda_cons: float = 0.1
+    """Variant B: weight of the exact-δ consistency term of G_θ."""
+    lambda_kl: float = 1.0
+    """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
+    kl_prompts: int = 4
+    """Variant C: task prompts per sample for the KL term."""
+    exact_samples: int = 0
+    """Samples per step that get the exact-δ / KL terms (A2, B, C); 0 = the whole batch. Each costs a
+    forward and backward of the probes through the base model, the dominant cost on a CPU."""
+    n_probes: int = 5
+    """Probe set of the δ targets and of the exact δ (1, 5 or 20)."""
+    cond_noise: float = 1e-4
+    """Std of Gaussian noise added to prompt embeddings during training."""
+    target_noise: float = 1e-5
+    """Std of Gaussian noise added to target tokens during training."""
+    shuffle_delta: bool = False
+    """Negative control: δ targets permuted across tasks."""
+    data_fraction: float = 1.0
+    """RQ3: fraction of each task's checkpoints and train prompts the generator may use (at least one of each)."""
+    weight_noise: float = 0.0
+    """RQ3: std of fixed Gaussian noise on the reference tokens (in units of each position's zoo std);
+    the δ targets are re-measured on the noisy adapters, as a real noisy zoo would give them."""
+    mislabel_fraction: float = 0.0
+    """RQ3: fraction of checkpoints whose weights and δ are replaced by another task's (a mislabelled zoo)."""
+    save_every: int = 50
+    """Steps between resumable training checkpoints."""
+    seed: int = 0
+    """Seed of initialisation, sampling and noise."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+        )
+        _check(1 <= self.n_prompts <= 512, "generator.n_prompts must be in [1, 512]")
+        _check(all(c >= 1 for c in self.channels), "generator.channels must be positive")
+        _check(self.steps >= 1 and self.stage1_steps >= 0, "generator.steps must be >= 1 and stage1_steps >= 0")
+        _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
+        _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
+        _check(
+            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0,
+            "generator loss weights must be >= 0",
+        )
+        _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
+        _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
+        _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
+        _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
+        _check(self.save_every >= 1, "generator.save_every must be >= 1")
+        _check(0 < self.data_fraction <= 1, "generator.data_fraction must be in (0, 1]")
+        _check(self.weight_noise >= 0, "generator.weight_noise must be >= 0")
+        _check(0 <= self.mislabel_fraction < 1, "generator.mislabel_fraction must be in [0, 1)")
