@@ -69,45 +69,60 @@ def choice_scores(
 ) -> list[list[float]]:
     """Log-probability per byte of every choice of every item.
 
-    Each prompt is run once; its KV cache is repeated for the item's choices, so a
-    7-choice item costs one prompt plus seven short continuations.
+    Each item is one packed sequence, its prompt followed by all its choices; a 4-D attention mask lets each
+    choice see the prompt and its own earlier tokens only, and positions restart after the prompt, so every
+    choice is scored as if it followed the prompt alone. The prompt runs once, with no key/value copies per
+    choice and no padding between choices. ``batch_size`` counts choices: about ``batch_size`` / (choices per
+    item) items go in one forward pass.
     """
-    prompts, conts = [], []
+    packed = []
     for it in items:
         cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
-        prompts.append(encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0])
-        conts.append(cs)
+        packed.append((encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0], cs))
+    lengths = [len(p) + sum(map(len, cs)) for p, cs in packed]
+    order = sorted(range(len(items)), key=lambda k: lengths[k])
+    n_items = max(1, batch_size // max(len(cs) for _, cs in packed))
     scores: list[list[float]] = [[] for _ in items]
-    order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
-    n_items = max(1, batch_size // max(len(c) for c in conts))
     for start in range(0, len(order), n_items):
         idx = order[start : start + n_items]
-        ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
-        n_c = max(len(conts[k]) for k in idx)
-        rows = [(b, j) for b in range(len(idx)) for j in range(n_c)]
-        seqs = [conts[idx[b]][j] if j < len(conts[idx[b]]) else [tok.pad_token_id] for b, j in rows]
-        cache = out.cache
-        cache.batch_repeat_interleave(n_c)
-        c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
-        full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
-        c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1])
-        hidden = model.get_decoder()(
-            input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache
-        ).last_hidden_state
-        # the LM head only where a position predicts a later token of its own choice: with short
-        # prompts, logits at padding and at each choice's last token would cost more than the body
-        real = [r for r, (b, j) in enumerate(rows) if j < len(conts[idx[b]])]
-        at = torch.tensor([(r, p) for r in real for p in range(len(seqs[r]) - 1)], dtype=torch.long).reshape(-1, 2)
-        target = torch.tensor([t for r in real for t in seqs[r][1:]], dtype=torch.long)
-        logp = torch.log_softmax(model.get_output_embeddings()(hidden[at[:, 0], at[:, 1]]).float(), -1)
-        later = torch.zeros(len(rows)).index_add_(0, at[:, 0], logp[torch.arange(len(target)), target])
-        for r in real:
-            b, j = rows[r]
-            lp = first[b, seqs[r][0]] + later[r]
-            scores[idx[b]].append(lp.item() / _n_bytes(items[idx[b]].choices[j]))
+        ids, pos, mask, want = _pack([packed[k] for k in idx], max(lengths[k] for k in idx), tok.pad_token_id)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        # the LM head only where a position predicts a choice token
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden[want[:, 0], want[:, 1]]).float(), -1)
+        per_token = logp[torch.arange(len(want)), want[:, 2]]
+        sums = torch.zeros(len(idx), max(len(packed[k][1]) for k in idx)).index_put_(
+            (want[:, 0], want[:, 3]), per_token, accumulate=True
+        )
+        for r, k in enumerate(idx):
+            scores[k] = [sums[r, j].item() / _n_bytes(c) for j, c in enumerate(items[k].choices)]
     return scores
+
+
+def _pack(
+    rows: Sequence[tuple[list[int], list[list[int]]]], width: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids, positions, boolean 4-D mask [B, 1, L, L] and the scored positions (row, position, target token,
+    choice) of packed (prompt, choices) rows; padding positions see only themselves (no empty softmax row)."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+    want = []
+    for r, (prompt, choices) in enumerate(rows):
+        n_p = len(prompt)
+        ids[r, :n_p] = torch.tensor(prompt)
+        pos[r, :n_p] = torch.arange(n_p)
+        mask[r, 0, :n_p, :n_p] = torch.ones(n_p, n_p, dtype=torch.bool).tril()
+        at = n_p
+        for j, c in enumerate(choices):
+            n = len(c)
+            ids[r, at : at + n] = torch.tensor(c)
+            pos[r, at : at + n] = n_p + torch.arange(n)
+            mask[r, 0, at : at + n, :n_p] = True
+            mask[r, 0, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            # token t of the choice is predicted at the prompt's last position (t = 0) or at the choice's t-1
+            want += [(r, n_p - 1 if t == 0 else at + t - 1, c[t], j) for t in range(n)]
+            at += n
+    return ids, pos, mask, torch.tensor(want, dtype=torch.long)
 
 
 @torch.inference_mode()

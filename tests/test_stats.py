@@ -1,0 +1,67 @@
+"""The harness's paired statistics: intervals with t quantiles, tests across tasks and items, Holm, verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from deltalora.experiments.stats import (
+    across_tasks,
+    bootstrap_items,
+    holm,
+    min_detectable_effect,
+    t_interval,
+    verdict,
+)
+
+
+def test_t_interval_uses_the_t_quantile():
+    xs = [0.5, 0.7]
+    r = t_interval(xs)
+    half = stats.t.ppf(0.975, 1) * np.std(xs, ddof=1) / math.sqrt(2)
+    assert r["ci"] == pytest.approx([0.6 - half, 0.6 + half])
+    assert half > 1.96 * np.std(xs, ddof=1) / math.sqrt(2) * 5  # n = 2: 12.7, not 1.96
+    assert t_interval([0.3])["ci"] is None and t_interval([0.3, 0.3])["ci"] == [0.3, 0.3]
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adj == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"x": 0.6, "y": 0.7}) == pytest.approx({"x": 1.0, "y": 1.0})
+
+
+def test_across_tasks_detects_a_consistent_gain_and_not_noise():
+    rng = np.random.default_rng(0)
+    tasks = [f"t{i}" for i in range(20)]
+    b = {t: float(rng.uniform(0.2, 0.6)) for t in tasks}
+    better = {t: b[t] + 0.1 + float(rng.normal(0, 0.02)) for t in tasks}
+    r = across_tasks(better, b)
+    assert r["n_tasks"] == 20 and r["wins"] == 20 and r["p_wilcoxon"] < 1e-4 and r["p_sign"] < 1e-4
+    assert r["diff_ci"][0] > 0 and verdict(r["diff_ci"], r["p_wilcoxon"]) == "better"
+    same = across_tasks(b, b)
+    assert same["p_wilcoxon"] == 1.0 and verdict(same["diff_ci"], same["p_wilcoxon"]) == "not detected"
+    noisy = {t: b[t] + float(rng.normal(0, 0.05)) for t in tasks}
+    n = across_tasks(noisy, b)
+    sd = np.std([noisy[t] - b[t] for t in tasks], ddof=1)
+    assert n["min_detectable"] == pytest.approx(min_detectable_effect(sd, 20))
+
+
+def test_bootstrap_pairs_the_items():
+    rng = np.random.default_rng(1)
+    a = {t: rng.integers(0, 2, 50).astype(float) for t in ("x", "y")}
+    shifted = {t: v + 0.1 for t, v in a.items()}  # the same items, every one 0.1 better: no item noise left
+    r = bootstrap_items(shifted, a, draws=200)
+    assert r["ci"] == pytest.approx([0.1, 0.1]) and r["p"] == pytest.approx(1 / 200)
+    assert bootstrap_items(a, a, draws=200)["p"] == 1.0
+    noisy = bootstrap_items({t: 1 - v for t, v in a.items()}, a, draws=200)
+    assert noisy["ci"][0] < noisy["diff"] < noisy["ci"][1]
+
+
+def test_smallest_detectable_effect_shrinks_with_more_tasks():
+    assert min_detectable_effect(0.1, 1) is None
+    assert min_detectable_effect(0.1, 40) < min_detectable_effect(0.1, 10) < min_detectable_effect(0.1, 3)
+    # n = 10, sd 0.1: (t_.975,9 + t_.8,9) * 0.1 / sqrt(10)
+    assert min_detectable_effect(0.1, 10) == pytest.approx((2.2622 + 0.8834) * 0.1 / math.sqrt(10), rel=1e-3)
