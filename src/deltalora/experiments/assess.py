@@ -33,8 +33,8 @@ def assess_generator(
     how close they are to the task's reference checkpoints in weights and in δ."""
     gen_dir = Path(gen_dir)
     scorer = Scorer(preset, ws, n_test, extra=extra)
-    encoder = PromptEncoder()  # no persistent cache: generation time includes encoding the prompts
-    gen = None if is_retrieval(gen_dir) else load_generator(gen_dir)
+    encoder = PromptEncoder(device=scorer.device)  # no persistent cache: generation time includes encoding the prompts
+    gen = None if is_retrieval(gen_dir) else load_generator(gen_dir, scorer.device)
     per_task, gen_seconds = {}, []
     try:
         for name in tqdm(tasks, desc=f"assess {gen_dir.name}", unit="task"):

@@ -9,7 +9,8 @@ lm-evaluation-harness's acc_norm): per-token means favour long digit strings, wh
 SmolLM2's tokenizer splits into one token per digit.
 
 Sequences are sorted by length before batching so a batch pads only to its own longest
-member; results come back in the caller's order.
+member; results come back in the caller's order. Batches are padded on the CPU and moved to
+the model's device in one copy each.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from deltalora.data.tasks import Item
+from deltalora.device import module_device
 
 
 def encode(
@@ -33,7 +35,7 @@ def encode(
 
 
 def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
+    """Right-padded ids and attention mask, on the CPU (filled row by row: callers move the result once)."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -44,7 +46,7 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, mask and position ids that count from each sequence's first real token."""
+    """Left-padded ids, mask and position ids that count from each sequence's first real token, on the CPU."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -72,6 +74,7 @@ def choice_scores(
     Each prompt is run once; its KV cache is repeated for the item's choices, so a
     7-choice item costs one prompt plus seven short continuations.
     """
+    device = module_device(model)
     prompts, conts = [], []
     for it in items:
         cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
@@ -82,7 +85,7 @@ def choice_scores(
     n_items = max(1, batch_size // max(len(c) for c in conts))
     for start in range(0, len(order), n_items):
         idx = order[start : start + n_items]
-        ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
+        ids, mask, pos = (t.to(device) for t in pad_left([prompts[k] for k in idx], tok.pad_token_id))
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
         n_c = max(len(conts[k]) for k in idx)
@@ -90,23 +93,29 @@ def choice_scores(
         seqs = [conts[idx[b]][j] if j < len(conts[idx[b]]) else [tok.pad_token_id] for b, j in rows]
         cache = out.cache
         cache.batch_repeat_interleave(n_c)
-        c_ids, c_mask = pad_right(seqs, tok.pad_token_id)
+        c_ids, c_mask = (t.to(device) for t in pad_right(seqs, tok.pad_token_id))
         full_mask = torch.cat([mask.repeat_interleave(n_c, 0), c_mask], 1)
-        c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1])
+        c_pos = mask.sum(1).repeat_interleave(n_c)[:, None] + torch.arange(c_ids.shape[1], device=device)
         hidden = model.get_decoder()(
             input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, cache=cache
         ).last_hidden_state
         # the LM head only where a position predicts a later token of its own choice: with short
         # prompts, logits at padding and at each choice's last token would cost more than the body
         real = [r for r, (b, j) in enumerate(rows) if j < len(conts[idx[b]])]
-        at = torch.tensor([(r, p) for r in real for p in range(len(seqs[r]) - 1)], dtype=torch.long).reshape(-1, 2)
-        target = torch.tensor([t for r in real for t in seqs[r][1:]], dtype=torch.long)
+        at = torch.tensor(
+            [(r, p) for r in real for p in range(len(seqs[r]) - 1)], dtype=torch.long, device=device
+        ).reshape(-1, 2)
+        target = torch.tensor([t for r in real for t in seqs[r][1:]], dtype=torch.long, device=device)
         logp = torch.log_softmax(model.get_output_embeddings()(hidden[at[:, 0], at[:, 1]]).float(), -1)
-        later = torch.zeros(len(rows)).index_add_(0, at[:, 0], logp[torch.arange(len(target)), target])
-        for r in real:
+        later = torch.zeros(len(rows), device=device).index_add_(
+            0, at[:, 0], logp[torch.arange(len(target), device=device), target]
+        )
+        # every choice's log-probability in one transfer (an .item() per choice would wait on the GPU each time)
+        heads = torch.tensor([(rows[r][0], seqs[r][0]) for r in real], dtype=torch.long, device=device)
+        lps = (first[heads[:, 0], heads[:, 1]] + later[real]).tolist()
+        for r, lp in zip(real, lps):
             b, j = rows[r]
-            lp = first[b, seqs[r][0]] + later[r]
-            scores[idx[b]].append(lp.item() / _n_bytes(items[idx[b]].choices[j]))
+            scores[idx[b]].append(lp / _n_bytes(items[idx[b]].choices[j]))
     return scores
 
 
@@ -124,11 +133,12 @@ def choice_scores_unshared(
         cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
         p = encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0]
         seqs += [(i, j, p + c, len(p)) for j, c in enumerate(cs)]
+    device = module_device(model)
     scores = [[0.0] * len(it.choices) for it in items]
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     for start in range(0, len(order), batch_size):
         batch = [seqs[k] for k in order[start : start + batch_size]]
-        ids, mask = pad_right([b[2] for b in batch], tok.pad_token_id)
+        ids, mask = (t.to(device) for t in pad_right([b[2] for b in batch], tok.pad_token_id))
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         for r, (i, j, s, n_p) in enumerate(batch):
@@ -149,28 +159,29 @@ def greedy_answers(
     A hand-written loop: ``generate`` costs several times more per token on a CPU for
     these few-token answers.
     """
+    device = module_device(model)
     max_new = max(len(tok(" " + it.answer, add_special_tokens=False).input_ids) for it in items) + 2
     prompts = [encode(tok, it.prompt, "", max_length - max_new)[0] for it in items]
     out = [""] * len(items)
     order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
+        ids, mask, pos = (t.to(device) for t in pad_left([prompts[k] for k in idx], tok.pad_token_id))
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         new = []
-        done = torch.zeros(len(idx), dtype=torch.bool)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for _ in range(max_new):
             nxt = res.logits[:, -1].argmax(-1)
             new.append(nxt)
             done |= nxt == tok.eos_token_id
             if done.all():
                 break
-            mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype)], 1)
+            mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype, device=device)], 1)
             pos = pos[:, -1:] + 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
-        gen = torch.stack(new, 1)
+        gen = torch.stack(new, 1).tolist()
         for r, k in enumerate(idx):
-            seq = gen[r].tolist()
+            seq = gen[r]
             if tok.eos_token_id in seq:
                 seq = seq[: seq.index(tok.eos_token_id)]
             out[k] = answer_span(tok.decode(seq, skip_special_tokens=True))
@@ -186,7 +197,8 @@ def answer_logprobs(
 ) -> torch.Tensor:
     """Log-distribution over the first answer token of each prompt [n, vocab]; with ``params``
     the model runs with those tensors swapped in (differentiably, via ``functional_call``)."""
-    ids, mask, pos = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
+    padded = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
+    ids, mask, pos = (t.to(module_device(model)) for t in padded)
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
     out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False) if params else model(**kwargs)
     return torch.log_softmax(out.logits[:, -1].float(), -1)
