@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-from deltalora.config import DeltaConfig
+from deltalora.config import DeltaConfig, RuntimeConfig
 from deltalora.delta.embed import Embedder
-from deltalora.device import resolve_device
+from deltalora.device import runtime
 from deltalora.generator.artifact import GeneratorCard, LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.generate import generate, generate_tensors
@@ -30,7 +30,7 @@ class Generator:
 
     def __init__(self, folder: str | Path, encoder: PromptEncoder | None = None, device: str = "cpu"):
         self.folder = Path(folder)
-        on = resolve_device(device)
+        on = runtime(RuntimeConfig(device)).device
         self.encoder = encoder or PromptEncoder(device=on)
         self._loaded: LoadedGenerator | None = None if is_retrieval(self.folder) else load_generator(self.folder, on)
 
@@ -102,7 +102,7 @@ class DeltaActivations:
     or a model in memory; the base's probe activations are computed once and reused."""
 
     def __init__(self, base: str = "smollm2-135m", n_probes: int = 5, device: str = "cpu"):
-        self._embedder = Embedder(base, DeltaConfig(n_probes=n_probes), resolve_device(device))
+        self._embedder = Embedder(base, DeltaConfig(n_probes=n_probes), runtime(RuntimeConfig(device)).device)
         self.base = self._embedder.model
         """The base model (fp32, eval mode, on ``device``)."""
 

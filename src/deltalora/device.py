@@ -3,9 +3,10 @@
 The CPU is the default. ``auto`` is the GPU when CUDA is present; under torchrun / accelerate launch each
 rank takes the GPU of its ``LOCAL_RANK``. Networks are built on the CPU and then moved, and seeded draws
 (batches, prompt draws, noise) come from CPU generators and are moved after, so a seed gives the same
-initialisation and the same samples on every device. bf16 autocast (CUDA only) covers the training
-forwards of zoo LoRAs and of the generator network; δ (targets, the exact-δ and KL terms) and every score
-stay fp32, because δ is a small difference of two large activations.
+initialisation and the same samples on every device. fp32 on a GPU is plain fp32 (TF32 off). bf16
+autocast (CUDA only) covers the training forwards of zoo LoRAs and of the generator network; δ (targets,
+the exact-δ and KL terms) and every score stay fp32, because δ is a small difference of two large
+activations.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def runtime(cfg: RuntimeConfig) -> Runtime:
     device = resolve_device(cfg.device)
     if cfg.dtype == "bf16" and device.type != "cuda":
         raise ConfigError(f"--dtype bf16 needs a CUDA device (--device cuda); this run is on {device}, use fp32")
+    if device.type == "cuda" and cfg.dtype == "fp32":
+        # fp32 means fp32: TF32 (cuDNN's default for convolutions) keeps 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return Runtime(device, cfg.dtype)
 
 
