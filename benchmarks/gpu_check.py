@@ -42,6 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_CACHE = ROOT / "benchmarks" / "gpu_check_prompts.safetensors"
 TOL_LOSS, TOL_DELTA_REL = 1e-3, 1e-4
 NEEDED = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "scipy", "sklearn", "tqdm", "typer")
+MINIMUM = {"transformers": "5.0", "peft": "0.17"}  # the APIs deltalora calls (pyproject.toml)
+
+
+def _older(version: str, minimum: str) -> bool:
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+    return parts(version) < parts(minimum)
 
 
 def say(msg: str) -> None:
@@ -57,8 +65,9 @@ def preflight() -> dict:
             versions[name] = getattr(importlib.import_module(name), "__version__", "?")
         except ImportError as e:
             missing.append(f"{name} ({e})")
-    if missing:
-        say(f"cannot import {'; '.join(missing)}. deltalora needs {', '.join(NEEDED)}")
+    old = [f"{n} {versions[n]} (needs >= {v})" for n, v in MINIMUM.items() if n in versions and _older(versions[n], v)]
+    if missing or old:
+        say(f"cannot use {'; '.join(missing + old)}. deltalora needs {', '.join(NEEDED)} (pyproject.toml's versions)")
         sys.exit(2)
     import deltalora
 
