@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --preset small            # needs `deltalora run --preset small` (zoo + δ)
     python benchmarks/bench.py --preset small --only eval  # one section
+    python benchmarks/bench.py --preset small --device cuda  # every model on the GPU (the preset's device by default)
 
 Sections (each printed as a ratio with the two absolute medians beside it):
   generation  fine-tuning one reference LoRA (the zoo's steps) vs `generate` from 32 prompts
@@ -41,7 +42,13 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def machine() -> dict:
+def device_of(preset) -> torch.device:
+    from deltalora.device import resolve_device
+
+    return resolve_device(preset.runtime.device)
+
+
+def machine(device: torch.device) -> dict:
     cpu = (
         next(
             (
@@ -60,6 +67,8 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 
 
@@ -98,7 +107,7 @@ def bench_generation(preset, ws, repeats: int) -> dict:
 
     task_name = preset.experiment.seen_eval[0] if preset.experiment.seen_eval else preset.pool[0]
     task = load_task(resolve_spec(task_name), preset.tasks)
-    base, tok = load_base(preset.base)
+    base, tok = load_base(preset.base, device_of(preset))
     ft_runs = max(2, repeats // 2)  # a fine-tuning run is long; its spread is small
     ft, ft_all = median_time(
         lambda: train_lora(
@@ -110,9 +119,10 @@ def bench_generation(preset, ws, repeats: int) -> dict:
         gen_dir = Path(tmp) / "gen"
         # generation cost does not depend on how long the generator trained
         train_generator(apply_overrides(preset, ["generator.steps=5"]), ws, gen_dir, list(preset.pool), progress=False)
-        loaded = load_generator(gen_dir)
+        loaded = load_generator(gen_dir, device_of(preset))
         model, tokenizer = loaded.model, loaded.tokenizer
-        encoder = PromptEncoder()  # loading excluded; its per-prompt cache is emptied before every run
+        # loading excluded; its per-prompt cache is emptied before every run
+        encoder = PromptEncoder(device=device_of(preset))
         prompts = [it.prompt for it in task.train]
         n = loaded.card.n_prompts
         counter = iter(range(10**6))
@@ -130,7 +140,7 @@ def bench_generation(preset, ws, repeats: int) -> dict:
         # where the time goes: the same three steps, timed apart
         chosen = choose_prompts(prompts, n, 0)
         encode = median_time(lambda: (encoder.cache.clear(), encoder.encode(chosen)), repeats)[0]
-        cond = encoder.encode(chosen)[None]
+        cond = encoder.encode(chosen)[None].to(loaded.device)
         with torch.inference_mode():  # as in generate_tensors
             decode = median_time(lambda: tokenizer.decode(model(cond)), repeats)[0]
             tensors = {k: v[0] for k, v in tokenizer.decode(model(cond)).items()}
@@ -141,7 +151,8 @@ def bench_generation(preset, ws, repeats: int) -> dict:
             repeats,
         )[0]
         enc_tokens = sum(len(x) for x in encoder.model.tokenizer(chosen).input_ids)
-        int8 = _int8_encoder(encoder, chosen, repeats)
+        # int8 dynamic quantisation is a CPU kernel
+        int8 = _int8_encoder(encoder, chosen, repeats) if encoder.device.type == "cpu" else None
         enc_flops = 2 * linear_params(encoder.model) * enc_tokens
     ft_tokens = tokens_run(tok, task.train, preset.zoo, preset.zoo.steps, f"bench__{task_name}")[1]
     ft_flops = (
@@ -207,7 +218,7 @@ def bench_delta(preset, ws, repeats: int, n_adapters: int = 20) -> dict:
 
     root = ws.zoo
     manifest = list(Manifest.from_file(ws.manifest))[:n_adapters]
-    base, tok = load_base(preset.base)
+    base, tok = load_base(preset.base, device_of(preset))
 
     def ours():
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +232,7 @@ def bench_delta(preset, ws, repeats: int, n_adapters: int = 20) -> dict:
 
     @torch.inference_mode()
     def last_state(model, prompt):
-        ids = tok(prompt, return_tensors="pt").input_ids
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device_of(preset))
         return model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].float()
 
     if preset.base == "tiny":  # in-memory model: give the reference recipe a folder to load from
@@ -229,18 +240,20 @@ def bench_delta(preset, ws, repeats: int, n_adapters: int = 20) -> dict:
         base.save_pretrained(path)
     else:
         path = _resolve(preset.base)
-    ref_base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref_base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device_of(preset)).eval()
     base_mean = torch.stack([last_state(ref_base, p) for p in probes]).mean(0)  # once, not counted per adapter
     per_adapter, loading, max_diff = [], [], 0.0
     for c in manifest:
         t0 = time.perf_counter()
         m = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(root / c.path)
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device_of(preset)),
+            str(root / c.path),
+            torch_device=str(device_of(preset)),
         ).eval()
         loading.append(time.perf_counter() - t0)
         d = torch.stack([last_state(m, p) for p in probes]).mean(0) - base_mean
         per_adapter.append(time.perf_counter() - t0)
-        max_diff = max(max_diff, (d - ours_d[c.path]).abs().max().item())
+        max_diff = max(max_diff, (d.cpu() - ours_d[c.path]).abs().max().item())
     ref_t = statistics.median(per_adapter) * len(manifest)
     return {
         "n_adapters": len(manifest),
@@ -272,7 +285,7 @@ def bench_trainer(
     from deltalora.presets import get_preset
     from deltalora.zoo.training import batches, completion_batch, train_lora
 
-    base, tok = load_base(preset.base)
+    base, tok = load_base(preset.base, device_of(preset))
     cfg = preset.zoo
 
     def shared_fraction(items, n_steps: int, run: str) -> float:
@@ -292,7 +305,7 @@ def bench_trainer(
 
         def transformers_loss(model, batch):
             """What one writes with PEFT + transformers: a padded batch, labels=, logits at every position."""
-            ids, mask, labels = completion_batch(tok, batch, cfg.max_length)
+            ids, mask, labels = (t.to(device_of(preset)) for t in completion_batch(tok, batch, cfg.max_length))
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
         def run(key, loss_fn, items=items):  # same run name and seed: the same init and batches (`plan`)
@@ -409,7 +422,7 @@ def bench_eval(
     from deltalora.lm.models import load_base
     from deltalora.presets import get_preset
 
-    base, tok = load_base(preset.base)
+    base, tok = load_base(preset.base, device_of(preset))
     loaded = {n: load_task(resolve_spec(n), preset.tasks) for n in get_preset(preset.name).pool}
     mc = [n for n, t in loaded.items() if t.test[0].is_mc]
     out = {}
@@ -445,7 +458,9 @@ def write_markdown(res: dict, json_file: Path, out: Path) -> None:
     L = [
         "# Performance",
         "",
-        f"Measured by `python benchmarks/bench.py --preset {res['preset']}{sets}` on {m['cpu']} ({m['cores']} cores, "
+        f"Measured by `python benchmarks/bench.py --preset {res['preset']}{sets}` on "
+        + (f"{m['gpu']} ({m['device']}) with " if m.get("gpu") else "")
+        + f"{m['cpu']} ({m['cores']} cores, "
         f"{m['threads']} torch threads, torch {m['torch']}, Python {m['python']}). Medians over repeats in one run; "
         f"numbers are read from `{json_file}`. Model loading is excluded from every timing."
         + (
@@ -517,9 +532,14 @@ def _where_the_time_goes(res: dict) -> list[str]:
             f"efficiency: counting 2 FLOPs per linear weight per token, fine-tuning runs ≈{g['finetune_gflop_estimate']:,.0f} GFLOP "
             f"({g['finetune_tokens_run']:,} tokens, forward and input-gradient backward) and the encoder ≈{g['encoder_gflop_estimate']:.1f} GFLOP, "
             f"a ratio of ≈{g['flop_ratio_estimate']:.0f}× that bounds ours while the fp32 encoder stays "
-            f"(fine-tuning / encoding alone: {g['finetune_seconds_median'] / g['encode_seconds_median']:.0f}×). int8 dynamic quantisation of its linear layers "
-            f"(per channel) was {q['speedup']:.2f}× faster but moved embeddings to a cosine of {q['min_cosine_to_fp32']:.3f} "
-            f"(mean {q['mean_cosine_to_fp32']:.3f}) with fp32, so the generator would see conditions it was not trained on; not adopted."
+            f"(fine-tuning / encoding alone: {g['finetune_seconds_median'] / g['encode_seconds_median']:.0f}×)."
+            + (
+                f" int8 dynamic quantisation of its linear layers "
+                f"(per channel) was {q['speedup']:.2f}× faster but moved embeddings to a cosine of {q['min_cosine_to_fp32']:.3f} "
+                f"(mean {q['mean_cosine_to_fp32']:.3f}) with fp32, so the generator would see conditions it was not trained on; not adopted."
+                if q
+                else ""
+            )
         )
     if "delta" in res and "reference_loading_seconds_per_adapter_median" in res["delta"]:
         d = res["delta"]
@@ -580,7 +600,10 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="preset overrides as in `deltalora --set`, e.g. pool=a,b,c,d for a smaller benchmark zoo",
     )
+    ap.add_argument("--device", default=None, help="cpu, auto, cuda or cuda:N (default: the preset's runtime.device)")
     args = ap.parse_args()
+    if args.device:
+        args.overrides.append(f"runtime.device={args.device}")  # the generator section's child processes read it too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from deltalora.io import atomic_write_json
     from deltalora.presets import apply_overrides, get_preset
@@ -590,7 +613,14 @@ def main() -> None:
     ws = Workspace.of(args.workspace, preset.name)
     out = args.out or Path(f"results/bench_{preset.name}.json")
     res = json.loads(out.read_text()) if out.exists() else {}
-    res.update({"preset": preset.name, "overrides": args.overrides, "pool": list(preset.pool), "machine": machine()})
+    res.update(
+        {
+            "preset": preset.name,
+            "overrides": args.overrides,
+            "pool": list(preset.pool),
+            "machine": machine(device_of(preset)),
+        }
+    )
     fns = {
         "generation": lambda: bench_generation(preset, ws, args.repeats),
         "delta": lambda: bench_delta(preset, ws, args.repeats),

@@ -1,8 +1,10 @@
-"""The shape of the code: no import cycles, small modules, one variant table, ruff-clean and -formatted."""
+"""The shape of the code: no import cycles, small modules, one variant table, tensors made on their device,
+ruff-clean and -formatted."""
 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +109,118 @@ def test_the_variant_check_sees_a_comparison(tmp_path):
     f = tmp_path / "x.py"
     f.write_text('if cfg.variant in ("A2", "B"):\n    pass\nif v == "dnd":\n    pass\nlabels = ("dnd",)\n')
     assert variant_comparisons(f) == [1, 3]
+
+
+# ---------------------------------------------------------------- tensors made on their device
+
+FACTORIES = frozenset(
+    "zeros ones empty full arange range randn rand randint randperm tensor as_tensor eye linspace logspace".split()
+)
+"""``torch.<name>(...)`` calls that make a tensor on the default device (the CPU) unless given ``device=``."""
+DEVICE_TYPES = re.compile(r"\b(Module|Tensor|PeftModel|PreTrainedModel|\w+ForCausalLM)\b")
+"""Parameter annotations whose value carries a device (a module's parameters, a tensor's ``.device``)."""
+MARKER = re.compile(r"#\s*device:\s*cpu\s+-\s+\S+(\s+\S+){2,}")
+"""``# device: cpu - <a reason of three or more words>``, on the call's line or the line above it."""
+
+
+def device_in_scope(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: ast.ClassDef | None) -> bool:
+    """A device is in scope in a function that has a parameter or local variable named ``device``, a parameter
+    annotated with a module or tensor type (``DEVICE_TYPES``), or that is a method of an ``nn.Module`` subclass
+    other than ``__init__`` (modules are built on the CPU and moved; their other methods run where they are).
+    A nested function inherits its enclosing function's scope."""
+    a = fn.args
+    params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(x for x in (a.vararg, a.kwarg) if x)]
+    if any(p.arg == "device" for p in params):
+        return True
+    if any(p.annotation is not None and DEVICE_TYPES.search(ast.unparse(p.annotation)) for p in params):
+        return True
+    if any(isinstance(n, ast.Name) and n.id == "device" and isinstance(n.ctx, ast.Store) for n in ast.walk(fn)):
+        return True
+    return cls is not None and fn.name != "__init__" and any("Module" in ast.unparse(b) for b in cls.bases)
+
+
+def factories_without_device(source: str) -> list[int]:
+    """Lines of ``torch.<factory>(...)`` calls without ``device=`` where a device is in scope and no marker says
+    the CPU is meant."""
+    lines = source.splitlines()
+    hits: list[int] = []
+
+    def marked(lineno: int) -> bool:
+        return any(MARKER.search(lines[i - 1]) for i in (lineno, lineno - 1) if i >= 1)
+
+    def calls(node: ast.AST):  # this function's own calls, not those of the functions defined in it
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            if isinstance(child, ast.Call):
+                yield child
+            yield from calls(child)
+
+    def visit(node: ast.AST, cls: ast.ClassDef | None, scoped: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, child, False)
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = scoped or device_in_scope(child, cls)
+                if inner:
+                    for call in calls(child):
+                        f = call.func
+                        if (
+                            isinstance(f, ast.Attribute)
+                            and isinstance(f.value, ast.Name)
+                            and f.value.id == "torch"
+                            and f.attr in FACTORIES
+                            and not any(k.arg == "device" for k in call.keywords)
+                            and not marked(call.lineno)
+                        ):
+                            hits.append(call.lineno)
+                visit(child, None, inner)
+
+    visit(ast.parse(source), None, False)
+    return sorted(hits)
+
+
+def test_tensors_are_made_on_the_device_in_scope():
+    found = {
+        str(p.relative_to(SRC)): lines
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (lines := factories_without_device(p.read_text()))
+    }
+    assert not found, (
+        "tensor factories without device= where a device is in scope (give device=, or mark an intended CPU "
+        f"tensor with '# device: cpu - <reason>'): {found}"
+    )
+
+
+def test_the_device_lint_sees_a_factory_without_device():
+    src = """
+import torch
+from torch import nn
+
+def pad(seqs):
+    return torch.zeros(3)                      # no device in scope: the CPU is the caller's business
+
+def loss(model: torch.nn.Module, x):
+    return torch.zeros(())                     # 9: flagged
+
+def moved(x: torch.Tensor):
+    a = torch.arange(3, device=x.device)
+    c = torch.ones(2)  # device: cpu
+    b = torch.randn(3, generator=None)  # device: cpu - seeded noise from a CPU generator
+    return a, b, c                             # 13 (above): a marker without a reason is no marker
+
+def outer(device):
+    def inner():
+        return torch.full((2,), 1.0)           # 19: nested, inherits the scope
+    return inner
+
+class Net(nn.Module):
+    def __init__(self):
+        self.b = nn.Parameter(torch.zeros(3))  # built on the CPU, then moved
+    def forward(self, x):
+        return x + torch.eye(3)                # 26: flagged
+"""
+    assert factories_without_device(src) == [9, 13, 19, 26]
 
 
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["lint", "format"])

@@ -1,16 +1,21 @@
-"""The benchmark script end to end on the tiny preset: every fast path it times gives the slow path's outputs.
+"""The benchmark scripts on the tiny preset: every fast path bench.py times gives the slow path's outputs, and the
+GPU check's CPU half runs without the sentence encoder and its comparison flags what exceeds its tolerances.
 
-Timings are printed, never asserted; what is asserted is that the script runs and that the
-equivalence checks it records hold.
+Timings are printed, never asserted; what is asserted is that the scripts run and that the
+equivalence checks they record hold.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from deltalora.delta.compute import delta_stage
 from deltalora.workspace import Workspace
@@ -54,3 +59,46 @@ def test_bench_script_runs_and_fast_paths_match(tiny_zoo, tmp_path):
 
     md = out.with_suffix(".md").read_text()
     assert "| Delta Activations" in md and "## Where the time goes" in md and "Generator training" in md
+
+
+# ---------------------------------------------------------------- the GPU check (its CPU half, and its comparison)
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_carries_every_prompt_the_tiny_preset_encodes(tiny_preset):
+    from deltalora.data.tasks import load_pool
+    from deltalora.generator.encoder import PromptEncoder
+
+    carried = PromptEncoder(_gpu_check().PROMPT_CACHE)
+    prompts = [it.prompt for t in load_pool(tiny_preset).values() for it in t.train]
+    carried.encode(prompts)  # all cached: the sentence encoder is never loaded
+    assert carried._model is None and not carried._dirty
+    sample = prompts[::37]
+    assert torch.allclose(PromptEncoder().encode(sample), carried.encode(sample), atol=1e-6)
+
+
+def test_gpu_check_compares_two_runs_at_its_tolerances(tmp_path):
+    gc = _gpu_check()
+    run = gc.pipeline("cpu", tmp_path)
+    same = gc.deltas_on("cpu", run["ws"])
+    checks = gc.compare(run, run, same)
+    assert set(checks) == {"zoo_losses", "generator_losses", "delta", "delta_same_zoo", "accuracies"}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert checks["delta_same_zoo"]["max_diff"] == 0.0  # the same δ path on the same device: bit-identical
+    off = copy.deepcopy({k: v for k, v in run.items() if k != "ws"})
+    first = next(iter(off["zoo_losses"]))
+    off["zoo_losses"][first][0] += 2 * gc.TOL_LOSS
+    off["generator_losses"]["A2"][-1] -= 2 * gc.TOL_LOSS
+    key = next(iter(off["deltas"]))
+    off["deltas"][key] = off["deltas"][key] * (1 + 2 * gc.TOL_DELTA_REL)
+    task = next(iter(off["lora_hits"]))
+    off["lora_hits"][task][next(iter(off["lora_hits"][task]))][0] ^= 1
+    checks = gc.compare(off, run)
+    assert not any(c["ok"] for c in checks.values()), checks
+    assert checks["accuracies"]["differing"] == [f"lora_hits:{task}"]

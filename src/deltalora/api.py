@@ -2,7 +2,8 @@
 fine-tuned model, and a built zoo with its δ.
 
 Everything here wraps the pipeline's own functions, so the API and the CLI give the same adapters. The
-encoder and the generator are loaded once per object and reused across calls.
+encoder and the generator are loaded once per object and reused across calls. ``device`` (default the CPU) is
+where they compute; tensors the API returns are on the CPU.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-from deltalora.config import DeltaConfig
+from deltalora.config import DeltaConfig, RuntimeConfig
 from deltalora.delta.embed import Embedder
+from deltalora.device import runtime
 from deltalora.generator.artifact import GeneratorCard, LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.generate import generate, generate_tensors
@@ -26,15 +28,19 @@ from deltalora.zoo.manifest import Checkpoint, Manifest
 class Generator:
     """A trained prompt-to-LoRA generator (or a retrieval index), ready to emit adapters for prompts."""
 
-    def __init__(self, folder: str | Path, encoder: PromptEncoder | None = None):
+    def __init__(self, folder: str | Path, encoder: PromptEncoder | None = None, device: str = "cpu"):
         self.folder = Path(folder)
-        self.encoder = encoder or PromptEncoder()
-        self._loaded: LoadedGenerator | None = None if is_retrieval(self.folder) else load_generator(self.folder)
+        on = runtime(RuntimeConfig(device)).device
+        self.encoder = encoder or PromptEncoder(device=on)
+        self._loaded: LoadedGenerator | None = None if is_retrieval(self.folder) else load_generator(self.folder, on)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, encoder: PromptEncoder | None = None) -> Generator:
-        """Load a folder written by ``deltalora train-generator`` (self-contained: no zoo needed)."""
-        return cls(folder, encoder)
+    def from_pretrained(
+        cls, folder: str | Path, encoder: PromptEncoder | None = None, device: str = "cpu"
+    ) -> Generator:
+        """Load a folder written by ``deltalora train-generator`` (self-contained: no zoo needed) onto ``device``
+        (auto, cpu, cuda or cuda:N)."""
+        return cls(folder, encoder, device)
 
     @property
     def card(self) -> GeneratorCard | None:
@@ -95,21 +101,23 @@ class DeltaActivations:
     """Delta Activations on one base: δ of a PEFT adapter folder, a full fine-tuned model folder, LoRA tensors,
     or a model in memory; the base's probe activations are computed once and reused."""
 
-    def __init__(self, base: str = "smollm2-135m", n_probes: int = 5):
-        self._embedder = Embedder(base, DeltaConfig(n_probes=n_probes))
+    def __init__(self, base: str = "smollm2-135m", n_probes: int = 5, device: str = "cpu"):
+        self._embedder = Embedder(base, DeltaConfig(n_probes=n_probes), runtime(RuntimeConfig(device)).device)
         self.base = self._embedder.model
-        """The base model (fp32, eval mode)."""
+        """The base model (fp32, eval mode, on ``device``)."""
 
     @classmethod
-    def from_pretrained(cls, base: str = "smollm2-135m", n_probes: int = 5) -> DeltaActivations:
-        """Load the base (a known name, a Hub id or a folder) and its probe activations."""
-        return cls(base, n_probes)
+    def from_pretrained(cls, base: str = "smollm2-135m", n_probes: int = 5, device: str = "cpu") -> DeltaActivations:
+        """Load the base (a known name, a Hub id or a folder) and its probe activations, on ``device`` (auto, cpu,
+        cuda or cuda:N)."""
+        return cls(base, n_probes, device)
 
     def __call__(self, adapter: str | Path | torch.nn.Module) -> torch.Tensor:
-        """δ [hidden] of a folder (PEFT LoRA of any rank and targets, or a full fine-tune of the base's architecture)
-        or of a model in memory (a ``PeftModel`` with its adapter active, or a fine-tuned model)."""
+        """δ [hidden] (on the CPU) of a folder (PEFT LoRA of any rank and targets, or a full fine-tune of the base's
+        architecture) or of a model in memory on this object's device (a ``PeftModel`` with its adapter active, or a
+        fine-tuned model)."""
         if isinstance(adapter, torch.nn.Module):
-            return self._embedder.probe.delta(adapter)
+            return self._embedder.probe.delta(adapter).cpu()
         return self._embedder.embed(adapter)[0]
 
     def of_tensors(self, tensors: dict[str, torch.Tensor], r: int, alpha: float) -> torch.Tensor:
@@ -118,6 +126,6 @@ class DeltaActivations:
         model = get_peft_model(self.base, lora_config(r, alpha, targets))
         try:
             set_peft_model_state_dict(model, tensors)
-            return self._embedder.probe.delta(model.eval())
+            return self._embedder.probe.delta(model.eval()).cpu()
         finally:
             self.base = model.unload()

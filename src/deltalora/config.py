@@ -7,6 +7,7 @@ in ``deltalora.presets``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "GeneratorConfig",
     "Preset",
     "ProtocolConfig",
+    "RuntimeConfig",
     "TaskConfig",
     "ZooConfig",
 ]
@@ -174,6 +176,31 @@ class ProtocolConfig:
         _check(self.permutations >= 1, "protocol.permutations must be >= 1")
 
 
+DEVICE_FORM = "auto, cpu, cuda or cuda:N"
+"""The accepted forms of ``--device`` (``runtime.device``)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where every stage computes and in what precision (``--device``, ``--dtype``; ``deltalora.device``).
+
+    Speed only, as far as a workspace is concerned: a zoo or a generator started on one device resumes on another.
+    """
+
+    device: str = "cpu"
+    """auto (CUDA when present), cpu, cuda or cuda:N. Under torchrun each rank takes its LOCAL_RANK GPU."""
+    dtype: str = "fp32"
+    """fp32, or bf16: autocast (CUDA only) over the training forwards of zoo LoRAs and of the generator network;
+    δ (targets, exact-δ and KL terms) and all scoring stay fp32."""
+
+    def __post_init__(self) -> None:
+        _check(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"--device (runtime.device) must be {DEVICE_FORM}, got {self.device!r}",
+        )
+        _check(self.dtype in ("fp32", "bf16"), f"--dtype (runtime.dtype) must be fp32 or bf16, got {self.dtype!r}")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything one pipeline run needs."""
@@ -192,6 +219,7 @@ class Preset:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.pool) >= 1, "preset.pool must name at least one task")

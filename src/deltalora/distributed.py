@@ -1,7 +1,7 @@
 """PyTorch distributed set-up for runs launched by ``torchrun`` or ``accelerate launch``.
 
-Both launchers export RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain ``python``
-run is rank 0 of 1 and never touches ``torch.distributed``. Zoo building and δ
+Both launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain
+``python`` run is rank 0 of 1 and never touches ``torch.distributed``. Zoo building and δ
 computation shard adapters by rank; generator training wraps the model in DDP.
 """
 
@@ -31,14 +31,18 @@ class DistInfo:
         return items[self.rank :: self.world]
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group the launcher set up (gloo on CPU, NCCL on GPU); rank 0 of 1 otherwise."""
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the process group the launcher set up; rank 0 of 1 otherwise.
+
+    The backend follows the device the stage computes on (``deltalora.device.resolve_device``, which also makes
+    each rank's LOCAL_RANK GPU its current one): NCCL for a CUDA device, gloo for the CPU (and when no device is
+    given). The first call of a process decides; every stage of one process runs on one device.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from deltalora.workspace import Workspace
 from deltalora.zoo.build import build_zoo
 from deltalora.zoo.summary import zoo_results
 
+log = logging.getLogger(__name__)
+
 
 def run_all(
     preset: Preset,
@@ -23,15 +26,20 @@ def run_all(
     extra: list[TaskSpec] | None = None,
     tensorboard: Path | None = None,
 ) -> dict:
-    """The main job: zoo -> results -> Delta Activations (|P| = 1, 5, 20) of the selected tasks -> report files."""
+    """The main job: zoo -> results -> Delta Activations (|P| = 1, 5, 20) of the selected tasks -> report files,
+    with one progress line per stage."""
     t0 = time.perf_counter()
-    build_zoo(preset, ws, extra, tensorboard)
+    on = f"{preset.runtime.device}, {preset.runtime.dtype}"
+    manifest = build_zoo(preset, ws, extra, tensorboard)
+    log.info("stage 1/3 zoo (%s): %d checkpoints, %.0f s so far", on, len(manifest), time.perf_counter() - t0)
     rows = zoo_results(preset, ws, results_dir / f"zoo_{preset.name}.json", docs_dir / f"zoo_{preset.name}.md", extra)
     selected = tuple(r["task"] for r in rows if r["passes_min_gain"])
     delta_stage(preset, ws, (1, 5, 20), pool=selected)
+    log.info("stage 2/3 delta (%s): %d selected tasks, %.0f s so far", on, len(selected), time.perf_counter() - t0)
     out = delta_report(
         ws, results_dir / f"delta_{preset.name}.json", docs_dir / f"delta_map_{preset.name}.png", selected
     )
+    log.info("stage 3/3 report: %s, %.0f s", results_dir, time.perf_counter() - t0)
     out["pipeline_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
     write_results_md(preset.name, results_dir, docs_dir)
     return out

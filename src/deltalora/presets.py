@@ -2,7 +2,8 @@
 
 ``tiny`` runs the whole pipeline on a random in-memory llama in seconds (tests); ``small``
 is the CPU default on SmolLM2-135M; ``families`` grows the zoo to families of sibling BIG-bench
-subtasks, selected on a validation split.
+subtasks, selected on a validation split; ``gpu`` is ``small`` with the research grid a CPU
+cannot afford, on one CUDA GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from deltalora.config import DeltaConfig, ExperimentConfig, GeneratorConfig, Preset, TaskConfig, ZooConfig
+from deltalora.config import (
+    DeltaConfig,
+    ExperimentConfig,
+    GeneratorConfig,
+    Preset,
+    RuntimeConfig,
+    TaskConfig,
+    ZooConfig,
+)
 from deltalora.data.registry import DEFAULT_POOL, FAMILY_CANDIDATES, FAMILY_PAIRS, PAIRS, TINY_PAIRS, TINY_POOL
 from deltalora.errors import ConfigError
 
@@ -102,6 +111,23 @@ PRESETS: dict[str, Preset] = {
         generator=GeneratorConfig(exact_samples=1),
     ),
 }
+# The small zoo with the grid a CPU cannot afford: 3 generator seeds, 100 test items per task, 3x the generator
+# steps, every sweep at its full list. Not run yet (no GPU was available when it was written): its size is an
+# estimate from operation counts, to be corrected with benchmarks/gpu_check.sh's timings (README, "GPU").
+PRESETS["gpu"] = PRESETS["small"].replace(
+    name="gpu",
+    runtime=RuntimeConfig(device="cuda"),
+    experiment=dataclasses.replace(
+        PRESETS["small"].experiment,
+        seeds=(0, 1, 2),
+        n_test=100,
+        draws=3,
+        steps=300,
+        fractions=(0.1, 0.25, 0.5),
+        weight_noise=(0.5, 1.0),
+        mislabel=(0.1, 0.25),
+    ),
+)
 
 
 SECTIONS: tuple[str, ...] = tuple(

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from deltalora.config import Preset
+from deltalora.config import Preset, RuntimeConfig
 from deltalora.data.registry import TaskSpec
 from deltalora.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = """Behaviour-aware data-to-LoRA generation.
 
 The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate ->
 evaluate / assess -> experiment -> report. `deltalora run --preset small` is the main job (zoo, Delta
-Activations with 1/5/20 probes, results and plots). Every stage verb takes --preset (tiny | small),
---workspace, --tasks and --set section.field=value overrides."""
+Activations with 1/5/20 probes, results and plots). Every stage verb takes --preset (tiny | small | families |
+gpu), --workspace, --tasks and --set section.field=value overrides; every verb that runs a model takes --device
+(cpu by default; auto | cuda | cuda:N), and the training verbs --dtype (fp32 | bf16)."""
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 tasks_app = typer.Typer(
@@ -34,7 +38,8 @@ PresetOpt = Annotated[
     typer.Option(
         "--preset",
         "-p",
-        help="Named preset: tiny (tests), small (CPU default) or families (families of BIG-bench subtasks).",
+        help="Named preset: tiny (tests), small (CPU default), families (families of BIG-bench subtasks) or gpu "
+        "(the full grid, for one CUDA GPU).",
     ),
 ]
 WorkspaceOpt = Annotated[
@@ -68,6 +73,22 @@ TensorboardOpt = Annotated[
     ),
 ]
 ProbeOpt = Annotated[int | None, typer.Option("--probes", help="Probe-set size: 1, 5 or 20 (default: the preset's).")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where models run: cpu, auto (CUDA when present), cuda or cuda:N; under torchrun each rank takes its "
+        "LOCAL_RANK GPU (default: the preset's runtime.device, cpu except for gpu).",
+    ),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="fp32, or bf16: autocast (CUDA only) over the training forwards of zoo LoRAs and the generator network; "
+        "δ and scores stay fp32 (default: the preset's runtime.dtype).",
+    ),
+]
 TasksOpt = Annotated[
     str | None, typer.Option("--tasks", help="Comma-separated task names replacing the preset's pool.")
 ]
@@ -81,6 +102,13 @@ class Run:
     extra: list[TaskSpec]
     ws: Workspace
 
+    @property
+    def device(self) -> torch.device:
+        """The device the preset's ``runtime`` section (with ``--device``) resolves to on this machine."""
+        from deltalora.device import runtime
+
+        return runtime(self.preset.runtime).device
+
 
 def setup(
     preset: str,
@@ -89,9 +117,16 @@ def setup(
     tasks_file: Path | None = None,
     base: str | None = None,
     tasks: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Run:
-    """Resolve the options every stage verb shares, in one way for all of them."""
+    """Resolve the options every stage verb shares, in one way for all of them.
+
+    ``--device`` / ``--dtype`` override the preset's ``runtime`` section and are checked against this machine
+    before any work (``--device cuda`` without CUDA is a one-line error).
+    """
     from deltalora.data.jsonl import load_user_specs
+    from deltalora.device import runtime
     from deltalora.presets import apply_overrides, get_preset, with_pool
 
     p = apply_overrides(get_preset(preset), overrides or [])
@@ -99,6 +134,9 @@ def setup(
         p = p.replace(base=base)
     if tasks:
         p = with_pool(p, tasks)
+    if device or dtype:
+        p = p.replace(runtime=RuntimeConfig(device or p.runtime.device, dtype or p.runtime.dtype))
+        runtime(p.runtime)
     return Run(p, load_user_specs(tasks_file) if tasks_file else [], Workspace.of(workspace, p.name))
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from deltalora.cli.app import (
+    DeviceOpt,
+    DtypeOpt,
     OverwriteOpt,
     PresetOpt,
     SetOpt,
@@ -63,8 +65,10 @@ def train_generator_cmd(
     ] = None,
     overwrite: OverwriteOpt = False,
     tensorboard: TensorboardOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
-    """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill."""
+    """Train a generator on (prompt batch, checkpoint, δ) samples of the zoo; resumes after a kill (on any device)."""
     from deltalora.generator.retrieval import build_retrieval
     from deltalora.generator.train import train_generator
 
@@ -75,7 +79,7 @@ def train_generator_cmd(
         *([] if variant == RETRIEVAL else [f"generator.variant={variant}"]),
         *(["generator.shuffle_delta=true"] if shuffle_delta else []),
     ]
-    run = setup(preset, workspace, sets, tasks_file)
+    run = setup(preset, workspace, sets, tasks_file, device=device, dtype=dtype)
     names = split_names(tasks) or list(run.preset.pool)
     dest = out or run.ws.generator(variant + ("_shuffled" if shuffle_delta else ""))
     if variant == RETRIEVAL:
@@ -98,12 +102,15 @@ def generate_cmd(
     preset: PresetOpt = "small",
     workspace: WorkspaceOpt = None,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Emit a PEFT adapter for the prompts (loads with peft.PeftModel.from_pretrained)."""
     from deltalora.generator.generate import generate, read_prompts
 
-    gen_dir = _generator_dir(Workspace.of(workspace, preset), generator)
-    prov = generate(gen_dir, read_prompts(prompts), out, seed, overwrite=overwrite)
+    run = setup(preset, workspace, device=device)
+    prov = generate(
+        _generator_dir(run.ws, generator), read_prompts(prompts), out, seed, overwrite=overwrite, device=run.device
+    )
     typer.echo(json.dumps(prov))
 
 
@@ -130,6 +137,7 @@ def assess_cmd(
     merge: Annotated[
         bool, typer.Option("--merge", help="Add these generators to an existing --out file (same draws and n_test).")
     ] = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Accuracy, parameter MSE and δ distance/cosine of generated adapters vs the zoo's references."""
     from deltalora.experiments.assess import assess_generator
@@ -137,7 +145,7 @@ def assess_cmd(
     from deltalora.generator.retrieval import index_tasks, is_retrieval
     from deltalora.io import atomic_write_json, read_json
 
-    run = setup(preset, workspace, overrides, tasks_file)
+    run = setup(preset, workspace, overrides, tasks_file, device=device)
     check_outputs(run.ws, (out,) if out else ())
     results = {}
     for g in (_generator_dir(run.ws, g) for g in generators):
@@ -180,13 +188,15 @@ def experiment_cmd(
     results_dir: Annotated[
         Path | None, typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")
     ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """RQ1-RQ4, ablations and controls on a built zoo with Delta Activations. Resumable: every finished
     cell is cached under <workspace>/experiments and skipped on a rerun; budgets are the preset's
     experiment.* fields (--set experiment.steps=300 ...)."""
     from deltalora.experiments.run import run_experiment
 
-    run = setup(preset, workspace, overrides, tasks_file, tasks=tasks)
+    run = setup(preset, workspace, overrides, tasks_file, tasks=tasks, device=device, dtype=dtype)
     results_dir = results_dir or Path(f"results/experiments_{run.preset.name}")
     check_outputs(run.ws, dirs=(results_dir,))
     files = run_experiment(run.preset, run.ws, results_dir, only, run.extra)

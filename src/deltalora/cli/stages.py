@@ -10,6 +10,8 @@ import typer
 
 from deltalora.cli.app import (
     BaseOpt,
+    DeviceOpt,
+    DtypeOpt,
     PresetOpt,
     ProbeOpt,
     SetOpt,
@@ -115,11 +117,13 @@ def zoo_build(
     base: BaseOpt = None,
     tasks: TasksOpt = None,
     tensorboard: TensorboardOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
-    """Train every missing adapter (resumable: rerun continues where a killed build stopped)."""
+    """Train every missing adapter (resumable: rerun continues where a killed build stopped, on any device)."""
     from deltalora.zoo.build import build_zoo
 
-    run = setup(preset, workspace, overrides, tasks_file, base, tasks)
+    run = setup(preset, workspace, overrides, tasks_file, base, tasks, device, dtype)
     manifest = build_zoo(run.preset, run.ws, run.extra, tensorboard)
     typer.echo(f"zoo: {len(manifest)} checkpoints in {run.ws.zoo}")
 
@@ -156,11 +160,12 @@ def delta_compute(
     probes: Annotated[
         list[int] | None, typer.Option("--probes", help="Probe-set sizes: 1, 5 and/or 20 (repeatable).")
     ] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """δ for every checkpoint in the zoo (of the --tasks only, if given; resumable); base activations computed once."""
     from deltalora.delta.compute import delta_stage
 
-    run = setup(preset, workspace, overrides, base=base, tasks=tasks)
+    run = setup(preset, workspace, overrides, base=base, tasks=tasks, device=device)
     delta_stage(
         run.preset, run.ws, tuple(probes or [run.preset.delta.n_probes]), pool=run.preset.pool if tasks else None
     )
@@ -198,13 +203,15 @@ def delta_protocol_cmd(
     out: Annotated[Path | None, typer.Option(help="JSON output (default results/protocol_<preset>.json).")] = None,
     md: Annotated[Path | None, typer.Option(help="Markdown tables (default docs/protocol_<preset>.md).")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG map (default docs/protocol_map_<preset>.png).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """The Delta Activations paper's protocol on a built zoo: LoRAs on disjoint parts of each selected task (shared
     and independent inits; resumable), then δ vs flattened weights vs ΔW by silhouette and 1-NN retrieval against
     permutation nulls, and additivity against a control."""
     from deltalora.delta.protocol import protocol_stage
 
-    run = setup(preset, workspace, overrides, tasks_file)
+    run = setup(preset, workspace, overrides, tasks_file, device=device, dtype=dtype)
     name = run.preset.name
     out = out or Path(f"results/protocol_{name}.json")
     md, plot = md or Path(f"docs/protocol_{name}.md"), plot or Path(f"docs/protocol_map_{name}.png")
@@ -224,6 +231,7 @@ def evaluate_cmd(
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    device: DeviceOpt = None,
 ) -> None:
     """Accuracy of an adapter (or the base model) on a task's split."""
     from deltalora.data.tasks import load_task, resolve_spec
@@ -234,7 +242,7 @@ def evaluate_cmd(
 
     if split not in ("test", "val", "train"):
         raise UsageError(f"--split must be test, val or train, got {split!r}")
-    run = setup(preset, overrides=overrides, tasks_file=tasks_file, base=base)
+    run = setup(preset, overrides=overrides, tasks_file=tasks_file, base=base, device=device)
     p = run.preset
     t = load_task(resolve_spec(task, run.extra), p.tasks)
     if not getattr(t, split):
@@ -243,23 +251,13 @@ def evaluate_cmd(
         recorded = read_adapter(adapter)[0].get("base_model_name_or_path")
         if base is None and recorded:  # deltalora's own adapters were trained on the offline copy
             p = p.replace(base=offline_name(recorded))
-    model, tok = load_base(p.base)
+    model, tok = load_base(p.base, run.device)
     if adapter is not None:
         model = load_adapter(model, adapter, p.base)
     items = getattr(t, split)
     acc = accuracy(model, tok, items, p.zoo.eval_batch_size, p.zoo.max_length)
-    typer.echo(
-        json.dumps(
-            {
-                "task": t.name,
-                "split": split,
-                "adapter": str(adapter) if adapter else None,
-                "base": p.base,
-                "n": len(items),
-                "accuracy": round(acc, 4),
-            }
-        )
-    )
+    res = dict(task=t.name, split=split, adapter=str(adapter) if adapter else None, base=p.base, n=len(items))
+    typer.echo(json.dumps({**res, "accuracy": round(acc, 4)}))
 
 
 @app.command("run")
@@ -273,11 +271,13 @@ def run_cmd(
     results_dir: Annotated[Path, typer.Option(help="Where result JSON goes.")] = Path("results"),
     docs_dir: Annotated[Path, typer.Option(help="Where tables and plots go.")] = Path("docs"),
     tensorboard: TensorboardOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """The main job: build the zoo, compute Delta Activations (|P| = 1, 5, 20), write results and plots."""
     from deltalora.pipeline import run_all
 
-    run = setup(preset, workspace, overrides, tasks_file, base, tasks)
+    run = setup(preset, workspace, overrides, tasks_file, base, tasks, device, dtype)
     check_outputs(run.ws, dirs=(results_dir, docs_dir))
     res = run_all(run.preset, run.ws, results_dir, docs_dir, run.extra, tensorboard)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
@@ -295,13 +295,14 @@ def delta_embed(
     base: BaseOpt = None,
     probes: ProbeOpt = None,
     key: Annotated[str, typer.Option("--key", help="Key of each δ: the folder's path as given, or its name.")] = "path",
+    device: DeviceOpt = None,
 ) -> None:
     """δ of any PEFT LoRA adapters and full fine-tunes of the base, in one safetensors file plus a JSON index."""
     from deltalora.delta.embed import embed_folders, index_path, probe_config
 
-    run = setup(preset, workspace, overrides, base=base)
+    run = setup(preset, workspace, overrides, base=base, device=device)
     cfg = probe_config(run.preset.delta, probes)
-    for e in embed_folders(folders, out, run.preset.base, cfg, key, run.ws.protected):
+    for e in embed_folders(folders, out, run.preset.base, cfg, key, run.ws.protected, run.device):
         typer.echo(f"{e.kind:5s} |δ|={e.delta_norm:.4g}  {e.key}")
     typer.echo(f"wrote {out} and {index_path(out)} (base {run.preset.base}, |P|={cfg.n_probes})")
 
@@ -320,17 +321,18 @@ def delta_neighbours(
     probes: ProbeOpt = None,
     top: Annotated[int, typer.Option("--top", "-k", help="How many neighbours to print.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceOpt = None,
 ) -> None:
     """The adapters of a δ set nearest to a query by cosine (a --query-key entry is not its own neighbour)."""
     from deltalora.delta.embed import DeltaSet, probe_config, query_neighbours
 
     if deltas is not None and workspace is not None:
         raise UsageError("--deltas and --workspace name two δ sets; give one")
-    run = setup(preset, workspace, overrides, base=base)
+    run = setup(preset, workspace, overrides, base=base, device=device)
     cfg = probe_config(run.preset.delta, probes)
     dset = DeltaSet.from_file(deltas) if deltas else DeltaSet.from_workspace(run.ws, run.preset.base, cfg.n_probes)
     dset = dset.resolved(base, probes, run.preset.base, cfg.n_probes)
-    res = query_neighbours(dset, query, query_key, top, cfg.batch_size)
+    res = query_neighbours(dset, query, query_key, top, cfg.batch_size, run.device)
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltalora.config import DeltaConfig, Preset
 from deltalora.delta.probes import DeltaProbe, probe_prompts
+from deltalora.device import module_device, runtime
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import ArtifactError
 from deltalora.io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
@@ -27,11 +28,12 @@ from deltalora.zoo.manifest import Checkpoint, Manifest
 def delta_stage(
     preset: Preset, ws: Workspace, probe_sizes: tuple[int, ...] = (5,), pool: tuple[str, ...] | None = None
 ) -> None:
-    """Delta Activations for every checkpoint of the zoo (of the ``pool`` tasks only, if given), per probe-set size."""
+    """Delta Activations for every checkpoint of the zoo (of the ``pool`` tasks only, if given), per probe-set size,
+    on ``preset.runtime``'s device (always fp32)."""
     manifest = Manifest.from_file(ws.manifest)
     if pool is not None:
         manifest = manifest.within(pool)
-    base, tok = load_base(preset.base)
+    base, tok = load_base(preset.base, runtime(preset.runtime).device)
     for n in probe_sizes:
         compute_zoo_deltas(
             base, tok, ws, list(manifest), dataclasses.replace(preset.delta, n_probes=n), base_name=preset.base
@@ -47,12 +49,12 @@ def compute_zoo_deltas(
     base_name: str | None = None,
     save_every: int = 25,
 ) -> dict[str, torch.Tensor]:
-    """δ for every checkpoint given; resumable (finished ones are kept on disk).
+    """δ for every checkpoint given, on the base's device; resumable (finished ones are kept on disk).
 
     Under torchrun the checkpoints are sharded by rank; each rank writes its own part
     file and rank 0 merges them.
     """
-    info = init_distributed()
+    info = init_distributed(module_device(base))
     if info.is_main:  # a folder that deltalora did not write is refused, not filled
         own_dir(ws.delta, "delta")
     barrier()
@@ -70,7 +72,7 @@ def compute_zoo_deltas(
         try:
             t0 = time.perf_counter()
             for i, c in enumerate(tqdm(todo, desc=f"delta (|P|={cfg.n_probes})", unit="adapter"), 1):
-                done[c.path] = probe.delta(swapper.load(ws.zoo / c.path, c.sha256)).contiguous()
+                done[c.path] = probe.delta(swapper.load(ws.zoo / c.path, c.sha256)).cpu().contiguous()
                 if i % save_every == 0 or i == len(todo):
                     atomic_write_bytes(part_file, save(done))
             seconds = time.perf_counter() - t0

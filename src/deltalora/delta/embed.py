@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from deltalora.config import DeltaConfig
 from deltalora.delta.compute import load_deltas
 from deltalora.delta.probes import DeltaProbe, probe_prompts
+from deltalora.device import CPU
 from deltalora.errors import AdapterError, ArtifactError, UsageError
 from deltalora.io import atomic_write_bytes, atomic_write_json, check_output_file
 from deltalora.lm.models import load_base
@@ -81,16 +82,16 @@ def _one_line(e: Exception) -> str:
 
 
 class Embedder:
-    """The base model, its mean probe activation (computed once) and δ of any folder against it."""
+    """The base model, its mean probe activation (computed once) and δ of any folder against it, on ``device``."""
 
-    def __init__(self, base: str, cfg: DeltaConfig):
-        self.base_name, self.cfg = base, cfg
-        self.model, self.tok = load_base(base)
+    def __init__(self, base: str, cfg: DeltaConfig, device: torch.device = CPU):
+        self.base_name, self.cfg, self.device = base, cfg, device
+        self.model, self.tok = load_base(base, device)
         self.probe = DeltaProbe(self.tok, cfg)
         self.probe.set_base(self.model)
 
     def embed(self, folder: str | Path, key: str | None = None) -> tuple[torch.Tensor, Embedded]:
-        """δ float32 [hidden] of a PEFT adapter or full model folder, and its index entry."""
+        """δ float32 [hidden] (on the CPU) of a PEFT adapter or full model folder, and its index entry."""
         folder = Path(folder)
         if (folder / "adapter_config.json").is_file():
             kind, delta, extra = "lora", self._lora(folder), self._lora_info(folder)
@@ -100,7 +101,7 @@ class Embedder:
             raise AdapterError(
                 f"{folder}: neither a PEFT adapter folder (adapter_config.json) nor a model folder (config.json)"
             )
-        delta = delta.float().contiguous()
+        delta = delta.float().cpu().contiguous()
         entry = Embedded(
             key=key or str(folder),
             source=str(folder),
@@ -141,7 +142,8 @@ class Embedder:
             raise AdapterError(f"{folder}: does not fit base {self.base_name!r} ({_one_line(e)})") from e
         try:
             try:
-                result = peft_model.load_adapter(str(folder), adapter_name="default")
+                # read onto our device: PEFT's default is the first GPU whenever one exists
+                result = peft_model.load_adapter(str(folder), adapter_name="default", torch_device=str(self.device))
             except Exception as e:  # size mismatches, unreadable files
                 raise AdapterError(f"{weights}: does not fit base {self.base_name!r} ({_one_line(e)})") from e
             # PEFT only warns about these; either would give a silently wrong δ
@@ -161,7 +163,7 @@ class Embedder:
                 self._reload()
 
     def _reload(self) -> None:
-        self.model, _ = load_base(self.base_name)  # same weights: the base activation stays valid
+        self.model, _ = load_base(self.base_name, self.device)  # same weights: the base activation stays valid
 
     def _full(self, folder: Path) -> torch.Tensor:
         if not any(folder.glob("*.safetensors")):
@@ -190,13 +192,19 @@ class Embedder:
             raise AdapterError(f"{folder}: weights missing or of the wrong shape: {bad[:3]}")
         _finite(dict(model.named_parameters()), folder)
         model.eval()
-        return self.probe.delta(model)
+        return self.probe.delta(model.to(self.device))
 
 
 def embed_folders(
-    folders: list[Path], out: Path, base: str, cfg: DeltaConfig, key_by: str = "path", protected: tuple = ()
+    folders: list[Path],
+    out: Path,
+    base: str,
+    cfg: DeltaConfig,
+    key_by: str = "path",
+    protected: tuple = (),
+    device: torch.device = CPU,
 ) -> list[Embedded]:
-    """Embed every folder and write ``out`` (key -> δ) and its JSON index, both atomically.
+    """Embed every folder (on ``device``) and write ``out`` (key -> δ) and its JSON index, both atomically.
 
     Keys are each folder's path as given (``key_by="path"``) or its name (``"name"``). Output paths are
     checked before any compute; nothing is written unless every folder embeds.
@@ -216,7 +224,7 @@ def embed_folders(
     for f in folders:
         if not f.is_dir():
             raise AdapterError(f"{f}: not a folder")
-    emb = Embedder(base, cfg)
+    emb = Embedder(base, cfg, device)
     deltas, entries = {}, []
     for f, k in zip(folders, keys):
         deltas[k], e = emb.embed(f, k)
@@ -289,8 +297,16 @@ def neighbours(
     ]
 
 
-def query_neighbours(dset: DeltaSet, query: Path | None, query_key: str | None, k: int, batch_size: int = 20) -> dict:
-    """Rank ``dset`` by cosine to a query: a folder (embedded on the set's base and probes) or a key of the set.
+def query_neighbours(
+    dset: DeltaSet,
+    query: Path | None,
+    query_key: str | None,
+    k: int,
+    batch_size: int = 20,
+    device: torch.device = CPU,
+) -> dict:
+    """Rank ``dset`` by cosine to a query: a folder (embedded on the set's base and probes, on ``device``) or a key
+    of the set.
 
     ``dset`` must have its base and probe count settled (``DeltaSet.resolved``).
     """
@@ -303,7 +319,7 @@ def query_neighbours(dset: DeltaSet, query: Path | None, query_key: str | None, 
             raise UsageError(f"{dset.source}: no entry {query_key!r} (--query-key)")
         q, exclude = dset.deltas[query_key], query_key  # an entry is not its own neighbour
     else:
-        q, exclude = Embedder(dset.base, DeltaConfig(dset.n_probes, batch_size)).embed(query)[0], None
+        q, exclude = Embedder(dset.base, DeltaConfig(dset.n_probes, batch_size), device).embed(query)[0], None
     return {
         "query": query_key if query is None else str(query),
         "set": dset.source,

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from deltalora.config import DeltaConfig
+from deltalora.device import module_device
 from deltalora.lm.evaluate import pad_left
 
 PREAMBLES = (
@@ -44,7 +45,8 @@ def probe_prompts(n: int) -> list[str]:
 
 
 class DeltaProbe:
-    """Tokenised probe batches and the base model's mean activation."""
+    """Tokenised probe batches (on the CPU, moved to the model's device per forward) and the base model's mean
+    activation (on the base's device)."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, cfg: DeltaConfig):
         ids = [tok(p, add_special_tokens=True).input_ids for p in probe_prompts(cfg.n_probes)]
@@ -55,9 +57,12 @@ class DeltaProbe:
         self.base_mean: torch.Tensor | None = None
 
     def mean_activation(self, model: torch.nn.Module, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Mean last-token final-layer state over the probes; ``params`` overrides named parameters."""
+        """Mean last-token final-layer state over the probes (fp32, on the model's device); ``params`` overrides
+        named parameters."""
+        device = module_device(model)
         total = 0
-        for ids, mask, pos in self.batches:
+        for batch in self.batches:
+            ids, mask, pos = (t.to(device) for t in batch)
             kwargs = dict(
                 input_ids=ids,
                 attention_mask=mask,

@@ -24,6 +24,7 @@ from deltalora.data.registry import TaskSpec
 from deltalora.delta.analysis import cos, plot_map
 from deltalora.delta.compute import compute_zoo_deltas
 from deltalora.delta.separation import centred, cosine_distance_from_gram, delta_w_gram, gram, separation
+from deltalora.device import runtime
 from deltalora.errors import ArtifactError
 from deltalora.io import atomic_write_bytes, atomic_write_json
 from deltalora.lm.models import load_base
@@ -103,7 +104,7 @@ def protocol_stage(
         finals = [c for c in build_zoo(p, sub, extra) if c.final]
         t1 = time.perf_counter()
         if base is None:
-            base, tok = load_base(preset.base)
+            base, tok = load_base(preset.base, runtime(preset.runtime).device)
         deltas = {
             n: compute_zoo_deltas(
                 base, tok, sub, finals, DeltaConfig(n_probes=n, batch_size=preset.delta.batch_size), preset.base

@@ -28,13 +28,15 @@ def assess_generator(
     n_draws: int = 2,
     n_test: int | None = None,
     extra: list[TaskSpec] | None = None,
+    encoder: PromptEncoder | None = None,
 ) -> dict:
     """Per task and overall: accuracy of generated adapters (mean ± std over prompt draws) and
-    how close they are to the task's reference checkpoints in weights and in δ."""
+    how close they are to the task's reference checkpoints in weights and in δ. Without an ``encoder``
+    a fresh one without a persistent cache is used, so generation time includes encoding the prompts."""
     gen_dir = Path(gen_dir)
     scorer = Scorer(preset, ws, n_test, extra=extra)
-    encoder = PromptEncoder()  # no persistent cache: generation time includes encoding the prompts
-    gen = None if is_retrieval(gen_dir) else load_generator(gen_dir)
+    encoder = encoder or PromptEncoder(device=scorer.device)
+    gen = None if is_retrieval(gen_dir) else load_generator(gen_dir, scorer.device)
     per_task, gen_seconds = {}, []
     try:
         for name in tqdm(tasks, desc=f"assess {gen_dir.name}", unit="task"):

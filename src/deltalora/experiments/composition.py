@@ -82,7 +82,7 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
                 label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
                 w_a, w_b = (1.0, 1.0) if alpha == 1.0 else (alpha, 1 - alpha)
                 delta = w_a * ref_a.ref_delta + w_b * ref_b.ref_delta
-                cached(f"{label} seed{seed}", lambda g=gen, d=delta: [both(_decode_delta(g, d))])
+                cached(f"{label} seed{seed}", lambda g=gen, d=delta: [both(_decode_delta(g, d, runner.scorer.device))])
     for v in ex.mixed_variants:
         if v not in main:
             continue
@@ -96,8 +96,9 @@ def _peft_merge(runner: Runner, a: str, b: str, kind: str, both) -> dict:
     model, root = runner.scorer.model, runner.scorer.ws.zoo
     names = ["compose_a", "compose_b", f"compose_{kind}"]
     try:
-        model.load_adapter(str(root / runner.scorer.final_adapters(a)[0].path), adapter_name=names[0])
-        model.load_adapter(str(root / runner.scorer.final_adapters(b)[0].path), adapter_name=names[1])
+        on = str(runner.scorer.device)  # PEFT's default is the first GPU whenever one exists
+        model.load_adapter(str(root / runner.scorer.final_adapters(a)[0].path), adapter_name=names[0], torch_device=on)
+        model.load_adapter(str(root / runner.scorer.final_adapters(b)[0].path), adapter_name=names[1], torch_device=on)
         model.add_weighted_adapter(names[:2], [1.0, 1.0], adapter_name=names[2], combination_type=kind)
         model.set_adapter(names[2])
         return both(None)
@@ -109,13 +110,14 @@ def _peft_merge(runner: Runner, a: str, b: str, kind: str, both) -> dict:
 
 
 @torch.inference_mode()
-def _decode_delta(gen_dir: Path, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-    gen = load_generator(gen_dir)
-    return {k: v[0] for k, v in gen.tokenizer.decode(gen.model.from_delta(delta[None] / gen.delta_scale)).items()}
+def _decode_delta(gen_dir: Path, delta: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    gen = load_generator(gen_dir, device)
+    tokens = gen.model.from_delta(delta[None].to(device) / gen.delta_scale)
+    return {k: v[0].cpu() for k, v in gen.tokenizer.decode(tokens).items()}
 
 
 def _mixed(runner: Runner, cell: Cell, seed: int, a: str, b: str, both) -> list[dict]:
-    gen = load_generator(runner.trained_generator(cell, seed))
+    gen = load_generator(runner.trained_generator(cell, seed), runner.scorer.device)
     n = gen.card.n_prompts
     pa, pb = ([it.prompt for it in runner.tasks[t].train] for t in (a, b))
     out = []

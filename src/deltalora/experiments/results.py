@@ -82,6 +82,7 @@ def write_results(
         rows[cell.name] = s
         for rec_f in sorted((cells_dir / cell.id).glob("*.json"))[:1] if rq in ("rq1", "rq2") else []:
             for t, rs in read_json(rec_f)["tasks"].items():
+                # device: cpu - δ read back from a cell's JSON, bound for a file
                 deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])
     out = {
         "rq": rq,

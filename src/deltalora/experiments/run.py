@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ from deltalora.experiments.runner import Runner
 from deltalora.io import atomic_write_bytes, atomic_write_json
 from deltalora.outputs import own_dir
 from deltalora.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def run_experiment(
@@ -64,16 +68,20 @@ def run_experiment(
         results(cell.rq)
         bar.update()
 
+    t0 = time.perf_counter()
     try:
         for cell in main:
             run(cell)
+        log.info("experiment stage main grid (%s): %d cells, %.0f s", preset.runtime.device, len(main), _since(t0))
         if "rq4" in wanted:  # right after the main grid: it reuses the main generators
             bar.set_postfix_str("rq4 composition")
             files["rq4"] = run_composition(runner, cells)
             bar.update()
+            log.info("experiment stage rq4 composition: %.0f s so far", _since(t0))
         for cell in rest:
             run(cell)
         bar.close()
+        log.info("experiment stage controls, rq3 and sweeps: %d cells, %.0f s so far", len(rest), _since(t0))
         for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
             runner.run_cell(cell, wait=True)
             results(cell.rq)
@@ -83,3 +91,7 @@ def run_experiment(
         runner.scorer.close()
     atomic_write_bytes(results_dir / "deltas.safetensors", save({k: v.float().contiguous() for k, v in deltas.items()}))
     return files
+
+
+def _since(t0: float) -> float:
+    return time.perf_counter() - t0

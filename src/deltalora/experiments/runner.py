@@ -41,7 +41,7 @@ class Runner:
         self.tasks = load_pool(preset, extra)
         self.domains = {n: t.domain for n, t in self.tasks.items()}
         self.scorer = Scorer(preset, ws, preset.experiment.n_test, preset.experiment.n_kl, extra)
-        self.encoder = PromptEncoder(ws.prompt_cache)
+        self.encoder = PromptEncoder(ws.prompt_cache, device=self.scorer.device)
         self._scored: dict[tuple, dict] = {}  # identical adapters (retrieval hits) are scored once
         self._mean_adapters: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
@@ -114,7 +114,7 @@ class Runner:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"cell": cell.name, "method": cell.method, "seed": seed, "tasks": {}}
         if cell.method == "generator":
-            gen = load_generator(self.trained_generator(cell, seed))
+            gen = load_generator(self.trained_generator(cell, seed), self.scorer.device)
             record.update(generator=str(gen.folder), train_seconds=gen.card.train_seconds, n_params=gen.card.n_params)
             for task in cell.tasks:
                 # scores are keyed by generator, prompt source and task, so cells that share them score once

@@ -20,6 +20,7 @@ from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.delta.analysis import cos
 from deltalora.delta.compute import load_deltas
 from deltalora.delta.probes import DeltaProbe
+from deltalora.device import runtime
 from deltalora.errors import ArtifactError
 from deltalora.lm.evaluate import accuracy, answer_logprobs
 from deltalora.lm.models import load_base
@@ -60,7 +61,8 @@ class TaskRef:
 class Scorer:
     """Scores LoRA tensors (or the PEFT model as it is) on a task's test items, against the
     task's reference adapters: accuracy, parameter MSE, δ distance and cosine, and the KL
-    from the reference to the adapter at the answer position."""
+    from the reference to the adapter at the answer position. The model runs on
+    ``preset.runtime``'s device, always in fp32; LoRA tensors and δ are handled on the CPU."""
 
     def __init__(
         self,
@@ -73,7 +75,8 @@ class Scorer:
         self.preset, self.ws, self.n_test, self.n_kl, self.extra = preset, ws, n_test, n_kl, extra
         self.manifest = Manifest.from_file(ws.manifest)
         self.deltas = load_deltas(ws, preset.delta.n_probes)
-        base, self.tok = load_base(preset.base)
+        self.device = runtime(preset.runtime).device
+        base, self.tok = load_base(preset.base, self.device)
         first = self.manifest.finals()[0]
         self.swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / first.path)), preset.base)
         self.model = self.swapper.model
@@ -148,7 +151,7 @@ class Scorer:
     def score_active(self, name: str) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one)."""
         ref = self.ref(name)
-        delta = self.probe.delta(self.model)
+        delta = self.probe.delta(self.model).cpu()
         lp = self._logprobs(ref.kl_prompts)
         kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
         return {

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from deltalora.config import Preset
+from deltalora.config import Preset, RuntimeConfig
+from deltalora.device import CPU, module_device
 from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.model import Generator
@@ -95,9 +96,14 @@ class GeneratorCard:
             raise GeneratorError(f"{path}: malformed generator config ({type(e).__name__}: {e})") from e
 
     def same_run(self, other: GeneratorCard) -> bool:
-        """True if ``other`` describes the same training run (training results aside)."""
-        strip = {"train_seconds": None, "steps_done": None, "world_size": None}
-        a, b = dataclasses.replace(self, **strip), dataclasses.replace(other, **strip)
+        """True if ``other`` describes the same training run (training results and the device and precision it ran
+        with aside: a run resumes on any device)."""
+
+        def strip(card: GeneratorCard) -> GeneratorCard:
+            preset = card.preset.replace(runtime=RuntimeConfig())
+            return dataclasses.replace(card, preset=preset, train_seconds=None, steps_done=None, world_size=None)
+
+        a, b = strip(self), strip(other)
         return json.dumps(a.to_dict(), default=str, sort_keys=True) == json.dumps(
             b.to_dict(), default=str, sort_keys=True
         )
@@ -107,7 +113,7 @@ def save_generator(
     out_dir: Path, model: Generator, tokenizer: LoraTokenizer, delta_scale: float, card: GeneratorCard
 ) -> None:
     """Weights, token statistics and δ scale, then the card (whose presence marks the generator done)."""
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"tokenizer.{k}": v for k, v in tokenizer.state().items()})
     tensors["delta_scale"] = torch.tensor([delta_scale])
     atomic_write_bytes(out_dir / "generator.safetensors", save(tensors))
@@ -156,9 +162,15 @@ class LoadedGenerator:
     card: GeneratorCard
     folder: Path
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network and the token statistics are."""
+        return module_device(self.model)
 
-def load_generator(gen_dir: str | Path) -> LoadedGenerator:
-    """A trained generator from its folder; shape mismatches are reported by file."""
+
+def load_generator(gen_dir: str | Path, device: torch.device = CPU) -> LoadedGenerator:
+    """A trained generator from its folder, on ``device`` (whichever device trained it); shape mismatches are
+    reported by file."""
     gen_dir = Path(gen_dir)
     cfg_file, weights = gen_dir / "config.json", gen_dir / "generator.safetensors"
     card = GeneratorCard.from_file(cfg_file)
@@ -175,4 +187,4 @@ def load_generator(gen_dir: str | Path) -> LoadedGenerator:
             f"{weights}: weights do not match the config in {cfg_file} ({type(e).__name__}: {e})"
         ) from e
     model.eval()
-    return LoadedGenerator(model, tokenizer, float(tensors["delta_scale"]), card, gen_dir)
+    return LoadedGenerator(model.to(device), tokenizer.to(device), float(tensors["delta_scale"]), card, gen_dir)

@@ -1,7 +1,8 @@
 """The generator's training set: (prompt batch, zoo checkpoint, δ) samples, with the RQ3 perturbations.
 
 δ is divided by one scalar (its RMS over the training zoo) so that it stays additive:
-G_θ(δ_a + δ_b) decodes a sum of behaviours, not of re-centred codes.
+G_θ(δ_a + δ_b) decodes a sum of behaviours, not of re-centred codes. The set is assembled
+on the CPU and its tensors (and the tokenizer's statistics) then moved to the training device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.delta.compute import load_deltas
+from deltalora.device import CPU
 from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.lora_tokens import LoraTokenizer
@@ -33,7 +35,7 @@ class TrainingSet:
     tasks: list[str]
     """Training task names."""
     ckpt_task: torch.Tensor
-    """Task index of each checkpoint [M]."""
+    """Task index of each checkpoint [M] (on the CPU: read per sample as a Python int)."""
     paths: list[str]
     """Manifest path of each checkpoint."""
     tokens: torch.Tensor
@@ -57,8 +59,10 @@ def training_set(
     extra: list[TaskSpec] | None,
     encoder: PromptEncoder,
     save_cache: bool = True,
+    device: torch.device = CPU,
 ) -> tuple[TrainingSet, LoraTokenizer]:
-    """Load every checkpoint of the training tasks, fit the LoRA tokenizer on them, and embed the train prompts."""
+    """Load every checkpoint of the training tasks, fit the LoRA tokenizer on them, and embed the train prompts;
+    the tokens, δ, embeddings and the tokenizer's statistics end on ``device``."""
     cfg = preset.generator
     ckpts = [c for c in Manifest.from_file(ws.manifest).singles() if c.task in train_tasks]
     missing = sorted(set(train_tasks) - {c.task for c in ckpts})
@@ -82,10 +86,10 @@ def training_set(
     tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
     deltas = torch.stack([all_deltas[c.path] for c in ckpts])
     tasks = list(train_tasks)
-    ckpt_task = torch.tensor([tasks.index(c.task) for c in ckpts])
+    ckpt_task = torch.tensor([tasks.index(c.task) for c in ckpts])  # device: cpu - bookkeeping read by int()
     adapter_cfg = {k: adapter_cfg[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
     if cfg.weight_noise > 0:
-        tokens, deltas = _noisy(preset, adapter_cfg, tokenizer, tokens, cfg, rng)
+        tokens, deltas = _noisy(preset, adapter_cfg, tokenizer, tokens, cfg, rng, device)
     if cfg.mislabel_fraction > 0:
         tokens, deltas = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
     scale = deltas.pow(2).mean().sqrt().item()
@@ -99,7 +103,8 @@ def training_set(
     if save_cache:
         encoder.save()
     paths = [c.path for c in ckpts]
-    return TrainingSet(tasks, ckpt_task, paths, tokens, deltas / scale, scale, prompts, emb, adapter_cfg), tokenizer
+    tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
+    return TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, emb, adapter_cfg), tokenizer.to(device)
 
 
 def _fraction(xs: list, f: float, rng: random.Random) -> list:
@@ -116,12 +121,17 @@ def _noisy(
     tokens: torch.Tensor,
     cfg: GeneratorConfig,
     rng: random.Random,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy weight targets and the δ of those noisy adapters, measured through the base model."""
+    """Noisy weight targets (on the CPU) and the δ of those noisy adapters, measured through the base model on
+    ``device``."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
+    # device: cpu - fixed noise from a seeded CPU generator: the same noisy zoo on every device
     noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
-    exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes)
-    deltas = torch.stack([exact.delta({k: v[0] for k, v in tokenizer.decode(t[None]).items()}) for t in noisy])
+    exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device)
+    deltas = torch.stack(
+        [exact.delta({k: v[0].to(device) for k, v in tokenizer.decode(t[None]).items()}).cpu() for t in noisy]
+    )
     return noisy, deltas
 
 
@@ -151,5 +161,5 @@ def shuffled_deltas(deltas: torch.Tensor, ckpt_task: torch.Tensor, seed: int) ->
     for t in range(n_tasks):
         mine = (ckpt_task == t).nonzero()[:, 0]
         theirs = (ckpt_task == perm[t]).nonzero()[:, 0]
-        out[mine] = deltas[theirs[torch.arange(len(mine)) % len(theirs)]]
+        out[mine] = deltas[theirs[torch.arange(len(mine), device=mine.device) % len(theirs)]]
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deltalora.device import CPU
 from deltalora.errors import GeneratorError
 from deltalora.generator.artifact import LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
@@ -93,9 +94,11 @@ def write_adapter(
 def generate_tensors(
     gen: LoadedGenerator, encoder: PromptEncoder, prompts: list[str], seed: int
 ) -> dict[str, torch.Tensor]:
-    """LoRA tensors (PEFT's saved key form) from a seeded draw of the generator's N prompts."""
+    """LoRA tensors (PEFT's saved key form, on the CPU, where files and adapter swaps take them) from a seeded draw
+    of the generator's N prompts, generated on the generator's device."""
     chosen = choose_prompts(prompts, gen.card.n_prompts, seed)
-    return {k: v[0] for k, v in gen.tokenizer.decode(gen.model(encoder.encode(chosen)[None])).items()}
+    tokens = gen.model(encoder.encode(chosen)[None].to(gen.device))
+    return {k: v[0].cpu() for k, v in gen.tokenizer.decode(tokens).items()}
 
 
 def _origin(provenance: dict) -> list[str]:
@@ -130,11 +133,13 @@ def generate(
     encoder: PromptEncoder | None = None,
     overwrite: bool = False,
     loaded: LoadedGenerator | None = None,
+    device: torch.device = CPU,
 ) -> dict:
     """Prompts -> PEFT adapter folder, for a trained generator or a retrieval index; returns the provenance.
 
     ``out_dir`` must be new or empty, or (with ``overwrite``) an adapter folder this function wrote;
-    ``loaded``: the generator in ``gen_dir`` already loaded (the API reuses it across calls).
+    ``loaded``: the generator in ``gen_dir`` already loaded (the API reuses it across calls); ``device``: where
+    the encoder and a generator not given loaded run.
     """
     gen_dir = Path(gen_dir)
     if not prompts:
@@ -142,7 +147,7 @@ def generate(
     protected = _keep_out(gen_dir)
     claim_output_dir(out_dir, "adapter", overwrite=overwrite, protected=protected)  # before any work
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    encoder = encoder or PromptEncoder()
+    encoder = encoder or PromptEncoder(device=device)
     t0 = time.perf_counter()
     if is_retrieval(gen_dir):
         task, src = retrieve(gen_dir, prompts, encoder)
@@ -162,7 +167,7 @@ def generate(
         config, tensors = read_adapter(src)
         write_adapter(out_dir, tensors, config, prov, prov["base_alias"], overwrite, protected)
         return prov
-    gen = loaded or load_generator(gen_dir)
+    gen = loaded or load_generator(gen_dir, device)
     t0 = time.perf_counter()
     tensors = generate_tensors(gen, encoder, prompts, seed)
     seconds = time.perf_counter() - t0
@@ -175,6 +180,7 @@ def generate(
         "n_prompts_used": gen.card.n_prompts,
         "seed": seed,
         "generation_seconds": seconds,
+        "device": str(gen.device),
         "base_model": base_id(gen.card.preset.base),
         "base_alias": gen.card.preset.base,
     }

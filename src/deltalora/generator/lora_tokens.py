@@ -117,8 +117,13 @@ class LoraTokenizer:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The fitted statistics, for saving."""
-        return {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        """The fitted statistics, for saving (on the CPU)."""
+        return {"mean": self.mean.cpu().contiguous(), "std": self.std.cpu().contiguous()}
+
+    def to(self, device: torch.device) -> LoraTokenizer:
+        """Keep the statistics on ``device``, where the tokens it decodes are (in place; returns itself)."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
 
     def load_state(self, state: dict[str, torch.Tensor]) -> LoraTokenizer:
         """Restore saved statistics (shape-checked against this layout)."""
@@ -131,10 +136,10 @@ class LoraTokenizer:
         return self
 
     def valid_mask(self) -> torch.Tensor:
-        """1 where a token value is real, 0 where it is row padding; [T, width]."""
+        """1 where a token value is real, 0 where it is row padding; [T, width], on the statistics' device."""
         parts = []
         for s in self.segments:
-            m = torch.zeros(s.per_row * self.width)
+            m = torch.zeros(s.per_row * self.width, device=self.mean.device)
             m[: s.length] = 1
             parts.append(m.reshape(s.per_row, self.width).repeat(s.rows, 1))
         return torch.cat(parts)

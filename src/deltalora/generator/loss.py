@@ -10,6 +10,7 @@ from torch import nn
 
 from deltalora.config import GeneratorConfig, Preset
 from deltalora.delta.probes import DeltaProbe
+from deltalora.device import CPU, autocast, full_precision, module_device
 from deltalora.generator.encoder import DIM
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.variants import VARIANTS, Step
@@ -19,10 +20,12 @@ from deltalora.zoo.adapters import lora_config
 
 
 class ExactBehaviour:
-    """Exact δ and answer-position distributions of base + LoRA tensors, differentiable."""
+    """Exact δ and answer-position distributions of base + LoRA tensors, differentiable, on ``device`` and in fp32
+    (also inside a bf16 autocast region: δ is a small difference of large activations)."""
 
-    def __init__(self, preset: Preset, adapter_config: dict, n_probes: int):
-        base, self.tok = load_base(preset.base)
+    def __init__(self, preset: Preset, adapter_config: dict, n_probes: int, device: torch.device = CPU):
+        self.device = device
+        base, self.tok = load_base(preset.base, device)
         for p in base.parameters():
             p.requires_grad_(False)
         ac = adapter_config
@@ -35,12 +38,14 @@ class ExactBehaviour:
 
     def delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """δ of base + these LoRA tensors (PEFT's saved key form)."""
-        return self.probe.delta_of_tensors(self.model, tensors)
+        with full_precision(self.device):
+            return self.probe.delta_of_tensors(self.model, {k: v.float() for k, v in tensors.items()})
 
     def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
         """First-answer-token log-distribution of base + these LoRA tensors on ``prompts``."""
-        params = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
-        return answer_logprobs(self.model, self.tok, prompts, self.max_length, params)
+        params = {k.replace(".weight", ".default.weight"): v.float() for k, v in tensors.items()}
+        with full_precision(self.device):
+            return answer_logprobs(self.model, self.tok, prompts, self.max_length, params)
 
 
 class GeneratorLoss(nn.Module):
@@ -49,7 +54,9 @@ class GeneratorLoss(nn.Module):
     Every sample carries its own seed (prompt draw, noise, KL prompts) and its position in
     the global batch, and each term is a sum over local samples divided by the global
     count times the world size: DDP's gradient average then equals the single-process
-    gradient of the same global batch.
+    gradient of the same global batch. Sample indices, seeds and the draws from them are
+    made on the CPU (the same samples on every device) and moved to the generator's device;
+    ``dtype="bf16"`` runs the generator's forward under autocast, every loss term in fp32.
     """
 
     def __init__(
@@ -60,11 +67,12 @@ class GeneratorLoss(nn.Module):
         exact: ExactBehaviour | None,
         cfg: GeneratorConfig,
         world: int = 1,
+        dtype: str = "fp32",
     ):
         super().__init__()
         self.model = model
         self.ctx = (data, tokenizer, exact)  # a tuple: not registered, so DDP leaves the frozen base alone
-        self.cfg, self.world = cfg, world
+        self.cfg, self.world, self.dtype = cfg, world, dtype
         self.mask = tokenizer.valid_mask()
 
     def forward(
@@ -73,17 +81,20 @@ class GeneratorLoss(nn.Module):
         """Named loss terms of ``stage`` (1: the variant's first stage, 2: the main one) for these samples."""
         data, tokenizer, exact = self.ctx
         cfg, spec, b_global = self.cfg, VARIANTS[self.cfg.variant], self.cfg.batch_size
+        device = module_device(self.model)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         emb = torch.stack(
             [
                 draw(data.emb[int(data.ckpt_task[i])], cfg.n_prompts, g)
-                + cfg.cond_noise * torch.randn(cfg.n_prompts, DIM, generator=g)
+                # device: cpu - noise from the sample's seeded CPU generator: the same draw on every device
+                + cfg.cond_noise * torch.randn(cfg.n_prompts, DIM, generator=g).to(device)
                 for i, g in zip(idx, gens)
             ]
         )
         target = torch.stack(
             [
-                data.tokens[i] + cfg.target_noise * torch.randn(self.mask.shape, generator=g) * self.mask
+                # device: cpu - noise from the sample's seeded CPU generator: the same draw on every device
+                data.tokens[i] + cfg.target_noise * torch.randn(self.mask.shape, generator=g).to(device) * self.mask
                 for i, g in zip(idx, gens)
             ]
         )
@@ -104,7 +115,9 @@ class GeneratorLoss(nn.Module):
         )
         terms = spec.stage1 if stage == 1 and spec.stage1 else spec.terms
         if terms is spec.terms:
-            step.pred = self.model.from_delta(step.delta) if spec.decodes_delta else self.model(emb)
+            with autocast(device, self.dtype):
+                pred = self.model.from_delta(step.delta) if spec.decodes_delta else self.model(emb)
+            step.pred = pred.float()
         out: dict[str, torch.Tensor] = {}
         for term in terms:
             weight = getattr(cfg, term.weight) if term.weight else None
@@ -119,10 +132,11 @@ class GeneratorLoss(nn.Module):
 
 
 def draw(emb: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
-    """n rows of ``emb``: without replacement when there are enough, else with."""
+    """n rows of ``emb`` (on its device), drawn with a CPU generator: without replacement when there are enough,
+    else with."""
     if len(emb) >= n:
-        return emb[torch.randperm(len(emb), generator=rng)[:n]]
-    return emb[torch.randint(len(emb), (n,), generator=rng)]
+        return emb[torch.randperm(len(emb), generator=rng)[:n]]  # device: cpu - row indices from the CPU generator
+    return emb[torch.randint(len(emb), (n,), generator=rng)]  # device: cpu - row indices from the CPU generator
 
 
 def draw_batch(rng: torch.Generator, n_samples: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

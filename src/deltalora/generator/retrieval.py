@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from deltalora.config import Preset
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.device import runtime
 from deltalora.errors import ArtifactError
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.io import atomic_write_json, read_json
@@ -61,7 +62,7 @@ def build_retrieval(
     missing = [t for t in train_tasks if t not in finals]
     if missing:
         raise ArtifactError(f"{ws.manifest}: no final checkpoint (seed {seed}) for {missing}")
-    encoder = encoder or PromptEncoder(ws.prompt_cache)
+    encoder = encoder or PromptEncoder(ws.prompt_cache, device=runtime(preset.runtime).device)
     means = {
         t: encoder.encode([it.prompt for it in load_task(resolve_spec(t, extra), preset.tasks).train]).mean(0)
         for t in train_tasks

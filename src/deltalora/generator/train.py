@@ -1,7 +1,9 @@
 """Training a generator (setup -> run -> save), resumable after a kill, data-parallel under torchrun.
 
 A training sample is (N prompts drawn fresh from a task's train split, one checkpoint of
-that task, its δ); the loss is the variant's (``deltalora.generator.variants``).
+that task, its δ); the loss is the variant's (``deltalora.generator.variants``). The network
+is initialised on the CPU and moved to ``preset.runtime``'s device; batches are drawn on the
+CPU, so a seed trains on the same samples on every device, and a run resumes on any device.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
+from deltalora.device import CPU, runtime
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import GeneratorError
 from deltalora.generator.artifact import GeneratorCard, save_generator
@@ -54,21 +57,41 @@ def _setup(
     encoder: PromptEncoder,
     world: int,
     save_cache: bool,
+    device: torch.device = CPU,
+    dtype: str = "fp32",
 ):
-    """The training set, a freshly initialised generator (seeded by the caller) and its loss module."""
+    """The training set, a freshly initialised generator (seeded by the caller, built on the CPU) and its loss
+    module, all on ``device``."""
     cfg = preset.generator
-    data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache)
-    model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
-    exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes) if VARIANTS[cfg.variant].needs_base else None
-    return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world)
+    data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache, device)
+    model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1]).to(device)
+    needs_base = VARIANTS[cfg.variant].needs_base
+    exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes, device) if needs_base else None
+    return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world, dtype)
 
 
-def _ddp(loss_fn: GeneratorLoss, world: int):
+def _ddp(loss_fn: GeneratorLoss, world: int, device: torch.device = CPU):
     if world == 1:
         return loss_fn
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(loss_fn, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+
+
+def train_step(
+    step_fn, model: torch.nn.Module, opt, sched, idx, seeds, mine, stage: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on this rank's samples ``mine`` of the global batch (``idx``, ``seeds``): the summed loss
+    and its terms, still on the device (the caller reads and logs them)."""
+    losses = step_fn(idx[mine], seeds[mine], mine, stage)
+    loss = sum(losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss, losses
 
 
 def gradient_snapshot(
@@ -78,14 +101,15 @@ def gradient_snapshot(
 
     Used to check that data-parallel training is gradient-equivalent to one process.
     """
-    info = init_distributed()
-    encoder = PromptEncoder()  # before seeding: loading it may draw from the global generator
+    rt = runtime(preset.runtime)
+    info = init_distributed(rt.device)
+    encoder = PromptEncoder()
     torch.manual_seed(init_seed)
-    _, _, model, loss_fn = _setup(preset, ws, train_tasks, None, encoder, info.world, save_cache=False)
-    mine = torch.arange(info.rank, len(idx), info.world)
-    step_fn = _ddp(loss_fn, info.world)  # held until backward: DDP's reducer lives on the wrapper
+    _, _, model, loss_fn = _setup(preset, ws, train_tasks, None, encoder, info.world, False, rt.device, rt.dtype)
+    mine = torch.arange(info.rank, len(idx), info.world, device=idx.device)
+    step_fn = _ddp(loss_fn, info.world, rt.device)  # held until backward: DDP's reducer lives on the wrapper
     sum(step_fn(idx[mine], seeds[mine], mine, 2).values()).backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def train_generator(
@@ -107,7 +131,7 @@ def train_generator(
     (gloo on CPU, NCCL on GPU); every rank steps its own LR schedule; rank 0 alone writes.
     """
     out_dir = Path(out_dir)
-    main = init_distributed().is_main
+    main = init_distributed(runtime(preset.runtime).device).is_main
     curves = Curves(tensorboard if main else None, f"generator/{out_dir.name}")
     try:
         if main:  # the only rank that writes; checked before any work
@@ -131,13 +155,16 @@ def _train(
     curves: Curves,
 ) -> GeneratorCard:
     cfg, spec = preset.generator, VARIANTS[preset.generator.variant]
-    info = init_distributed()
+    rt = runtime(preset.runtime)
+    info = init_distributed(rt.device)
     if cfg.batch_size % info.world:
         raise GeneratorError(f"generator.batch_size={cfg.batch_size} must be divisible by the {info.world} ranks")
     # ---- setup
     torch.manual_seed(cfg.seed)
-    encoder = PromptEncoder(ws.prompt_cache)
-    data, tokenizer, model, loss_fn = _setup(preset, ws, train_tasks, extra, encoder, info.world, info.is_main)
+    encoder = PromptEncoder(ws.prompt_cache, device=rt.device)
+    data, tokenizer, model, loss_fn = _setup(
+        preset, ws, train_tasks, extra, encoder, info.world, info.is_main, rt.device, rt.dtype
+    )
     stage1 = cfg.stage1_steps if spec.stage1 else 0
     total = stage1 + cfg.steps
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -164,7 +191,7 @@ def _train(
         card.to_file(out_dir / "train_config.json")
         log_file.unlink(missing_ok=True)  # a log without a training state is this run's own, from before its first save
     barrier()
-    step_fn = _ddp(loss_fn, info.world)
+    step_fn = _ddp(loss_fn, info.world, rt.device)
     # ---- run
     t0 = time.perf_counter() - seconds
     bar = tqdm(
@@ -175,17 +202,11 @@ def _train(
         initial=start,
         total=total,
     )
-    mine = torch.arange(info.rank, cfg.batch_size, info.world)
+    mine = torch.arange(info.rank, cfg.batch_size, info.world, device=CPU)  # indexes the batch drawn on the CPU
     for step in bar:
         idx, seeds = draw_batch(rng, len(data.paths), cfg.batch_size)
-        losses = step_fn(idx[mine], seeds[mine], mine, 1 if step < stage1 else 2)
-        loss = sum(losses.values())
         lr = opt.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss, losses = train_step(step_fn, model, opt, sched, idx, seeds, mine, 1 if step < stage1 else 2)
         if info.is_main:
             record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
             with log_file.open("a") as f:
@@ -228,7 +249,7 @@ def _resume(
     if cfg_file.exists() and not GeneratorCard.from_file(cfg_file).same_run(card):
         raise GeneratorError(f"{cfg_file}: {out_dir} holds a run with another config; use a new --out or --overwrite")
     try:
-        state = torch.load(state_file, weights_only=True)
+        state = torch.load(state_file, weights_only=True, map_location=CPU)  # saved on any device
         model.load_state_dict(state["model"])
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported by path
         raise GeneratorError(f"{state_file}: cannot resume from this checkpoint ({e})") from e

@@ -9,7 +9,8 @@ lm-evaluation-harness's acc_norm): per-token means favour long digit strings, wh
 SmolLM2's tokenizer splits into one token per digit.
 
 Sequences are sorted by length before batching so a batch pads only to its own longest
-member; results come back in the caller's order.
+member; results come back in the caller's order. Batches are padded on the CPU and moved to
+the model's device in one copy each.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from deltalora.data.tasks import Item
+from deltalora.device import module_device
 
 
 def encode(
@@ -33,7 +35,7 @@ def encode(
 
 
 def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
+    """Right-padded ids and attention mask, on the CPU (filled row by row: callers move the result once)."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -44,7 +46,7 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, mask and position ids that count from each sequence's first real token."""
+    """Left-padded ids, mask and position ids that count from each sequence's first real token, on the CPU."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -75,6 +77,7 @@ def choice_scores(
     choice and no padding between choices. ``batch_size`` counts choices: about ``batch_size`` / (choices per
     item) items go in one forward pass.
     """
+    device = module_device(model)
     packed = []
     for it in items:
         cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
@@ -85,16 +88,17 @@ def choice_scores(
     scores: list[list[float]] = [[] for _ in items]
     for start in range(0, len(order), n_items):
         idx = order[start : start + n_items]
-        ids, pos, mask, want = _pack([packed[k] for k in idx], max(lengths[k] for k in idx), tok.pad_token_id)
+        batch = _pack([packed[k] for k in idx], max(lengths[k] for k in idx), tok.pad_token_id)
+        ids, pos, mask, want = (t.to(device) for t in batch)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         # the LM head only where a position predicts a choice token
         logp = torch.log_softmax(model.get_output_embeddings()(hidden[want[:, 0], want[:, 1]]).float(), -1)
-        per_token = logp[torch.arange(len(want)), want[:, 2]]
-        sums = torch.zeros(len(idx), max(len(packed[k][1]) for k in idx)).index_put_(
-            (want[:, 0], want[:, 3]), per_token, accumulate=True
-        )
+        per_token = logp[torch.arange(len(want), device=device), want[:, 2]]
+        sums = torch.zeros(len(idx), max(len(packed[k][1]) for k in idx), device=device)
+        # every choice's log-probability in one transfer (an .item() per choice would wait on a GPU each time)
+        sums = sums.index_put_((want[:, 0], want[:, 3]), per_token, accumulate=True).tolist()
         for r, k in enumerate(idx):
-            scores[k] = [sums[r, j].item() / _n_bytes(c) for j, c in enumerate(items[k].choices)]
+            scores[k] = [sums[r][j] / _n_bytes(c) for j, c in enumerate(items[k].choices)]
     return scores
 
 
@@ -102,7 +106,7 @@ def _pack(
     rows: Sequence[tuple[list[int], list[list[int]]]], width: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ids, positions, boolean 4-D mask [B, 1, L, L] and the scored positions (row, position, target token,
-    choice) of packed (prompt, choices) rows; padding positions see only themselves (no empty softmax row)."""
+    choice) of packed (prompt, choices) rows, on the CPU; padding positions see only themselves (no empty softmax row)."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
@@ -139,11 +143,12 @@ def choice_scores_unshared(
         cs = [tok(" " + c, add_special_tokens=False).input_ids for c in it.choices]
         p = encode(tok, it.prompt, "", max_length - max(map(len, cs)))[0]
         seqs += [(i, j, p + c, len(p)) for j, c in enumerate(cs)]
+    device = module_device(model)
     scores = [[0.0] * len(it.choices) for it in items]
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     for start in range(0, len(order), batch_size):
         batch = [seqs[k] for k in order[start : start + batch_size]]
-        ids, mask = pad_right([b[2] for b in batch], tok.pad_token_id)
+        ids, mask = (t.to(device) for t in pad_right([b[2] for b in batch], tok.pad_token_id))
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         for r, (i, j, s, n_p) in enumerate(batch):
@@ -164,28 +169,29 @@ def greedy_answers(
     A hand-written loop: ``generate`` costs several times more per token on a CPU for
     these few-token answers.
     """
+    device = module_device(model)
     max_new = max(len(tok(" " + it.answer, add_special_tokens=False).input_ids) for it in items) + 2
     prompts = [encode(tok, it.prompt, "", max_length - max_new)[0] for it in items]
     out = [""] * len(items)
     order = sorted(range(len(items)), key=lambda k: len(prompts[k]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask, pos = pad_left([prompts[k] for k in idx], tok.pad_token_id)
+        ids, mask, pos = (t.to(device) for t in pad_left([prompts[k] for k in idx], tok.pad_token_id))
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         new = []
-        done = torch.zeros(len(idx), dtype=torch.bool)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for _ in range(max_new):
             nxt = res.logits[:, -1].argmax(-1)
             new.append(nxt)
             done |= nxt == tok.eos_token_id
             if done.all():
                 break
-            mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype)], 1)
+            mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype, device=device)], 1)
             pos = pos[:, -1:] + 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
-        gen = torch.stack(new, 1)
+        gen = torch.stack(new, 1).tolist()
         for r, k in enumerate(idx):
-            seq = gen[r].tolist()
+            seq = gen[r]
             if tok.eos_token_id in seq:
                 seq = seq[: seq.index(tok.eos_token_id)]
             out[k] = answer_span(tok.decode(seq, skip_special_tokens=True))
@@ -201,7 +207,8 @@ def answer_logprobs(
 ) -> torch.Tensor:
     """Log-distribution over the first answer token of each prompt [n, vocab]; with ``params``
     the model runs with those tensors swapped in (differentiably, via ``functional_call``)."""
-    ids, mask, pos = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
+    padded = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
+    ids, mask, pos = (t.to(module_device(model)) for t in padded)
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
     out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False) if params else model(**kwargs)
     return torch.log_softmax(out.logits[:, -1].float(), -1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from deltalora.device import CPU
 from deltalora.errors import ConfigError, SourceError
 from deltalora.lm.names import KNOWN_MODELS, TINY, base_id, known_names, offline_name
 from deltalora.offline import cache_dir, pypi_distribution
@@ -23,8 +24,11 @@ from deltalora.outputs import atomic_dir
 log = logging.getLogger(__name__)
 
 
-def load_base(name: str) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Model (fp32, eval mode) and tokenizer for a known name, a Hub id or a local folder."""
+def load_base(name: str, device: torch.device | str = CPU) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Model (fp32, eval mode, on ``device``) and tokenizer for a known name, a Hub id or a local folder.
+
+    The weights are loaded (or, for ``tiny``, seeded) on the CPU and then moved, so every device gets the same ones.
+    """
     if name == TINY:
         model, tok = tiny_llama()
     else:
@@ -37,7 +41,7 @@ def load_base(name: str) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     # plain PEFT finds the base, else the name the user gave; never a cache path.
     model.config.name_or_path = model.name_or_path = base_id(name)
     model.eval()
-    return model, tok
+    return model.to(device), tok
 
 
 def _resolve(name: str) -> str:

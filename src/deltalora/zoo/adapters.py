@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from deltalora.device import module_device
 from deltalora.errors import AdapterError
 from deltalora.io import sha256_file
 from deltalora.lm.names import base_id, weights_note
@@ -109,9 +110,10 @@ def check_adapter(
 
 
 def load_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | None = None) -> PeftModel:
-    """``model`` wrapped with the adapter in ``folder``, after validation."""
+    """``model`` wrapped with the adapter in ``folder``, after validation, on the model's device."""
     check_adapter(model, folder, base_name)
-    return PeftModel.from_pretrained(model, str(folder))
+    # read onto the model's device: PEFT's default is the first GPU whenever one exists
+    return PeftModel.from_pretrained(model, str(folder), torch_device=str(module_device(model)))
 
 
 class AdapterSwapper:

@@ -18,6 +18,7 @@ from deltalora.config import Preset
 from deltalora.data.items import Item
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import Task, load_pool
+from deltalora.device import runtime
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import ConfigError
 from deltalora.io import atomic_write_json, read_json, remove_stale_tmp, sha256_file
@@ -83,8 +84,10 @@ def build_zoo(
     Under torchrun / accelerate launch, adapters and base evaluations are sharded by rank;
     each job is deterministic in its seed, so the union equals a single-process build. With
     ``tensorboard``, each run's loss, learning rate and final test accuracy go to ``<dir>/zoo/<run>``.
+    Runs on ``preset.runtime``'s device; a zoo may be resumed on another device (the device sets speed only).
     """
-    info = init_distributed()
+    rt = runtime(preset.runtime)
+    info = init_distributed(rt.device)
     _check_same_preset(ws, preset)
     tasks = load_pool(preset, extra)
     if info.is_main:  # no rank writes before the barrier below
@@ -100,7 +103,7 @@ def build_zoo(
     if not preset.zoo.evaluate:
         my_tasks = {}
     if todo or any(not ws.base_record(n).exists() for n in my_tasks):
-        base, tok = load_base(preset.base)
+        base, tok = load_base(preset.base, rt.device)
         for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):
             if not ws.base_record(name).exists():
                 t0 = time.perf_counter()
@@ -119,7 +122,7 @@ def build_zoo(
                     },
                 )
         for job in tqdm(todo, desc=f"zoo (rank {info.rank})" if info.world > 1 else "zoo", unit="adapter"):
-            _run_job(job, preset, tasks, base, tok, ws, tensorboard)
+            _run_job(job, preset, tasks, base, tok, ws, tensorboard, rt.dtype)
     barrier()
     if info.is_main:
         Manifest.from_runs(ws.runs).to_file(ws.manifest)
@@ -175,6 +178,7 @@ def _run_job(
     tok,
     ws: Workspace,
     tensorboard: Path | None,
+    dtype: str,
 ) -> None:
     items = job.items(tasks)
     steps = preset.zoo.pair_steps if job.is_pair else preset.zoo.steps
@@ -227,7 +231,7 @@ def _run_job(
     )  # this run's own folder: no other rank writes here
     curves = Curves(tensorboard, f"zoo/{job.run_id}")
     try:
-        result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save, curves=curves)
+        result = train_lora(base, tok, items, preset.zoo, steps, job.seed, job.run_id, save, curves=curves, dtype=dtype)
         curves.log(steps, **{f"test_acc/{t}": a for t, a in scores.items()})
     finally:
         curves.close()

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltalora.config import ZooConfig
 from deltalora.data.tasks import Item, stable_seed
+from deltalora.device import autocast, module_device
 from deltalora.lm.evaluate import encode, pad_right
 from deltalora.tracking import Curves
 from deltalora.zoo.adapters import lora_config
@@ -65,9 +66,10 @@ def completion_loss(
     gradients from all rows flow back through that one pass, so the loss is unchanged.
     """
     body, head = model.get_decoder(), model.get_output_embeddings()
-    total, n_tokens = torch.zeros(()), 0
+    device = module_device(model)
+    total, n_tokens = torch.zeros((), device=device), 0
     for chunk in micro_batches(tok, items, max_length, micro_batch):
-        ids, mask, labels = _labelled(chunk, tok.pad_token_id)
+        ids, mask, labels = (t.to(device) for t in _labelled(chunk, tok.pad_token_id))
         target = labels[:, 1:]
         keep = target != -100
         shared = shared_prefix_length(chunk, min_shared_prefix)
@@ -135,18 +137,22 @@ def train_lora(
     on_checkpoint: Callable[[PeftModel, int, float], None],
     loss_fn: Callable[[PeftModel, Sequence[Item]], torch.Tensor] | None = None,
     curves: Curves | None = None,
+    dtype: str = "fp32",
 ) -> TrainResult:
-    """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return).
+    """Train one LoRA on ``base`` (wrapped in place, unwrapped again on return), on the base's device.
 
     ``on_checkpoint(model, step, loss)`` is called at each of the config's checkpoint steps;
     ``loss_fn(model, batch)`` replaces the lean completion loss (the benchmark's plain loss); ``curves``
-    receives each step's loss and learning rate.
+    receives each step's loss and learning rate; ``dtype="bf16"`` runs the loss's forward under bf16
+    autocast (CUDA), the LoRA weights and the optimizer staying fp32.
     """
     loss_fn = loss_fn or (
         lambda m, batch: completion_loss(m, tok, batch, cfg.max_length, cfg.micro_batch, cfg.min_shared_prefix)
     )
+    # PEFT draws the init on the CPU and then moves it to the base's device: the same LoRA init on every device
     torch.manual_seed(stable_seed("lora-init", *([run_name] if cfg.init_per_task else []), seed) % 2**63)
     model = get_peft_model(base, lora_config(cfg.rank, cfg.alpha, cfg.target_modules))
+    device = module_device(base)
     try:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -162,7 +168,8 @@ def train_lora(
             leave=False,
         )
         for step, batch in enumerate(bar, 1):
-            loss = loss_fn(model, batch)
+            with autocast(device, dtype):
+                loss = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             lr = opt.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
