@@ -106,7 +106,8 @@ def _pack(
     rows: Sequence[tuple[list[int], list[list[int]]]], width: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ids, positions, boolean 4-D mask [B, 1, L, L] and the scored positions (row, position, target token,
-    choice) of packed (prompt, choices) rows, on the CPU; padding positions see only themselves (no empty softmax row)."""
+    choice) of packed (prompt, choices) rows, on the CPU; padding positions see only themselves (no empty
+    softmax row)."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
