@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from deltalora.experiments.stats import (
@@ -65,3 +67,51 @@ def test_smallest_detectable_effect_shrinks_with_more_tasks():
     assert min_detectable_effect(0.1, 40) < min_detectable_effect(0.1, 10) < min_detectable_effect(0.1, 3)
     # n = 10, sd 0.1: (t_.975,9 + t_.8,9) * 0.1 / sqrt(10)
     assert min_detectable_effect(0.1, 10) == pytest.approx((2.2622 + 0.8834) * 0.1 / math.sqrt(10), rel=1e-3)
+
+
+# ---------------------------------------------------------------- the generator's ceiling
+
+
+def test_principal_basis_and_projection():
+    from deltalora.experiments.ceiling import principal_basis, project
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    mean, basis, var = principal_basis(x)
+    assert basis.shape == (5, 40)  # 6 centred rows span 5 directions
+    torch.testing.assert_close(basis @ basis.T, torch.eye(5, dtype=torch.float64))
+    assert (np.diff(var) <= 1e-12).all() and var.sum() == pytest.approx(((x - x.mean(0)) ** 2).sum().item() / 6)
+    torch.testing.assert_close(project(x[2], mean, basis, 5), x[2])  # in the span: exact
+    torch.testing.assert_close(project(x[2], mean, basis, 0), mean)  # rank 0: the mean
+    excl = torch.tensor([False, False, True, False, False, False])
+    m2, b2, _ = principal_basis(x, excl)
+    torch.testing.assert_close(m2, x[~excl].mean(0))
+    assert not torch.allclose(project(x[2], m2, b2, 4), x[2])  # a row left out is not reproduced
+
+
+def test_target_ceiling_on_the_tiny_zoo(tiny_zoo):
+    from deltalora.experiments.ceiling import target_ceiling
+
+    tasks = ["syn.add", "syn.parity", "syn.copy", "syn.first"]
+    r = target_ceiling(tiny_zoo.preset, tiny_zoo.ws, tasks, ["syn.add"], ranks=(0, 7), n_test=8)
+    assert r["n_checkpoints"] == 8 and r["explained_variance"][-1] == pytest.approx(1.0)
+    row = r["tasks"]["syn.add"]
+    assert row["seen"]["7"] == row["oracle"]  # 8 checkpoints span 7 directions: the reference itself
+    assert set(row["held_out"]) == {"0", "7"} and 0 <= row["held_out"]["0"] <= 1
+
+
+def test_ceiling_verb(tiny_zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from deltalora.cli import app
+    from deltalora.errors import UsageError
+
+    out = tmp_path / "c.json"
+    args = ["ceiling", "--preset", "tiny", "--workspace", str(tiny_zoo.ws.root), "--n-test", "4", "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--ranks", "0,2"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert set(r["tasks"]) == {"syn.add", "syn.parity", "syn.copy", "syn.first"}  # two per domain, all selected
+    assert r["ranks"] == [0, 2] and set(r["mean_held_out"]) == {"0", "2"}
+    bad = CliRunner().invoke(app, [*args, "--ranks", "x"])
+    assert isinstance(bad.exception, UsageError) and "--ranks" in str(bad.exception)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from deltalora.cli import generators, stages  # noqa: F401 - importing registers the verbs
+from deltalora.cli import analysis, generators, stages  # noqa: F401 - importing registers the verbs
 from deltalora.cli.app import app
 from deltalora.errors import DeltaloraError
 
