@@ -79,6 +79,10 @@ def test_every_rq_file_and_cell_is_written(run, tiny_preset):
     )
     assert oracle["overall"]["delta_cos"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert base["overall"]["delta_cos"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    for rq in ("rq1", "rq2", "rq2_lodo"):  # issue 13's baselines run in the CLI's full tiny grid
+        rows = _load(results, rq)["cells"]
+        for m in (grid.MIXTURE, grid.MULTITASK):
+            assert 0.0 <= rows[grid.METHODS[m].label]["overall"]["acc"]["mean"] <= 1.0, (rq, m)
     rq4 = _load(results, "rq4")
     pair = rq4["pairs"]["syn.add+syn.copy"]
     assert {

@@ -37,6 +37,16 @@ class ExperimentConfig:
     long_steps: int = 1500
     """dnd is also trained for this many steps, about the wall time of an exact-δ variant at ``steps``
     on a CPU (a compute-matched baseline; 0 skips it)."""
+    mixture_k: int = 3
+    """Top-k retrieval mixture: training tasks whose adapters are summed (more than there are: all of them)."""
+    mixture_temperature: float = 0.05
+    """Top-k retrieval mixture: weights are softmax(cosine / this), not normalised cosines (which are nearly equal
+    for k related tasks): at 0.05 a neighbour 0.1 nearer in cosine weighs e² ≈ 7.4x more."""
+    multitask_step_factor: float = 3.0
+    """Multi-task LoRA: optimizer steps = the zoo's steps x this. Each step draws a batch from the union, so at
+    1x every task gets a fraction of one zoo adapter's updates, and per-task parity (x the number of training
+    tasks) costs as much as retraining the zoo; 3x is a fixed, affordable middle that still trains the one
+    rank-r LoRA longer than any single reference adapter."""
     rq3_variants: tuple[str, ...] = ("dnd", "A2")
     """Variants of the data-scarcity and noisy-target cells."""
     fractions: tuple[float, ...] = (0.25,)
@@ -72,6 +82,12 @@ class ExperimentConfig:
             "experiment.draws, n_test, n_kl and steps must be >= 1",
         )
         _check(all(0 < f < 1 for f in self.fractions), "experiment.fractions must be in (0, 1)")
+        _check(self.mixture_k >= 1, "experiment.mixture_k must be >= 1")
+        _check(self.mixture_temperature > 0, "experiment.mixture_temperature must be > 0")
+        _check(
+            self.multitask_step_factor >= 1,
+            "experiment.multitask_step_factor must be >= 1 (the zoo's K checkpoints fit)",
+        )
         _check(self.long_steps >= 0, "experiment.long_steps must be >= 0")
         _check(all(0 <= a <= 1 for a in self.interpolations), "experiment.interpolations must be in [0, 1]")
         _check(all(p in (1, 5, 20) for p in self.probe_sizes), "experiment.probe_sizes must be 1, 5 or 20")

@@ -14,11 +14,66 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltalora.config import Preset
+from deltalora.generator.mixture import MIXTURE
 from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.generator.variants import VARIANTS, baseline
 
 RQS = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
 METRICS = ("acc", "param_mse", "delta_dist", "delta_cos", "kl")
+
+GENERATOR = "generator"
+MULTITASK = "multitask"
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one kind of cell gets its adapters; the planner, runner, results and report read these specs."""
+
+    name: str
+    """The cell's ``method`` field."""
+    label: str
+    """Row label of its baseline cells (unused for generators, which are labelled by variant)."""
+    summary: str
+    """One line for the report's setup section."""
+    seeded: bool = False
+    """Run once per generator seed (its adapters depend on the seed's prompt draws), else once."""
+    baseline: bool = True
+    """A reference row of every RQ1 / RQ2 / leave-one-domain-out table."""
+    uses_train: bool = True
+    """Its adapters come from the training tasks (the cell's ``train``)."""
+    picks: bool = False
+    """Its score rows name the zoo adapters it picked (``retrieved``), summarised per task."""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("base", "base model", "the base model without an adapter", uses_train=False),
+        Method("oracle", "oracle (the task's own LoRA)", "the scored task's own zoo LoRA", uses_train=False),
+        Method("train_avg", "mean of training adapters", "the element-wise mean of the training tasks' LoRAs"),
+        Method(
+            RETRIEVAL,
+            RETRIEVAL,
+            "the training task's LoRA whose mean prompt embedding is nearest to the prompt draw's",
+            seeded=True,
+            picks=True,
+        ),
+        Method(
+            MIXTURE,
+            "top-k retrieval mixture",
+            "the k nearest training tasks' LoRAs summed exactly (rank k·r), weighted by softmax(cosine / T)",
+            seeded=True,
+            picks=True,
+        ),
+        Method(
+            MULTITASK,
+            "multi-task LoRA",
+            "one LoRA trained with the zoo's recipe on the union of the training tasks' train items",
+        ),
+        Method(GENERATOR, "", "a trained generator's LoRA from a prompt draw", seeded=True, baseline=False),
+    )
+}
+"""Every method a cell may name (``Cell.method``)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +85,7 @@ class Cell:
     name: str
     """Row label in the tables."""
     method: str
-    """generator | base | oracle | train_avg | retrieval."""
+    """A key of ``METHODS``."""
     tasks: tuple[str, ...]
     """Tasks whose test items are scored."""
     train: tuple[str, ...] = ()
@@ -48,7 +103,7 @@ class Cell:
     @property
     def seeded(self) -> bool:
         """True if the cell is run once per generator seed."""
-        return self.method in ("generator", RETRIEVAL)
+        return METHODS[self.method].seeded
 
 
 def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
@@ -58,15 +113,10 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     seen, held = ex.seen_eval, ex.held_out
     cells: list[Cell] = []
     for rq, tasks in (("rq1", seen), ("rq2", held)):
-        cells += [
-            Cell(rq, "base model", "base", tasks),
-            Cell(rq, "oracle (the task's own LoRA)", "oracle", tasks),
-            Cell(rq, "mean of training adapters", "train_avg", tasks, train),
-            Cell(rq, RETRIEVAL, RETRIEVAL, tasks, train),
-        ]
+        cells += baselines(rq, tasks, train)
     for v in ex.variants:
         cells += [
-            Cell(rq, v, "generator", tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))
+            Cell(rq, v, GENERATOR, tasks, train, (("variant", v),)) for rq, tasks in (("rq1", seen), ("rq2", held))
         ]
     base = baseline().name
     if ex.long_steps and base in ex.variants:  # the baseline is cheap per step: also give it the δ variants' wall time
@@ -74,7 +124,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
             Cell(
                 rq,
                 f"{base}, {ex.long_steps} steps (compute-matched)",
-                "generator",
+                GENERATOR,
                 tasks,
                 train,
                 (("variant", base), ("steps", ex.long_steps)),
@@ -87,7 +137,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         Cell(
             "ablations",
             f"{v} (main grid{', |P|=5, λ_δ=1' if VARIANTS[v].uses_delta else ': no δ loss'})",
-            "generator",
+            GENERATOR,
             seen + held,
             train,
             (("variant", v),),
@@ -96,7 +146,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         if v in ex.variants
     ]
     main_rows += [
-        Cell("rq3", f"{v}, all data, clean (main grid)", "generator", seen, train, (("variant", v),))
+        Cell("rq3", f"{v}, all data, clean (main grid)", GENERATOR, seen, train, (("variant", v),))
         for v in ex.rq3_variants
         if v in ex.variants
     ]
@@ -104,7 +154,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         Cell(
             "ablations",
             f"{a}, δ shuffled across tasks (control)",
-            "generator",
+            GENERATOR,
             seen + held,
             train,
             (("variant", a), ("shuffle_delta", True)),
@@ -114,7 +164,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         Cell(
             "ablations",
             f"{v}, prompts of another domain (control)",
-            "generator",
+            GENERATOR,
             seen + held,
             train,
             (("variant", v),),
@@ -127,26 +177,19 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     if ex.lodo_domain:
         lodo_train = tuple(t for t in preset.pool if domains[t] != ex.lodo_domain)
         lodo_eval = ex.lodo_eval or tuple(t for t in preset.pool if domains[t] == ex.lodo_domain)
-        lodo += [
-            Cell("rq2_lodo", "base model", "base", lodo_eval),
-            Cell("rq2_lodo", "oracle (the task's own LoRA)", "oracle", lodo_eval),
-            Cell("rq2_lodo", "mean of training adapters", "train_avg", lodo_eval, lodo_train),
-            Cell("rq2_lodo", RETRIEVAL, RETRIEVAL, lodo_eval, lodo_train),
-        ]
-        lodo += [Cell("rq2_lodo", v, "generator", lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
+        lodo += baselines("rq2_lodo", lodo_eval, lodo_train)
+        lodo += [Cell("rq2_lodo", v, GENERATOR, lodo_eval, lodo_train, (("variant", v),)) for v in ex.lodo_variants]
     rq3 = {
         v: [
-            Cell("rq3", f"{v}, {f:.0%} of the data", "generator", seen, train, (("variant", v), ("data_fraction", f)))
+            Cell("rq3", f"{v}, {f:.0%} of the data", GENERATOR, seen, train, (("variant", v), ("data_fraction", f)))
             for f in ex.fractions
         ]
         + [
-            Cell("rq3", f"{v}, weight noise σ={s:g}", "generator", seen, train, (("variant", v), ("weight_noise", s)))
+            Cell("rq3", f"{v}, weight noise σ={s:g}", GENERATOR, seen, train, (("variant", v), ("weight_noise", s)))
             for s in ex.weight_noise
         ]
         + [
-            Cell(
-                "rq3", f"{v}, {m:.0%} mislabelled", "generator", seen, train, (("variant", v), ("mislabel_fraction", m))
-            )
+            Cell("rq3", f"{v}, {m:.0%} mislabelled", GENERATOR, seen, train, (("variant", v), ("mislabel_fraction", m)))
             for m in ex.mislabel
         ]
         for v in ex.rq3_variants
@@ -154,16 +197,21 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     cheap_rq3 = [c for v, cs in rq3.items() if not VARIANTS[v].needs_base for c in cs]
     costly_rq3 = [c for v, cs in rq3.items() if VARIANTS[v].needs_base for c in cs]
     sweeps = [
-        Cell("ablations", f"{a}, |P|={p}", "generator", seen + held, train, (("variant", a), ("n_probes", p)))
+        Cell("ablations", f"{a}, |P|={p}", GENERATOR, seen + held, train, (("variant", a), ("n_probes", p)))
         for p in ex.probe_sizes
     ]
     sweeps += [
-        Cell("ablations", f"{a}, λ_δ={lam:g}", "generator", seen + held, train, (("variant", a), ("lambda_delta", lam)))
+        Cell("ablations", f"{a}, λ_δ={lam:g}", GENERATOR, seen + held, train, (("variant", a), ("lambda_delta", lam)))
         for lam in ex.lambdas
     ]
     # run order = priority: the negative control and every protocol before the costlier sweeps
     cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
     return cells
+
+
+def baselines(rq: str, tasks: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:
+    """One cell per baseline method (``Method.baseline``) on these tasks, with these training tasks."""
+    return [Cell(rq, m.label, m.name, tasks, train if m.uses_train else ()) for m in METHODS.values() if m.baseline]
 
 
 def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:

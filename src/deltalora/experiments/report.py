@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
+from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.results import read_results
 from deltalora.generator.variants import VARIANTS, baseline
 from deltalora.io import atomic_write_bytes
@@ -111,7 +112,7 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
                 m,
                 yerr=s,
                 capsize=3,
-                color=["#999" if cells[n]["method"] != "generator" else "#3a7" for n in names],
+                color=["#999" if cells[n]["method"] != GENERATOR else "#3a7" for n in names],
             )
             ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=60, ha="right", fontsize=7)
             ax.set_title(
@@ -222,6 +223,10 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
         "over the scored tasks); baselines without a seed or draw have n = 1.",
         "- KL is KL(reference ‖ adapter) of the first answer token; "
         "δ cosine and distance are to the task's reference δ.",
+        "- Baselines: " + "; ".join(f"{m.label}: {m.summary}" for m in METHODS.values() if m.baseline) + ".",
+        f"- Top-k retrieval mixture: k = {ex.get('mixture_k')}, temperature {ex.get('mixture_temperature')}; "
+        "parameter MSE is not defined at its rank k·r (—). "
+        f"Multi-task LoRA: the zoo's steps x {ex.get('multitask_step_factor')}.",
         "",
     ]
     if "domains" in any_rq:

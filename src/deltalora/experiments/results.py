@@ -11,9 +11,8 @@ import torch
 
 from deltalora.config import Preset
 from deltalora.errors import ArtifactError
-from deltalora.experiments.grid import METRICS, Cell
+from deltalora.experiments.grid import GENERATOR, METHODS, METRICS, Cell
 from deltalora.experiments.scoring import mean_std
-from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.io import atomic_write_json, read_json
 
 RESULTS_VERSION = 1
@@ -28,14 +27,12 @@ def summarize(cells_dir: Path, cell: Cell) -> dict | None:
         return None
     records = [read_json(f, "experiment cell") for f in files]
     per_task = {
-        t: {m: mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks
+        t: {m: _mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks
     }
     n_sets = len(records[0]["tasks"][cell.tasks[0]])
     sets = [[statistics.fmean(rec["tasks"][t][d]["acc"] for t in cell.tasks) for d in range(n_sets)] for rec in records]
     overall = {
-        m: mean_std(
-            [statistics.fmean(rec["tasks"][t][d][m] for t in cell.tasks) for rec in records for d in range(n_sets)]
-        )
+        m: _mean_std([_fmean([rec["tasks"][t][d][m] for t in cell.tasks]) for rec in records for d in range(n_sets)])
         for m in METRICS
     }
     summary = {
@@ -49,15 +46,28 @@ def summarize(cells_dir: Path, cell: Cell) -> dict | None:
         "per_seed_acc": [mean_std(s)["mean"] for s in sets],
         "per_task": per_task,
     }
-    if cell.method == "generator":
+    if all("train_seconds" in rec for rec in records):  # generators and the multi-task LoRA
         summary["train_seconds"] = mean_std([rec["train_seconds"] for rec in records])
+    if cell.method == GENERATOR:
         summary["n_params"] = records[0]["n_params"]
         summary["loss_curve"] = _loss_curve(Path(records[0]["generator"]) / "log.jsonl")
-    if cell.method == RETRIEVAL:
+    if "n_train" in records[0]:
+        summary["n_train"] = records[0]["n_train"]
+    if METHODS[cell.method].picks:
         summary["retrieved"] = {
             t: sorted({r["retrieved"] for rec in records for r in rec["tasks"][t]}) for t in cell.tasks
         }
     return summary
+
+
+def _fmean(xs: list[float | None]) -> float | None:
+    """The mean, or None where a metric is undefined for the method (a mixture's parameter MSE)."""
+    return None if any(x is None for x in xs) else statistics.fmean(xs)
+
+
+def _mean_std(xs: list[float | None]) -> dict | None:
+    """``mean_std``, or None where the metric is undefined for the method (the report shows a dash)."""
+    return None if any(x is None for x in xs) else mean_std(xs)
 
 
 def write_results(

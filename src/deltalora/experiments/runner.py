@@ -1,8 +1,9 @@
 """Running the grid's cells: trained generators, retrieval indexes and fixed adapters, scored and cached.
 
 Under ``<workspace>/experiments``: ``generators/<id>/`` (one per generator run),
-``retrieval/<id>/``, ``cells/<cell>/seed<k>.json`` (one per cell and generator seed) and
-``scores/`` (generated adapters' scores shared by the cells that read them).
+``retrieval/<id>/``, ``mixtures/<index id>/`` (top-k mixture adapters, one per task and prompt draw),
+``multitask/<id>/`` (one multi-task LoRA per set of training tasks), ``cells/<cell>/seed<k>.json`` (one per
+cell and generator seed) and ``scores/`` (generated adapters' scores shared by the cells that read them).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_pool
-from deltalora.experiments.grid import Cell, generator_preset
+from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset
+from deltalora.experiments.multitask import multitask_key, train_multitask
 from deltalora.experiments.scoring import Scorer
-from deltalora.generator.artifact import load_generator
+from deltalora.generator.artifact import LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.generate import choose_prompts, generate_tensors
+from deltalora.generator.mixture import MIXTURE, write_mixture
 from deltalora.generator.retrieval import RETRIEVAL, build_retrieval, retrieve
 from deltalora.generator.train import train_generator
 from deltalora.io import atomic_write_json, file_lock, read_json
@@ -44,6 +47,15 @@ class Runner:
         self.encoder = PromptEncoder(ws.prompt_cache, device=self.scorer.device)
         self._scored: dict[tuple, dict] = {}  # identical adapters (retrieval hits) are scored once
         self._mean_adapters: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self._gen: LoadedGenerator | None = None
+        # how each method's cell gets its score rows: one entry per METHODS key (checked here)
+        self._rows = {
+            GENERATOR: self._generator_rows,
+            RETRIEVAL: self._retrieval_rows,
+            MIXTURE: self._mixture_rows,
+            **{m: self._fixed_rows for m in ("base", "oracle", "train_avg", MULTITASK)},
+        }
+        assert set(self._rows) == set(METHODS), "every method of grid.METHODS needs its rows here"
 
     # ---------------------------------------------------------------- generators
     def generator_dir(self, preset: Preset, train: tuple[str, ...]) -> Path:
@@ -72,6 +84,15 @@ class Runner:
                 build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder)
         return out
 
+    def multitask_adapter(self, train: tuple[str, ...]) -> Path:
+        """The multi-task LoRA over these training tasks, trained if no process has trained it yet."""
+        out = self.root / "multitask" / multitask_key(self.preset, train)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(out.parent / f"{out.name}.lock", block=True):
+            if not (out / "record.json").exists():  # written last inside the atomic folder: present means complete
+                train_multitask(self.preset, self.tasks, train, out)
+        return out
+
     # ---------------------------------------------------------------- prompts
     def condition_prompts(self, cell: Cell, task: str) -> list[str]:
         """Train-split prompts of the scored task, or (control) of a task from another domain."""
@@ -86,8 +107,7 @@ class Runner:
         """Metrics and δ (as a list) of LoRA tensors on a task (None: the base model); cached by ``key``."""
         if key is not None and (task, *key) in self._scored:
             return self._scored[(task, *key)]
-        out, delta = self.scorer.score(task, tensors)
-        out["delta"] = [round(x, 6) for x in delta.tolist()]
+        out = _row(*self.scorer.score(task, tensors))
         if key is not None:
             self._scored[(task, *key)] = out
         return out
@@ -110,54 +130,96 @@ class Runner:
         return complete
 
     def _run_seed(self, cell: Cell, seed: int | None, f: Path) -> None:
-        ex = self.preset.experiment
         t0 = time.perf_counter()
         record: dict[str, Any] = {"cell": cell.name, "method": cell.method, "seed": seed, "tasks": {}}
-        if cell.method == "generator":
-            gen = load_generator(self.trained_generator(cell, seed), self.scorer.device)
-            record.update(generator=str(gen.folder), train_seconds=gen.card.train_seconds, n_params=gen.card.n_params)
-            for task in cell.tasks:
-                # scores are keyed by generator, prompt source and task, so cells that share them score once
-                key = self.root / "scores" / f"{gen.folder.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
-                if not key.exists():
-                    prompts = self.condition_prompts(cell, task)
-                    atomic_write_json(
-                        key,
-                        [
-                            self.score(task, generate_tensors(gen, self.encoder, prompts, stable_seed(task, seed, d)))
-                            for d in range(ex.draws)
-                        ],
-                    )
-                record["tasks"][task] = read_json(key, "experiment scores")
-        elif cell.method == RETRIEVAL:
-            index = self.retrieval_index(cell.train)
-            for task in cell.tasks:
-                rows = []
-                for d in range(ex.draws):
-                    prompts = choose_prompts(
-                        self.condition_prompts(cell, task), self.preset.generator.n_prompts, stable_seed(task, seed, d)
-                    )
-                    hit, folder = retrieve(index, prompts, self.encoder)
-                    rows.append(
-                        {
-                            **self.score(task, load_file(folder / "adapter_model.safetensors"), (RETRIEVAL, hit)),
-                            "retrieved": hit,
-                        }
-                    )
-                record["tasks"][task] = rows
-        else:
-            for task in cell.tasks:
-                record["tasks"][task] = [self.score(task, self.fixed_adapter(cell, task))]
+        record["tasks"] = {task: self._rows[cell.method](cell, seed, task, record) for task in cell.tasks}
         record["seconds"] = time.perf_counter() - t0
         atomic_write_json(f, record)
 
-    def fixed_adapter(self, cell: Cell, task: str) -> dict[str, torch.Tensor] | None:
-        """The adapter of a baseline cell: none (base), the task's own (oracle), or the training adapters' mean."""
+    def _draw(self, cell: Cell, seed: int, task: str, d: int) -> list[str]:
+        """The d-th prompt draw of a seed, the same for retrieval and the mixture (paired comparisons)."""
+        return choose_prompts(
+            self.condition_prompts(cell, task), self.preset.generator.n_prompts, stable_seed(task, seed, d)
+        )
+
+    def _generator_rows(self, cell: Cell, seed: int, task: str, record: dict) -> list[dict]:
+        ex = self.preset.experiment
+        folder = self.trained_generator(cell, seed)
+        if self._gen is None or self._gen.folder != folder:  # loaded once per cell and seed, not once per task
+            self._gen = load_generator(folder, self.scorer.device)
+        gen = self._gen
+        record.update(generator=str(gen.folder), train_seconds=gen.card.train_seconds, n_params=gen.card.n_params)
+        # scores are keyed by generator, prompt source and task, so cells that share them score once
+        key = self.root / "scores" / f"{gen.folder.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
+        if not key.exists():
+            prompts = self.condition_prompts(cell, task)
+            atomic_write_json(
+                key,
+                [
+                    self.score(task, generate_tensors(gen, self.encoder, prompts, stable_seed(task, seed, d)))
+                    for d in range(ex.draws)
+                ],
+            )
+        return read_json(key, "experiment scores")
+
+    def _retrieval_rows(self, cell: Cell, seed: int, task: str, record: dict) -> list[dict]:
+        index = self.retrieval_index(cell.train)
+        rows = []
+        for d in range(self.preset.experiment.draws):
+            hit, folder = retrieve(index, self._draw(cell, seed, task, d), self.encoder)
+            rows.append(
+                {
+                    **self.score(task, load_file(folder / "adapter_model.safetensors"), (RETRIEVAL, hit)),
+                    "retrieved": hit,
+                }
+            )
+        return rows
+
+    def _mixture_rows(self, cell: Cell, seed: int, task: str, record: dict) -> list[dict]:
+        """Per draw, the top-k mixture written as a PEFT folder (kept, so it can be inspected or reloaded) and
+        scored through PEFT's own loading: its rank k·r does not fit the scorer's rank-r swapper."""
+        ex, index = self.preset.experiment, self.retrieval_index(cell.train)
+        rows = []
+        for d in range(ex.draws):
+            name = f"k{ex.mixture_k}_t{ex.mixture_temperature:g}_{cell.prompts}"
+            folder = self.root / "mixtures" / index.name / name / f"{task}__seed{seed}_draw{d}"
+            if not (folder / "provenance.json").exists():  # written inside the atomic folder: present means complete
+                write_mixture(
+                    index,
+                    self._draw(cell, seed, task, d),
+                    self.encoder,
+                    ex.mixture_k,
+                    ex.mixture_temperature,
+                    folder,
+                    self.ws.protected,
+                )
+            prov = read_json(folder / "provenance.json", "mixture provenance")
+            picked = " + ".join(f"{w:.2f}·{t}" for t, w in zip(prov["tasks"], prov["weights"]))
+            rows.append({**_row(*self.scorer.score_folder(task, folder)), "retrieved": picked})
+        return rows
+
+    def _fixed_rows(self, cell: Cell, seed: int | None, task: str, record: dict) -> list[dict]:
+        return [self.score(task, self.fixed_adapter(cell, task, record))]
+
+    def fixed_adapter(self, cell: Cell, task: str, record: dict | None = None) -> dict[str, torch.Tensor] | None:
+        """The adapter of a baseline cell: none (base), the task's own (oracle), the training adapters' mean, or
+        the multi-task LoRA (its training time and items go into ``record``)."""
         if cell.method == "base":
             return None
         if cell.method == "oracle":
             return self.scorer.ref(task).ref_tensors[0]
+        if cell.method == MULTITASK:
+            folder = self.multitask_adapter(cell.train)
+            if record is not None:
+                info = read_json(folder / "record.json", "multi-task LoRA record")
+                record.update(adapter=str(folder), train_seconds=info["train_seconds"], n_train=info["n_train"])
+            return load_file(folder / "adapter_model.safetensors")
         if cell.train not in self._mean_adapters:  # one average per training set, not one per scored task
             sds = [self.scorer.tensors(self.scorer.final_adapters(t)[0]) for t in cell.train]
             self._mean_adapters[cell.train] = {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
         return self._mean_adapters[cell.train]
+
+
+def _row(metrics: dict, delta: torch.Tensor) -> dict:
+    """A score row: the scorer's metrics and δ as a rounded list (JSON)."""
+    return {**metrics, "delta": [round(x, 6) for x in delta.tolist()]}

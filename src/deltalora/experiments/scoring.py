@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftConfig
@@ -25,8 +26,11 @@ from deltalora.errors import ArtifactError
 from deltalora.lm.evaluate import accuracy, answer_logprobs
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
-from deltalora.zoo.adapters import AdapterSwapper
+from deltalora.zoo.adapters import AdapterSwapper, check_adapter
 from deltalora.zoo.manifest import Checkpoint, Manifest
+
+_SCORED = "scored"
+"""PEFT name of an adapter folder loaded for scoring beside the swapper's ``default``."""
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -140,6 +144,23 @@ class Scorer:
             out, delta = self.score_active(name)
         out["param_mse"] = self.param_mse(name, tensors)
         return out, delta
+
+    def score_folder(self, name: str, folder: str | Path) -> tuple[dict[str, float | None], torch.Tensor]:
+        """Metrics and δ of a PEFT adapter folder of any rank on the zoo's targets (e.g. a rank-k·r mixture),
+        loaded by PEFT beside the swapper's adapter and removed again; its parameter MSE is None (A and B of
+        another rank have no element-wise counterpart in the reference)."""
+        self.ref(name)
+        check_adapter(self.swapper.model.base_model.model, folder, self.preset.base)
+        try:
+            # PEFT's default device is the first GPU whenever one exists
+            self.model.load_adapter(str(folder), adapter_name=_SCORED, torch_device=str(self.device))
+            self.model.set_adapter(_SCORED)
+            out, delta = self.score_active(name)
+        finally:
+            self.model.set_adapter("default")
+            if _SCORED in self.model.peft_config:
+                self.model.delete_adapter(_SCORED)
+        return {**out, "param_mse": None}, delta
 
     def param_mse(self, name: str, tensors: dict[str, torch.Tensor] | None) -> float:
         """Mean squared difference to each reference adapter (None: the base model, a zero update)."""

@@ -79,12 +79,23 @@ def build_retrieval(
     return Path(out_dir)
 
 
-def retrieve(index_dir: str | Path, prompts: list[str], encoder: PromptEncoder) -> tuple[str, Path]:
-    """The nearest task (cosine of mean prompt embeddings) and its adapter folder."""
-    index_dir = Path(index_dir)
-    means = load_file(index_dir / "means.safetensors")
+def neighbours(index_dir: str | Path, prompts: list[str], encoder: PromptEncoder) -> list[tuple[str, float]]:
+    """Every indexed task with the cosine between its mean prompt embedding and the prompts', nearest first
+    (ties keep the index's task order)."""
+    means = load_file(Path(index_dir) / "means.safetensors")
     tasks = list(means)
     q = encoder.encode(prompts).mean(0)
     sims = torch.nn.functional.cosine_similarity(torch.stack([means[t] for t in tasks]), q[None], dim=1)
-    best = tasks[int(sims.argmax())]
-    return best, index_dir / "adapters" / best
+    order = sorted(range(len(tasks)), key=lambda i: -float(sims[i]))
+    return [(tasks[i], float(sims[i])) for i in order]
+
+
+def adapter_folder(index_dir: str | Path, task: str) -> Path:
+    """The copy of a task's reference adapter inside an index."""
+    return Path(index_dir) / "adapters" / task
+
+
+def retrieve(index_dir: str | Path, prompts: list[str], encoder: PromptEncoder) -> tuple[str, Path]:
+    """The nearest task (cosine of mean prompt embeddings) and its adapter folder."""
+    best = neighbours(index_dir, prompts, encoder)[0][0]
+    return best, adapter_folder(index_dir, best)
