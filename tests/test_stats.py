@@ -73,7 +73,7 @@ def test_smallest_detectable_effect_shrinks_with_more_tasks():
 
 
 def test_principal_basis_and_projection():
-    from deltalora.experiments.ceiling import principal_basis, project
+    from deltalora.generator.basis import principal_basis, project
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 40, generator=g, dtype=torch.float64)

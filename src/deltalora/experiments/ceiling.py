@@ -20,35 +20,13 @@ from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
+from deltalora.generator.basis import principal_basis, project
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.lm.evaluate import hits
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import AdapterSwapper, read_adapter
 from deltalora.zoo.manifest import Manifest
-
-
-def principal_basis(
-    x: torch.Tensor, exclude: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Mean, orthonormal directions [M', P] (largest variance first) and variance per direction of the rows of
-    ``x`` [M, P] (those not in ``exclude``), from the M×M Gram matrix: P is the adapter's size, M a few hundred."""
-    rows = x if exclude is None else x[~exclude]
-    mean = rows.mean(0)
-    c = (rows - mean).double()
-    evals, evecs = torch.linalg.eigh(c @ c.T)
-    order = torch.argsort(evals, descending=True)
-    evals, evecs = evals[order].clamp(min=0), evecs[:, order]
-    keep = evals > evals[0] * 1e-10
-    basis = (evecs[:, keep].T @ c) / evals[keep].sqrt()[:, None]
-    return mean, basis.to(x.dtype), (evals[keep] / len(rows)).numpy()
-
-
-def project(target: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, k: int) -> torch.Tensor:
-    """The best approximation of ``target`` in mean + span(first k directions) (least squares)."""
-    d = (target - mean).double()
-    top = basis[:k].double()
-    return (mean.double() + (top @ d) @ top).to(target.dtype)
 
 
 def _accuracy(swapper: AdapterSwapper, lt: LoraTokenizer, tokens: torch.Tensor, items, tok, preset: Preset) -> float:

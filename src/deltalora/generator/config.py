@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltalora.errors import require as _check
+from deltalora.generator.basis import HEADS
 from deltalora.generator.variants import VARIANTS
 
 
@@ -17,6 +18,11 @@ class GeneratorConfig:
     C (δ + KL first)."""
     n_prompts: int = 32
     """N prompts per condition batch, drawn fresh from a task's train split every step."""
+    head: str = "conv"
+    """How tokens are formed (``deltalora.generator.basis.HEADS``): conv (DnD's decoder), basis (the mean target
+    plus prompt-dependent coefficients on its principal directions), basis+conv (both, summed)."""
+    basis_rank: int = 32
+    """Principal directions of the training targets kept by a basis head."""
     channels: tuple[int, ...] = (64, 256)
     """Hidden channel counts of the hyper-convolutional decoder (between N and the T tokens)."""
     steps: int = 300
@@ -69,6 +75,8 @@ class GeneratorConfig:
             self.variant in VARIANTS, f"generator.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
         )
         _check(1 <= self.n_prompts <= 512, "generator.n_prompts must be in [1, 512]")
+        _check(self.head in HEADS, f"generator.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        _check(self.basis_rank >= 1, "generator.basis_rank must be >= 1")
         _check(all(c >= 1 for c in self.channels), "generator.channels must be positive")
         _check(self.steps >= 1 and self.stage1_steps >= 0, "generator.steps must be >= 1 and stage1_steps >= 0")
         _check(self.batch_size >= 1, "generator.batch_size must be >= 1")

@@ -128,8 +128,12 @@ class PromptToDelta(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Pool the prompt set (mean and std) and map it to δ."""
-        pooled = torch.cat([emb.mean(1), emb.std(1, unbiased=False)], -1)
-        return self.net(pooled)
+        return self.net(pooled(emb))
+
+
+def pooled(emb: torch.Tensor) -> torch.Tensor:
+    """A prompt set [B, N, d] as one vector [B, 2d]: the mean and the std over its prompts (order-free)."""
+    return torch.cat([emb.mean(1), emb.std(1, unbiased=False)], -1)
 
 
 def n_params(module: nn.Module) -> int:

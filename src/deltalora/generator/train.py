@@ -65,6 +65,8 @@ def _setup(
     cfg = preset.generator
     data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache, device)
     model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1]).to(device)
+    if model.out.basis:
+        model.basis.fit(data.tokens)
     needs_base = VARIANTS[cfg.variant].needs_base
     exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes, device) if needs_base else None
     return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world, dtype)
