@@ -96,6 +96,7 @@ def test_zoo_results_select_on_validation_with_paired_intervals(parts_zoo, tmp_p
         lo, hi = r["gain_ci95"]
         assert lo <= r["gain"] + 1e-9 and r["gain"] - 1e-9 <= hi
     assert z["n_selected"] == sum(r["passes_min_gain"] for r in rows) and z["n_counted"] == 0  # < 100 items
+    assert z["n_candidates"] == len(p.pool) == z["n_measured"] == 2
     assert set(z["stage_seconds"]) == {"base_eval", "train", "lora_eval"}
     assert "| syn.add |" in (tmp_path / "z.md").read_text()
 

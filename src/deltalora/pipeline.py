@@ -66,7 +66,8 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
             f"{z['n_adapter_runs']} runs, {z['n_checkpoints']} checkpoints; build wall time "
             f"{z['build_wall_seconds'] / 60:.1f} min on this machine (sum over runs and base evaluations).",
             "",
-            f"Selection: {z['selection']}. {z['n_selected']} of {z['n_candidates']} tasks selected; "
+            f"Selection: {z['selection']}. {z['n_selected']} of {z['n_measured']} measured tasks selected "
+            f"({z['n_candidates']} candidates); "
             f"{z['n_counted']} counted ({z['counted_note']}) in {len(z['counted_per_domain'])} domains, "
             f"{z['domains_with_4_counted']} of them with 4 or more. Stage times (s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in z["stage_seconds"].items())

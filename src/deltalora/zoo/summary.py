@@ -118,7 +118,8 @@ def zoo_results(
         "zoo": dataclasses.asdict(preset.zoo),
         "selection": f"LoRA gain >= {preset.zoo.min_gain} over the base model on the "
         + ("validation split (carved from train)" if preset.tasks.n_val else "test split"),
-        "n_candidates": len(rows),
+        "n_candidates": len(preset.pool),
+        "n_measured": len(rows),
         "n_selected": len(selected),
         "n_counted": len(counted),
         "counted_note": f"selected tasks with >= {COUNTED_MIN_ITEMS} train and >= {COUNTED_MIN_ITEMS} test items",
