@@ -21,11 +21,12 @@ from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
 from deltalora.generator.basis import principal_basis, project
+from deltalora.generator.dataset import zoo_targets
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.lm.evaluate import hits
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
-from deltalora.zoo.adapters import AdapterSwapper, read_adapter
+from deltalora.zoo.adapters import AdapterSwapper
 from deltalora.zoo.manifest import Manifest
 
 
@@ -53,10 +54,8 @@ def target_ceiling(
         raise ArtifactError(
             f"{ws.manifest}: scored task(s) {missing} have no final checkpoint among the training tasks"
         )
-    config, first = read_adapter(ws.zoo / ckpts[0].path, ckpts[0].sha256)
-    sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
-    lt = LoraTokenizer.from_state_dict(first).fit(sds)
-    x = torch.stack([lt.encode(sd).flatten() for sd in sds])
+    config, lt, tokens = zoo_targets(ws, ckpts)
+    x = tokens.flatten(1)
     _, _, var = principal_basis(x)
     cum = np.cumsum(var) / var.sum()
     result = {

@@ -25,7 +25,7 @@ from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import read_adapter
-from deltalora.zoo.manifest import Manifest
+from deltalora.zoo.manifest import Checkpoint, Manifest
 
 
 @dataclass
@@ -80,10 +80,7 @@ def training_set(
         raise GeneratorError(
             f"zoo checkpoints without δ (|P|={cfg.n_probes}), e.g. {no_delta[0]}; run `deltalora delta compute`"
         )
-    adapter_cfg, first = read_adapter(ws.zoo / ckpts[0].path, ckpts[0].sha256)
-    sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
-    tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
-    tokens = torch.stack([tokenizer.encode(sd) for sd in sds])
+    adapter_cfg, tokenizer, tokens = zoo_targets(ws, ckpts)
     deltas = torch.stack([all_deltas[c.path] for c in ckpts])
     tasks = list(train_tasks)
     ckpt_task = torch.tensor([tasks.index(c.task) for c in ckpts])  # device: cpu - bookkeeping read by int()
@@ -105,6 +102,15 @@ def training_set(
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
     return TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, emb, adapter_cfg), tokenizer.to(device)
+
+
+def zoo_targets(ws: Workspace, ckpts: list[Checkpoint]) -> tuple[dict, LoraTokenizer, torch.Tensor]:
+    """The checkpoints' adapter config, a LoRA tokenizer fitted on them, and their normalised tokens [M, T, width]
+    (each file's sha256 checked before it is parsed)."""
+    adapter_cfg, first = read_adapter(ws.zoo / ckpts[0].path, ckpts[0].sha256)
+    sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
+    tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
+    return adapter_cfg, tokenizer, torch.stack([tokenizer.encode(sd) for sd in sds])
 
 
 def _fraction(xs: list, f: float, rng: random.Random) -> list:
