@@ -300,12 +300,15 @@ def test_rebuild_with_different_config_is_refused(reference_zoo, two_task_preset
 
 
 def test_resume_under_speed_only_settings_trains_nothing(reference_zoo, two_task_preset, tmp_path, monkeypatch):
-    """micro_batch, prefix sharing and the eval batch change speed, not adapters: a built zoo resumes under new ones."""
+    """micro_batch, prefix sharing, the eval batch and the selection threshold do not change adapters: a built zoo
+    resumes under new ones."""
     ws_ref, manifest = reference_zoo
     shutil.copytree(ws_ref.zoo, Workspace(tmp_path).zoo)
     monkeypatch.setattr(zoo_mod, "_run_job", lambda *a: pytest.fail("a finished run was trained again"))
     faster = two_task_preset.replace(
-        zoo=dataclasses.replace(two_task_preset.zoo, micro_batch=2, min_shared_prefix=0, eval_batch_size=3)
+        zoo=dataclasses.replace(
+            two_task_preset.zoo, micro_batch=2, min_shared_prefix=0, eval_batch_size=3, min_gain=0.2
+        )
     )
     assert build_zoo(faster, Workspace(tmp_path)) == manifest
 

@@ -130,15 +130,16 @@ def build_zoo(
     return Manifest.from_file(ws.manifest)
 
 
-# same loss and gradients whatever their value (tested), so a zoo may resume under new ones
-_SPEED_ONLY = ("micro_batch", "min_shared_prefix", "eval_batch_size")
+# same adapters whatever their value (speed: same loss and gradients, tested; min_gain: read by the summary
+# only), so a zoo may resume under new ones
+_SPEED_ONLY = ("micro_batch", "min_shared_prefix", "eval_batch_size", "min_gain")
 
 
 def _check_same_preset(ws: Workspace, preset: Preset) -> None:
     """Resuming with different hyper-parameters would mix incompatible adapters in one zoo.
 
     Adding seeds or tasks only adds runs, so ``zoo.seeds`` (and the pool) may change, and so
-    may the fields that set speed but not the adapters (``_SPEED_ONLY``).
+    may the fields that set speed or selection but not the adapters (``_SPEED_ONLY``).
     """
     f = ws.zoo_config
     if f.exists():
