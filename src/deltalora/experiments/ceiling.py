@@ -67,8 +67,7 @@ def target_ceiling(
         "n_test": n_test,
         "tasks": {},
     }
-    base, tok = load_base(preset.base)
-    base.to(runtime(preset.runtime).device)
+    base, tok = load_base(preset.base, runtime(preset.runtime).device)
     swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpts[0].path)), preset.base)
     task_of = np.array([c.task for c in ckpts])
     try:
