@@ -59,7 +59,7 @@ def _load(results, rq):
     return json.loads((results / f"{rq}.json").read_text())
 
 
-def test_every_rq_file_and_cell_is_written(run, tiny_preset):
+def test_every_rq_file_and_cell_is_written(run, ws, tiny_preset):
     results, _ = run
     for rq in RQ_FILES:
         assert (results / f"{rq}.json").exists(), rq
@@ -73,6 +73,14 @@ def test_every_rq_file_and_cell_is_written(run, tiny_preset):
         for t in ex.seen_eval:
             assert 0.0 <= cell["per_task"][t]["acc"]["mean"] <= 1.0
         assert cell["loss_curve"], "loss curve recorded"
+    # every scored adapter keeps its per-item hits (for paired tests), whose mean is its accuracy
+    records = sorted(ws.experiments.glob("cells/rq1__*/seed*.json"))
+    assert records
+    for rec in records:
+        for rows in json.loads(rec.read_text())["tasks"].values():
+            for r in rows:
+                assert 1 <= len(r["hits"]) <= ex.n_test
+                assert sum(r["hits"]) / len(r["hits"]) == pytest.approx(r["acc"])
     oracle, base = rq1["cells"]["oracle (the task's own LoRA)"], rq1["cells"]["base model"]
     assert oracle["overall"]["param_mse"]["mean"] == 0.0 and oracle["overall"]["kl"]["mean"] == pytest.approx(
         0.0, abs=1e-6

@@ -23,7 +23,7 @@ from deltalora.delta.compute import load_deltas
 from deltalora.delta.probes import DeltaProbe
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
-from deltalora.lm.evaluate import accuracy, answer_logprobs
+from deltalora.lm.evaluate import answer_logprobs, hits
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import AdapterSwapper, check_adapter
@@ -127,7 +127,11 @@ class Scorer:
         return self._refs[name]
 
     def _acc(self, items) -> float:
-        return accuracy(self.model, self.tok, items, self.preset.zoo.eval_batch_size, self.preset.zoo.max_length)
+        return statistics.fmean(self._hits(items))
+
+    def _hits(self, items) -> list[int]:
+        z = self.preset.zoo
+        return [int(h) for h in hits(self.model, self.tok, items, z.eval_batch_size, z.max_length)]
 
     @torch.inference_mode()
     def _logprobs(self, prompts: list[str]) -> torch.Tensor:
@@ -175,8 +179,10 @@ class Scorer:
         delta = self.probe.delta(self.model).cpu()
         lp = self._logprobs(ref.kl_prompts)
         kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
+        scored = self._hits(ref.items)  # kept per item: paired tests across methods on the same items
         return {
-            "acc": self._acc(ref.items),
+            "acc": statistics.fmean(scored),
+            "hits": scored,
             "delta_dist": (delta - ref.ref_delta).norm().item(),
             "delta_cos": cos(delta, ref.ref_delta),
             "kl": kl,
