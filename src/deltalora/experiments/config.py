@@ -66,12 +66,28 @@ class ExperimentConfig:
     mixed_variants: tuple[str, ...] = ("dnd", "A2", "B")
     """RQ4: variants given half the prompts from each task of a pair."""
 
+    folds: int = 0
+    """Cross-validation (``--only cv``): tasks dealt into this many folds stratified by domain, each held out
+    once from every generator and baseline; 0 = none."""
+    fold_seed: int = 0
+    """Seed of the fold assignment."""
+    cv_variants: tuple[str, ...] = ("dnd",)
+    """Generators trained in every fold; each is compared with every baseline but the oracle (Holm over all)."""
+
     def __post_init__(self) -> None:
         _check(
             not set(self.held_out) & set(self.seen_eval),
             "experiment.held_out and experiment.seen_eval must not overlap",
         )
-        for v in (*self.variants, *self.lodo_variants, *self.rq3_variants, *self.mixed_variants, self.ablation_variant):
+        _check(self.folds == 0 or self.folds >= 2, "experiment.folds must be 0 (off) or >= 2")
+        for v in (
+            *self.cv_variants,
+            *self.variants,
+            *self.lodo_variants,
+            *self.rq3_variants,
+            *self.mixed_variants,
+            self.ablation_variant,
+        ):
             _check(v in VARIANTS, f"experiment: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
         _check(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),

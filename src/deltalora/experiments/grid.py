@@ -18,7 +18,7 @@ from deltalora.generator.mixture import MIXTURE
 from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.generator.variants import VARIANTS, baseline
 
-RQS = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations")
+RQS = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations", "cv")
 METRICS = ("acc", "param_mse", "delta_dist", "delta_cos", "kl")
 
 GENERATOR = "generator"

@@ -14,6 +14,7 @@ from deltalora.config import Preset
 from deltalora.data.registry import TaskSpec
 from deltalora.errors import ConfigError, UsageError
 from deltalora.experiments.composition import run_composition
+from deltalora.experiments.cv import CV, cv_cells, write_cv
 from deltalora.experiments.grid import RQS, Cell, plan
 from deltalora.experiments.results import write_results
 from deltalora.experiments.runner import Runner
@@ -43,7 +44,7 @@ def run_experiment(
     results_dir = Path(results_dir)
     own_dir(ws.experiments, "experiment")  # a folder that deltalora did not write is refused, not filled
     runner = Runner(preset, ws, results_dir, extra)
-    cells = plan(preset, runner.domains)
+    cells = plan(preset, runner.domains) + cv_cells(preset, runner.domains)
     wanted = set(only or RQS)
     main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]
     rest = [c for c in cells if c.rq in wanted and c not in main]
@@ -56,7 +57,12 @@ def run_experiment(
     files: dict[str, Path] = {}
 
     def results(rq: str) -> None:
-        files[rq] = write_results(preset, runner.root / "cells", results_dir, cells, rq, runner.domains, deltas)
+        cells_dir = runner.root / "cells"
+        files[rq] = (
+            write_cv(preset, cells_dir, results_dir, cells)
+            if rq == CV
+            else write_results(preset, cells_dir, results_dir, cells, rq, runner.domains, deltas)
+        )
 
     skipped: list[Cell] = []
     bar = tqdm(total=len(main) + len(rest) + ("rq4" in wanted), desc="experiment", unit="cell", disable=not progress)
@@ -85,7 +91,7 @@ def run_experiment(
         for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
             runner.run_cell(cell, wait=True)
             results(cell.rq)
-        for rq in wanted - {"rq4"}:
+        for rq in wanted - {"rq4"} - ({CV} if not preset.experiment.folds else set()):
             results(rq)
     finally:
         runner.scorer.close()

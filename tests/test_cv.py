@@ -1,0 +1,49 @@
+"""Cross-validation over tasks: folds stratified by domain, every task held out once, paired tests with Holm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+from deltalora.cli import app
+from deltalora.delta.compute import delta_stage
+from deltalora.errors import ConfigError
+from deltalora.experiments.cv import family_folds
+from deltalora.workspace import Workspace
+
+
+def test_folds_cover_every_task_once_and_spread_each_domain():
+    domains = {f"{d}{i}": d for d in "abc" for i in range(5)} | {"z0": "z"}
+    folds = family_folds(domains, 4, seed=1)
+    flat = [t for f in folds for t in f]
+    assert sorted(flat) == sorted(domains) and len(flat) == len(set(flat))
+    for d in "abc":  # 5 tasks of a domain over 4 folds: 1 or 2 per fold
+        counts = Counter(sum(domains[t] == d for t in f) for f in folds)
+        assert set(counts) <= {1, 2}
+    assert family_folds(domains, 4, seed=1) == folds and family_folds(domains, 4, seed=2) != folds
+    with pytest.raises(ConfigError, match="experiment.folds"):
+        family_folds(domains, 1)
+
+
+def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_zoo.workspace, ws.root)
+    delta_stage(tiny_zoo.preset, ws, (5,))
+    out = tmp_path / "results"
+    args = ["experiment", "--preset", "tiny", "-w", str(ws.root), "--results-dir", str(out), "--only", "cv"]
+    sets = ["--set", "experiment.folds=2", "--set", "experiment.seeds=0", "--set", "experiment.draws=1"]
+    r = CliRunner().invoke(app, [*args, *sets])
+    assert r.exit_code == 0, r.output
+    cv = json.loads((out / "cv.json").read_text())
+    pool = set(tiny_zoo.preset.pool)
+    for name, m in cv["methods"].items():
+        assert set(m["per_task"]) == pool, name  # every task scored once, held out from its fold's training
+    assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
+    for c in cv["comparisons"].values():
+        assert c["across_tasks"]["n_tasks"] == 4 and 0 <= c["p_holm"] <= 1
+        assert c["p_holm"] >= c["across_tasks"]["p_wilcoxon"] - 1e-12  # Holm never lowers a p-value
+        assert c["verdict"] in ("better", "worse", "not detected")
