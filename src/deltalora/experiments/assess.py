@@ -11,6 +11,7 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
+from deltalora.experiments.grid import METRICS
 from deltalora.experiments.scoring import Scorer, mean_std
 from deltalora.generator.artifact import load_generator
 from deltalora.generator.encoder import PromptEncoder
@@ -54,7 +55,8 @@ def assess_generator(
                 gen_seconds.append(time.perf_counter() - t0)
                 rows.append(scorer.score(name, tensors)[0])
             ref = scorer.ref(name)
-            per_task[name] = {k: mean_std([r[k] for r in rows]) for k in rows[0]}
+            per_task[name] = {k: mean_std([r[k] for r in rows]) for k in METRICS}
+            per_task[name]["hits"] = [r["hits"] for r in rows]  # per draw, per item: for paired comparisons
             per_task[name]["reference_acc"] = mean_std(ref.ref_acc)
             per_task[name]["base_acc"] = ref.base_acc
             per_task[name]["n_test"] = len(ref.items)
