@@ -13,9 +13,9 @@ from deltalora.cli import app
 from deltalora.config import TaskConfig
 from deltalora.data.registry import FAMILY_CANDIDATES, FAMILY_PAIRS
 from deltalora.data.tasks import load_task, resolve_spec
-from deltalora.delta.analysis import cosine_distance
+from deltalora.delta.analysis import cosine_distance, cosine_distance_from_gram, gram
 from deltalora.delta.protocol import _additivity
-from deltalora.delta.separation import centred, cosine_distance_from_gram, delta_w_gram, gram, nn_accuracy, separation
+from deltalora.delta.separation import centred, delta_w_gram, nn_accuracy, separation
 from deltalora.presets import get_preset
 from deltalora.workspace import Workspace
 from deltalora.zoo.build import build_zoo

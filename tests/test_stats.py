@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from deltalora.experiments.stats import (
+from deltalora.stats import (
     across_tasks,
     bootstrap_items,
     holm,

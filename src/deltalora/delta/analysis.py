@@ -14,11 +14,27 @@ from deltalora.zoo.manifest import Manifest
 
 
 def cosine_distance(x: np.ndarray) -> np.ndarray:
-    """The paper's distance clip(1 − cos, 0, 1), with an exact zero diagonal."""
-    unit = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
-    d = np.clip(1.0 - unit @ unit.T, 0.0, 1.0)
+    """The paper's distance clip(1 − cos, 0, 1) between the rows of ``x``, with an exact zero diagonal."""
+    return cosine_distance_from_gram(gram(x))
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """Inner products of the rows, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return x @ x.T
+
+
+def cosine_distance_from_gram(g: np.ndarray) -> np.ndarray:
+    """``cosine_distance`` of rows known only by their Gram matrix (a zero row is at distance 1 from all)."""
+    norm = np.sqrt(np.clip(np.diag(g), 1e-24, None))
+    d = np.clip(1.0 - g / np.outer(norm, norm), 0.0, 1.0)
     np.fill_diagonal(d, 0.0)
     return d
+
+
+def flat_weights(adapters: Sequence[dict[str, torch.Tensor]]) -> np.ndarray:
+    """Each adapter's tensors flattened and concatenated in key order, one row per adapter."""
+    return np.stack([np.concatenate([t[k].flatten().numpy() for k in sorted(t)]) for t in adapters])
 
 
 def silhouette(x: np.ndarray, labels: Sequence[str]) -> float:

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from scipy import stats
 
 from deltalora.config import DeltaConfig, Preset
 from deltalora.data.registry import TaskSpec
-from deltalora.delta.analysis import cos, plot_map
+from deltalora.delta.analysis import cos, cosine_distance_from_gram, flat_weights, gram, plot_map
 from deltalora.delta.compute import compute_zoo_deltas
-from deltalora.delta.separation import centred, cosine_distance_from_gram, delta_w_gram, gram, separation
+from deltalora.delta.separation import centred, delta_w_gram, separation
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
 from deltalora.io import atomic_write_bytes, atomic_write_json
 from deltalora.lm.models import load_base
+from deltalora.stats import t_interval
 from deltalora.workspace import Workspace
 from deltalora.zoo.build import build_zoo
 from deltalora.zoo.manifest import Checkpoint
@@ -142,9 +142,7 @@ def _separation(
     """Separation by task and by family for every representation, raw and with the mean direction removed."""
     tensors = [load_file(ws.zoo / c.path / "adapter_model.safetensors") for c in singles]
     grams = {f"delta_p{n}": gram(np.stack([d[c.path].numpy() for c in singles])) for n, d in deltas.items()}
-    grams["flat_weights"] = gram(
-        np.stack([np.concatenate([t[k].flatten().numpy() for k in sorted(t)]) for t in tensors])
-    )
+    grams["flat_weights"] = gram(flat_weights(tensors))
     grams["delta_w"] = delta_w_gram(tensors)
     labels = {"task": [c.task for c in singles], "family": [family_of[c.task] for c in singles]}
     return {
@@ -166,11 +164,11 @@ def _additivity(
     out = {}
     for view, shift in (("raw", torch.zeros_like(mean)), ("mean_removed", mean)):
         rows = []
+        d = {t: v - shift for t, v in first.items()}
         for c in finals:
             if not c.is_pair:
                 continue
             a, b = c.pair_of
-            d = {t: v - shift for t, v in first.items()}
             d_ab = deltas[c.path] - shift
             others = [t for t in d if family_of[t] not in (family_of[a], family_of[b])]
             control = [cos(d_ab, d[a] + d[o]) for o in others] + [cos(d_ab, d[o] + d[b]) for o in others]
@@ -186,11 +184,8 @@ def _additivity(
         gap = np.array([r["cos_sum"] - r["cos_control"] for r in rows if r["cos_control"] is not None])
         summary = {"pairs": rows}
         if len(gap) >= 2:
-            ci = stats.ttest_1samp(gap, 0.0).confidence_interval(0.95)
-            summary["sum_minus_control"] = {
-                "mean": round(float(gap.mean()), 4),
-                "ci95": [round(float(ci.low), 4), round(float(ci.high), 4)],
-            }
+            ti = t_interval(gap)
+            summary["sum_minus_control"] = {"mean": round(ti["mean"], 4), "ci95": [round(x, 4) for x in ti["ci"]]}
         out[view] = summary
     return out
 

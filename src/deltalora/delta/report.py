@@ -7,19 +7,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from deltalora.delta.analysis import additivity, plot_map, silhouette
+from deltalora.delta.analysis import additivity, flat_weights, plot_map, silhouette
 from deltalora.delta.compute import load_deltas
 from deltalora.io import atomic_write_json, read_json
 from deltalora.workspace import Workspace
 from deltalora.zoo.manifest import Manifest
-
-
-def _flat_weights(zoo_root: Path, paths: list[str]) -> np.ndarray:
-    rows = []
-    for p in paths:
-        t = load_file(zoo_root / p / "adapter_model.safetensors")
-        rows.append(np.concatenate([t[k].flatten().numpy() for k in sorted(t)]))
-    return np.stack(rows)
 
 
 def _silhouette_or_none(x: np.ndarray, labels: list[str]) -> float | None:
@@ -55,7 +47,9 @@ def delta_report(
         "n_domains": len(set(labels)),
         "unit": "final checkpoint of each (task, seed) run; labels = task domain; distance clip(1-cos, 0, 1)",
         "silhouette_delta": _silhouette_or_none(x, labels),
-        "silhouette_flat_weights": _silhouette_or_none(_flat_weights(ws.zoo, paths), labels),
+        "silhouette_flat_weights": _silhouette_or_none(
+            flat_weights([load_file(ws.zoo / p / "adapter_model.safetensors") for p in paths]), labels
+        ),
         "silhouette_delta_by_probes": {},
         "additivity": additivity(deltas5, manifest),
     }

@@ -14,12 +14,6 @@ import torch
 from sklearn.metrics import silhouette_score
 
 
-def gram(x: np.ndarray) -> np.ndarray:
-    """Inner products of the rows, in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    return x @ x.T
-
-
 def delta_w_gram(adapters: Sequence[dict[str, torch.Tensor]], scale: float = 1.0) -> np.ndarray:
     """Gram matrix of the adapters' ΔW = scale·B·A over every LoRA module, from r×r products only:
     <B₁A₁, B₂A₂>_F = tr((B₁ᵀB₂)(A₂A₁ᵀ))."""
@@ -39,14 +33,6 @@ def centred(g: np.ndarray) -> np.ndarray:
     """The Gram matrix of the rows minus their mean (the common direction removed)."""
     j = np.eye(len(g)) - 1.0 / len(g)
     return j @ g @ j
-
-
-def cosine_distance_from_gram(g: np.ndarray) -> np.ndarray:
-    """clip(1 − cos, 0, 1) with an exact zero diagonal, as ``analysis.cosine_distance`` on the rows."""
-    norm = np.sqrt(np.clip(np.diag(g), 1e-24, None))
-    d = np.clip(1.0 - g / np.outer(norm, norm), 0.0, 1.0)
-    np.fill_diagonal(d, 0.0)
-    return d
 
 
 def nn_accuracy(dist: np.ndarray, labels: np.ndarray) -> float:

@@ -19,8 +19,9 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.grid import GENERATOR, METHODS, Cell, baselines
-from deltalora.experiments.stats import across_tasks, bootstrap_items, holm, verdict
-from deltalora.io import atomic_write_json, read_json
+from deltalora.experiments.results import cell_records
+from deltalora.io import atomic_write_json
+from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
 CV = "cv"
 
@@ -63,8 +64,7 @@ def _per_task(cells_dir: Path, cells: list[Cell]) -> tuple[dict[str, float], dic
     """A method's accuracy per task and its hit rate per item (averaged over seeds and prompt draws)."""
     acc, item_hits = {}, {}
     for cell in cells:
-        files = sorted((cells_dir / cell.id).glob("seed*.json")) + sorted((cells_dir / cell.id).glob("all.json"))
-        rows = [read_json(f, "experiment cell")["tasks"] for f in files]
+        rows = [rec["tasks"] for rec in cell_records(cells_dir, cell)]
         for t in cell.tasks:
             runs = [r for rec in rows for r in rec.get(t, [])]
             if runs:

@@ -21,11 +21,9 @@ RESULTS_VERSION = 1
 
 def summarize(cells_dir: Path, cell: Cell) -> dict | None:
     """Mean ± std of every metric over the cell's adapter sets, per task and overall; None if nothing ran."""
-    out_dir = cells_dir / cell.id
-    files = sorted(out_dir.glob("seed*.json")) + sorted(out_dir.glob("all.json"))
-    if not files:
+    records = cell_records(cells_dir, cell)
+    if not records:
         return None
-    records = [read_json(f, "experiment cell") for f in files]
     per_task = {
         t: {m: _mean_std([r[m] for rec in records for r in rec["tasks"][t]]) for m in METRICS} for t in cell.tasks
     }
@@ -68,6 +66,13 @@ def _fmean(xs: list[float | None]) -> float | None:
 def _mean_std(xs: list[float | None]) -> dict | None:
     """``mean_std``, or None where the metric is undefined for the method (the report shows a dash)."""
     return None if any(x is None for x in xs) else mean_std(xs)
+
+
+def cell_records(cells_dir: Path, cell: Cell) -> list[dict]:
+    """The cached records of a cell: one per generator seed (``seed<k>.json``), or ``all.json`` if unseeded."""
+    out_dir = cells_dir / cell.id
+    files = sorted(out_dir.glob("seed*.json")) + sorted(out_dir.glob("all.json"))
+    return [read_json(f, "experiment cell") for f in files]
 
 
 def write_results(

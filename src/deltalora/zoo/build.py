@@ -99,9 +99,7 @@ def build_zoo(
         atomic_write_json(ws.zoo_config, preset.to_dict())
     jobs = info.shard(jobs_for(preset, {n: t.domain for n, t in tasks.items()}))
     todo = [j for j in jobs if not ws.run_record(j.run_id).exists()]
-    my_tasks = {n: tasks[n] for n in info.shard(list(tasks))}
-    if not preset.zoo.evaluate:
-        my_tasks = {}
+    my_tasks = {n: tasks[n] for n in info.shard(list(tasks))} if preset.zoo.evaluate else {}
     if todo or any(not ws.base_record(n).exists() for n in my_tasks):
         base, tok = load_base(preset.base, rt.device)
         for name, task in tqdm(my_tasks.items(), desc="base accuracy", unit="task", leave=False):

@@ -7,12 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from deltalora.config import Preset
 from deltalora.data.registry import DROPPED, TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.io import atomic_write_bytes, atomic_write_json, read_json
+from deltalora.stats import t_interval
 from deltalora.workspace import Workspace
 from deltalora.zoo.manifest import RunRecord
 
@@ -77,10 +77,7 @@ def _paired_interval(base_hits: list[int] | None, run_hits: list[list[int] | Non
     if not base_hits or not all(run_hits):
         return None
     diff = np.mean(np.array(run_hits, dtype=float), 0) - np.array(base_hits, dtype=float)
-    if np.ptp(diff) == 0:  # every item moved alike: the interval is the point (scipy would return nan)
-        return [round(float(diff[0]), 4)] * 2
-    ci = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
-    return [round(float(ci.low), 4), round(float(ci.high), 4)]
+    return [round(x, 4) for x in t_interval(diff)["ci"]]
 
 
 def zoo_results(
