@@ -13,7 +13,15 @@ from deltalora.config import ZooConfig
 from deltalora.data.items import Item
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.errors import AdapterError
-from deltalora.lm.evaluate import accuracy, answer_span, choice_scores, choice_scores_unshared, encode, greedy_answers
+from deltalora.lm.evaluate import (
+    accuracy,
+    answer_span,
+    answer_token_logprobs,
+    choice_scores,
+    choice_scores_unshared,
+    encode,
+    greedy_answers,
+)
 from deltalora.lm.models import load_base, tiny_llama
 from deltalora.zoo.adapters import AdapterSwapper, check_adapter, load_adapter, lora_config, read_adapter
 
@@ -298,6 +306,20 @@ def test_choice_scores_are_log_probability_per_byte(tiny_base):
             logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0], -1)
         total = sum(logp[i - 1, full[i]].item() for i in range(len(p), len(full)))
         assert s == pytest.approx(total / len((" " + c).encode()), abs=1e-4)
+
+
+def test_answer_token_logprobs_cover_every_answer_token(tiny_base):
+    """One row per gold-answer token, items in order and batching aside equal to one unpadded forward each."""
+    model, tok = tiny_base
+    items = [Item("2 plus 2 equals", "four and more"), Item("a longer prompt, padded less", "5"), Item("x", "y z")]
+    rows = answer_token_logprobs(model, tok, items, max_length=48, batch_size=2)
+    want = []
+    for it in items:
+        ids, n_p = encode(tok, it.prompt, it.completion(), 48)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        want.append(logp[n_p - 1 : len(ids) - 1])
+    assert torch.allclose(rows, torch.cat(want), atol=1e-5)
 
 
 def test_accuracy_mc_and_exact(tiny_tasks, tiny_base):

@@ -24,6 +24,7 @@ from deltalora.generator.loss import ExactBehaviour, GeneratorLoss
 from deltalora.generator.model import Generator
 from deltalora.generator.retrieval import build_retrieval, retrieve
 from deltalora.generator.train import train_generator
+from deltalora.generator.validation import Validation
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
@@ -200,6 +201,58 @@ def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypa
     a, b = load_generator(full).model.state_dict(), load_generator(cut).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _log(cut)] == list(range(1, 9))
+
+
+def _val_preset(ws, **gen):
+    return apply_overrides(_preset(ws, **gen), ["tasks.n_val=4"])
+
+
+def test_validation_keeps_the_best_generator_and_resumes_with_it(ws, tmp_path, monkeypatch, encoder):
+    """The saved generator is the validated step of lowest loss, not the last one (re-measured on the saved
+    weights), and a run killed after a save resumes to the same generator, its best included."""
+    preset = _val_preset(ws, variant="dnd", steps=8, save_every=4, val_every=2, lr=0.3)
+    real_update = Validation.update
+
+    def step_4_best(self, model, step):  # the loss keeps falling here: make step 4 the best, so restoring matters
+        real_loss = self.loss
+        self.loss = lambda m: real_loss(m) + (0.0 if step == 4 else 1.0)
+        try:
+            return real_update(self, model, step)
+        finally:
+            del self.loss
+
+    monkeypatch.setattr(Validation, "update", step_4_best)
+    full = tmp_path / "full"
+    card = train_generator(preset, ws.ws, full, list(preset.pool), progress=False)
+    vals = {r["step"]: r["val_loss"] for r in _log(full) if "val_loss" in r}
+    assert sorted(vals) == [2, 4, 6, 8] and card.best_step == 4 and card.val_loss == vals[4]
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
+    val = Validation(data.val_emb, data.tokens, data.ckpt_task, tokenizer.valid_mask(), preset.generator)
+    assert val.loss(load_generator(full).model) == pytest.approx(vals[4], rel=1e-5)
+    assert vals[8] - 1.0 != pytest.approx(vals[4], rel=1e-3)  # the last step's weights differ from the saved ones
+
+    real_forward, calls = GeneratorLoss.forward, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_forward(self, *a, **k)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(GeneratorLoss, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
+    monkeypatch.setattr(GeneratorLoss, "forward", real_forward)
+    resumed = train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
+    assert (resumed.best_step, resumed.val_loss) == (4, card.val_loss)
+    a, b = load_generator(full).model.state_dict(), load_generator(cut).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_without_a_validation_split_is_refused(ws, tmp_path):
+    with pytest.raises(GeneratorError, match=r"has none: set tasks.n_val > 0"):
+        train_generator(_preset(ws, val_every=2), ws.ws, tmp_path / "g", list(ws.preset.pool), progress=False)
 
 
 def test_resume_refuses_other_config(ws, tmp_path):

@@ -31,7 +31,8 @@ class ExperimentConfig:
     n_test: int = 20
     """Test items scored per task (the same items for every method)."""
     n_kl: int = 8
-    """Test prompts on which the answer-position KL to the reference adapter is measured."""
+    """Test items on whose gold-answer tokens (teacher-forced, averaged over all of them) the KL to the reference
+    adapter is measured."""
     steps: int = 100
     """Generator optimizer steps of every cell (variant B: also its stage-1 steps)."""
     long_steps: int = 1500

@@ -218,10 +218,10 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
         f"- Generators: {ex.get('steps')} optimizer steps per generator (variant B: {ex.get('steps')} more for E_ψ); "
         f"seeds {ex.get('seeds')}; {ex.get('draws')} generated adapters per task and seed, each from its own draw of "
         f"train-split prompts; {ex.get('n_test')} test items per task (the same items for every method); "
-        f"KL on {ex.get('n_kl')} test prompts.",
+        f"KL on the answer tokens of {ex.get('n_kl')} test items.",
         "- Accuracy is mean ± std over adapter sets (one set = one generator seed and one prompt draw, averaged "
         "over the scored tasks); baselines without a seed or draw have n = 1.",
-        "- KL is KL(reference ‖ adapter) of the first answer token; "
+        "- KL is KL(reference ‖ adapter) averaged over every gold-answer token (teacher-forced); "
         "δ cosine and distance are to the task's reference δ.",
         "- Baselines: " + "; ".join(f"{m.label}: {m.summary}" for m in METHODS.values() if m.baseline) + ".",
         f"- Top-k retrieval mixture: k = {ex.get('mixture_k')}, temperature {ex.get('mixture_temperature')}; "

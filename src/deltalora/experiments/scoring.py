@@ -23,7 +23,7 @@ from deltalora.delta.compute import load_deltas
 from deltalora.delta.probes import DeltaProbe
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
-from deltalora.lm.evaluate import answer_logprobs, hits
+from deltalora.lm.evaluate import answer_token_logprobs, hits
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import AdapterSwapper, check_adapter
@@ -53,9 +53,9 @@ class TaskRef:
     ref_delta: torch.Tensor
     """Their mean δ."""
     ref_logprobs: torch.Tensor
-    """Answer-position log-distribution of the first reference adapter on the KL prompts."""
-    kl_prompts: list[str]
-    """Test prompts on which the KL to the reference is measured."""
+    """Log-distributions of the first reference adapter at every gold-answer token of the KL items."""
+    kl_items: list[Item]
+    """Test items on whose answer tokens the KL to the reference is measured."""
     ref_acc: list[float]
     """Accuracy of each reference adapter."""
     base_acc: float
@@ -106,13 +106,13 @@ class Scorer:
             if not refs:
                 raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
             tensors = [self.tensors(c) for c in refs]
-            kl_prompts = [it.prompt for it in items[: self.n_kl]]
+            kl_items = items[: self.n_kl]
             ref_acc = []
             for t in tensors:
                 self.swapper.set_tensors(t)
                 ref_acc.append(self._acc(items))
             self.swapper.set_tensors(tensors[0])
-            ref_lp = self._logprobs(kl_prompts)
+            ref_lp = self._logprobs(kl_items)
             with self.model.disable_adapter():
                 base_acc = self._acc(items)
             self._refs[name] = TaskRef(
@@ -120,7 +120,7 @@ class Scorer:
                 tensors,
                 torch.stack([self.deltas[c.path] for c in refs]).mean(0),
                 ref_lp,
-                kl_prompts,
+                kl_items,
                 ref_acc,
                 base_acc,
             )
@@ -134,8 +134,8 @@ class Scorer:
         return [int(h) for h in hits(self.model, self.tok, items, z.eval_batch_size, z.max_length)]
 
     @torch.inference_mode()
-    def _logprobs(self, prompts: list[str]) -> torch.Tensor:
-        return answer_logprobs(self.model, self.tok, prompts, self.preset.zoo.max_length)
+    def _logprobs(self, items: list[Item]) -> torch.Tensor:
+        return answer_token_logprobs(self.model, self.tok, items, self.preset.zoo.max_length)
 
     def score(self, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics and δ of rank-r LoRA tensors of the zoo's layout on task ``name`` (None: the base model)."""
@@ -177,7 +177,7 @@ class Scorer:
         """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one)."""
         ref = self.ref(name)
         delta = self.probe.delta(self.model).cpu()
-        lp = self._logprobs(ref.kl_prompts)
+        lp = self._logprobs(ref.kl_items)
         kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
         scored = self._hits(ref.items)  # kept per item: paired tests across methods on the same items
         return {

@@ -58,6 +58,10 @@ class GeneratorCard:
     """Optimizer steps done (None while training)."""
     world_size: int | None = None
     """Processes that trained it."""
+    best_step: int | None = None
+    """With validation (``generator.val_every``): the step whose weights were kept (lowest validation loss)."""
+    val_loss: float | None = None
+    """With validation: that step's validation loss."""
 
     @property
     def n_prompts(self) -> int:
@@ -101,7 +105,9 @@ class GeneratorCard:
 
         def strip(card: GeneratorCard) -> GeneratorCard:
             preset = card.preset.replace(runtime=RuntimeConfig())
-            return dataclasses.replace(card, preset=preset, train_seconds=None, steps_done=None, world_size=None)
+            return dataclasses.replace(
+                card, preset=preset, train_seconds=None, steps_done=None, world_size=None, best_step=None, val_loss=None
+            )
 
         a, b = strip(self), strip(other)
         return json.dumps(a.to_dict(), default=str, sort_keys=True) == json.dumps(

@@ -67,6 +67,12 @@ class GeneratorConfig:
     """RQ3: fraction of checkpoints whose weights and δ are replaced by another task's (a mislabelled zoo)."""
     save_every: int = 50
     """Steps between resumable training checkpoints."""
+    val_every: int = 0
+    """Steps between validations (0 = none): token MSE of adapters generated from draws of each training task's
+    validation-split prompts (never trained on) to the task's mean checkpoint (``generator.validation``); the
+    generator saved is the one with the lowest. Needs ``tasks.n_val`` > 0."""
+    val_draws: int = 2
+    """Validation prompt draws per training task."""
     seed: int = 0
     """Seed of initialisation, sampling and noise."""
 
@@ -90,6 +96,7 @@ class GeneratorConfig:
         _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
         _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
         _check(self.save_every >= 1, "generator.save_every must be >= 1")
+        _check(self.val_every >= 0 and self.val_draws >= 1, "generator.val_every must be >= 0 and val_draws >= 1")
         _check(0 < self.data_fraction <= 1, "generator.data_fraction must be in (0, 1]")
         _check(self.weight_noise >= 0, "generator.weight_noise must be >= 0")
         _check(0 <= self.mislabel_fraction < 1, "generator.mislabel_fraction must be in [0, 1)")

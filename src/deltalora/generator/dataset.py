@@ -50,6 +50,8 @@ class TrainingSet:
     """Their embeddings per task [n_train, 384]."""
     adapter_config: dict
     """r, lora_alpha, target_modules and base model of the zoo's adapters (what generated adapters declare)."""
+    val_emb: list[torch.Tensor] | None = None
+    """Embeddings of each task's validation-split prompts [n_val, 384] (``generator.val_every`` > 0), else None."""
 
 
 def training_set(
@@ -97,11 +99,21 @@ def training_set(
     if cfg.data_fraction < 1:
         prompts = [_fraction(p, cfg.data_fraction, rng) for p in prompts]
     emb = [encoder.encode(p) for p in prompts]
+    val_emb = None
+    if cfg.val_every:
+        no_val = [t.name for t in loaded if not t.val]
+        if no_val:
+            raise GeneratorError(
+                f"generator.val_every={cfg.val_every} validates on each training task's validation split, but "
+                f"{no_val[0]} has none: set tasks.n_val > 0 (e.g. --set tasks.n_val=50) or generator.val_every=0"
+            )
+        val_emb = [encoder.encode([it.prompt for it in t.val]).to(device) for t in loaded]
     if save_cache:
         encoder.save()
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
-    return TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, emb, adapter_cfg), tokenizer.to(device)
+    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, emb, adapter_cfg, val_emb)
+    return data, tokenizer.to(device)
 
 
 def zoo_targets(ws: Workspace, ckpts: list[Checkpoint]) -> tuple[dict, LoraTokenizer, torch.Tensor]:

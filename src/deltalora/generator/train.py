@@ -31,6 +31,7 @@ from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.hypernet import n_params
 from deltalora.generator.loss import ExactBehaviour, GeneratorLoss, draw_batch
 from deltalora.generator.model import Generator
+from deltalora.generator.validation import Validation
 from deltalora.generator.variants import VARIANTS
 from deltalora.io import atomic_write_bytes
 from deltalora.outputs import atomic_dir, claim_output_dir, own_dir
@@ -184,10 +185,14 @@ def _train(
         {s.key: list(s.shape) for s in tokenizer.segments},
         tokenizer.width,
     )
+    val = None  # rank 0 alone validates: it alone saves
+    if cfg.val_every and info.is_main:
+        val = Validation(data.val_emb, data.tokens, data.ckpt_task, tokenizer.valid_mask(), cfg)
+    best = val.best if val else {}
     state_file, log_file = out_dir / "train_state.pt", out_dir / "log.jsonl"
     start, seconds = 0, 0.0
     if resume and state_file.exists():
-        start, seconds = _resume(state_file, out_dir, card, model, opt, sched, rng, truncate_log=info.is_main)
+        start, seconds = _resume(state_file, out_dir, card, model, opt, sched, rng, best, truncate_log=info.is_main)
     elif info.is_main:
         own_dir(out_dir, "generator", protected=ws.protected)
         card.to_file(out_dir / "train_config.json")
@@ -211,6 +216,9 @@ def _train(
         loss, losses = train_step(step_fn, model, opt, sched, idx, seeds, mine, 1 if step < stage1 else 2)
         if info.is_main:
             record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+            # B's first stage trains E_ψ alone: its generated adapters are not the ones being trained yet
+            if val is not None and step >= stage1 and ((step + 1) % cfg.val_every == 0 or step + 1 == total):
+                record["val_loss"] = val.update(model, step + 1)
             with log_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -218,16 +226,19 @@ def _train(
                 step + 1, lr=lr, **{k if k == "loss" else f"loss/{k}": v for k, v in record.items() if k != "step"}
             )
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0)
+                _save_state(state_file, model, opt, sched, rng, step + 1, time.perf_counter() - t0, best)
     # ---- save
     card = dataclasses.replace(card, train_seconds=time.perf_counter() - t0, steps_done=total, world_size=info.world)
+    if best:
+        model.load_state_dict(best["state"])
+        card = dataclasses.replace(card, best_step=best["step"], val_loss=best["loss"])
     if info.is_main:
         save_generator(out_dir, model, tokenizer, data.delta_scale, card)
     barrier()
     return card
 
 
-def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -> None:
+def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float, best: dict) -> None:
     buf = io.BytesIO()
     torch.save(
         {
@@ -238,6 +249,7 @@ def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -
             "torch_rng": torch.get_rng_state(),
             "step": step,
             "seconds": seconds,
+            **({"best": best} if best else {}),
         },
         buf,
     )
@@ -245,7 +257,7 @@ def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float) -
 
 
 def _resume(
-    state_file: Path, out_dir: Path, card: GeneratorCard, model, opt, sched, rng, truncate_log: bool = True
+    state_file: Path, out_dir: Path, card: GeneratorCard, model, opt, sched, rng, best: dict, truncate_log: bool = True
 ) -> tuple[int, float]:
     cfg_file = out_dir / "train_config.json"
     if cfg_file.exists() and not GeneratorCard.from_file(cfg_file).same_run(card):
@@ -259,6 +271,7 @@ def _resume(
     sched.load_state_dict(state["sched"])
     rng.set_state(state["rng"])
     torch.set_rng_state(state["torch_rng"])
+    best.update(state.get("best", {}))
     log.info("resuming generator training at step %d", state["step"])
     if truncate_log:
         _truncate_log(out_dir / "log.jsonl", state["step"])

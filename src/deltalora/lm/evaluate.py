@@ -215,6 +215,30 @@ def answer_logprobs(
     return torch.log_softmax(out.logits[:, -1].float(), -1)
 
 
+@torch.inference_mode()
+def answer_token_logprobs(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Log-distributions at every token of each item's gold answer, teacher-forced [n answer tokens, vocab], items
+    in order: the KL between two models averaged over these rows covers the whole answer, not its first token."""
+    device = module_device(model)
+    seqs = [encode(tok, it.prompt, it.completion(), max_length) for it in items]
+    rows = []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start : start + batch_size]
+        ids, mask = (t.to(device) for t in pad_right([s for s, _ in batch], tok.pad_token_id))
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        # position t predicts token t + 1: the answer's tokens are predicted from the prompt's last position on
+        at = [(r, t) for r, (s, n_p) in enumerate(batch) for t in range(n_p - 1, len(s) - 1)]
+        r_idx, t_idx = (torch.tensor(x, device=device) for x in zip(*at))
+        rows.append(torch.log_softmax(model.get_output_embeddings()(hidden[r_idx, t_idx]).float(), -1))
+    return torch.cat(rows)
+
+
 def answer_span(text: str) -> str:
     """The answer part of a continuation: up to the first newline or sentence end, stripped."""
     text = text.split("\n", 1)[0].split(". ", 1)[0].strip()
