@@ -126,6 +126,39 @@ def test_rerun_skips_finished_cells_and_changes_nothing(run, ws, tiny_preset, mo
     assert {rq: (results / f"{rq}.json").read_text() for rq in RQ_FILES} == before
 
 
+def test_a_fresh_machine_resumes_from_the_committed_cells(run, ws, tiny_preset, monkeypatch, tmp_path):
+    """With the workspace's experiments gone, the compact cell copies in the results folder (δ dropped) are
+    enough: nothing is trained or scored again and the result files say the same (but for the loss curves,
+    read from generator logs that a fresh machine does not have)."""
+    results, _ = run
+    committed = sorted((results / "cells").glob("*/*.json"))
+    assert committed and all("delta" not in r for f in committed for rs in _load_file(f)["tasks"].values() for r in rs)
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    fresh = Workspace(tmp_path / "fresh")
+    shutil.copytree(ws.root, fresh.root, ignore=shutil.ignore_patterns("experiments"))
+
+    def fail(*a, **k):
+        raise AssertionError("a committed cell was computed again")
+
+    monkeypatch.setattr(runner_mod.Runner, "_run_seed", fail)
+    monkeypatch.setattr(runner_mod, "train_generator", fail)
+    parts = [rq for rq in RQ_FILES if rq != "rq4"]
+    run_experiment(tiny_preset, fresh, copy, only=parts, progress=False)
+
+    def without_curves(rq, folder):
+        out = _load(folder, rq)
+        for c in out["cells"].values():
+            c.pop("loss_curve", None)
+        return out
+
+    assert all(without_curves(rq, copy) == without_curves(rq, results) for rq in parts)
+
+
+def _load_file(f):
+    return json.loads(f.read_text())
+
+
 def test_report_is_built_from_the_results(run, tmp_path):
     results, _ = run
     out = tmp_path / "report.md"

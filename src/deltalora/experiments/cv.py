@@ -18,8 +18,8 @@ import numpy as np
 from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
+from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, Cell, baselines
-from deltalora.experiments.results import cell_records
 from deltalora.io import atomic_write_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
@@ -60,11 +60,11 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     return cells
 
 
-def _per_task(cells_dir: Path, cells: list[Cell]) -> tuple[dict[str, float], dict[str, list[float]]]:
+def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], dict[str, list[float]]]:
     """A method's accuracy per task and its hit rate per item (averaged over seeds and prompt draws)."""
     acc, item_hits = {}, {}
     for cell in cells:
-        rows = [rec["tasks"] for rec in cell_records(cells_dir, cell)]
+        rows = [rec["tasks"] for rec in store.records(cell)]
         for t in cell.tasks:
             runs = [r for rec in rows for r in rec.get(t, [])]
             if runs:
@@ -73,14 +73,14 @@ def _per_task(cells_dir: Path, cells: list[Cell]) -> tuple[dict[str, float], dic
     return acc, item_hits
 
 
-def write_cv(preset: Preset, cells_dir: Path, results_dir: Path, cells: list[Cell]) -> Path:
+def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
     (each cv variant minus each baseline other than the oracle) with Holm-adjusted p-values and verdicts."""
     groups: dict[str, list[Cell]] = {}
     for c in cells:
         if c.rq == CV:
             groups.setdefault(c.name.rsplit(" [fold ", 1)[0], []).append(c)
-    methods = {name: _per_task(cells_dir, cs) for name, cs in groups.items()}
+    methods = {name: _per_task(store, cs) for name, cs in groups.items()}
     ex = preset.experiment
     labels = {m.name: m.label for m in METHODS.values()}
     rivals = [labels[m.name] for m in METHODS.values() if m.baseline and m.name != "oracle"]

@@ -11,6 +11,7 @@ import torch
 
 from deltalora.config import Preset
 from deltalora.errors import ArtifactError
+from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, METRICS, Cell
 from deltalora.experiments.scoring import mean_std
 from deltalora.io import atomic_write_json, read_json
@@ -19,9 +20,9 @@ RESULTS_VERSION = 1
 """Format version of ``rq*.json`` and ``ablations.json``."""
 
 
-def summarize(cells_dir: Path, cell: Cell) -> dict | None:
+def summarize(store: CellStore, cell: Cell) -> dict | None:
     """Mean ± std of every metric over the cell's adapter sets, per task and overall; None if nothing ran."""
-    records = cell_records(cells_dir, cell)
+    records = store.records(cell)
     if not records:
         return None
     per_task = {
@@ -68,16 +69,9 @@ def _mean_std(xs: list[float | None]) -> dict | None:
     return None if any(x is None for x in xs) else mean_std(xs)
 
 
-def cell_records(cells_dir: Path, cell: Cell) -> list[dict]:
-    """The cached records of a cell: one per generator seed (``seed<k>.json``), or ``all.json`` if unseeded."""
-    out_dir = cells_dir / cell.id
-    files = sorted(out_dir.glob("seed*.json")) + sorted(out_dir.glob("all.json"))
-    return [read_json(f, "experiment cell") for f in files]
-
-
 def write_results(
     preset: Preset,
-    cells_dir: Path,
+    store: CellStore,
     results_dir: Path,
     cells: list[Cell],
     rq: str,
@@ -90,13 +84,13 @@ def write_results(
     rows, not_run = {}, []
     # tables show the main grid's reference rows first, then cells in run order
     for cell in sorted((c for c in cells if c.rq == rq), key=lambda c: "main grid" not in c.name):
-        s = summarize(cells_dir, cell)
+        s = summarize(store, cell)
         if s is None:
             not_run.append(cell.name)
             continue
         rows[cell.name] = s
-        for rec_f in sorted((cells_dir / cell.id).glob("*.json"))[:1] if rq in ("rq1", "rq2") else []:
-            for t, rs in read_json(rec_f)["tasks"].items():
+        for t, rs in store.records(cell)[0]["tasks"].items() if rq in ("rq1", "rq2") else ():
+            if "delta" in rs[0]:  # the workspace's whole record; a committed copy has no δ
                 # device: cpu - δ read back from a cell's JSON, bound for a file
                 deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])
     out = {

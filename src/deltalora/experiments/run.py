@@ -57,11 +57,10 @@ def run_experiment(
     files: dict[str, Path] = {}
 
     def results(rq: str) -> None:
-        cells_dir = runner.root / "cells"
         files[rq] = (
-            write_cv(preset, cells_dir, results_dir, cells)
+            write_cv(preset, runner.store, results_dir, cells)
             if rq == CV
-            else write_results(preset, cells_dir, results_dir, cells, rq, runner.domains, deltas)
+            else write_results(preset, runner.store, results_dir, cells, rq, runner.domains, deltas)
         )
 
     skipped: list[Cell] = []

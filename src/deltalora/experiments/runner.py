@@ -22,6 +22,7 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_pool
+from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset
 from deltalora.experiments.multitask import multitask_key, train_multitask
 from deltalora.experiments.scoring import Scorer
@@ -41,6 +42,7 @@ class Runner:
     def __init__(self, preset: Preset, ws: Workspace, results_dir: Path, extra: list[TaskSpec] | None = None):
         self.preset, self.ws, self.results_dir, self.extra = preset, ws, results_dir, extra
         self.root = ws.experiments
+        self.store = CellStore(self.root / "cells", results_dir / "cells")
         self.tasks = load_pool(preset, extra)
         self.domains = {n: t.domain for n, t in self.tasks.items()}
         self.scorer = Scorer(preset, ws, preset.experiment.n_test, preset.experiment.n_kl, extra)
@@ -115,26 +117,26 @@ class Runner:
     def run_cell(self, cell: Cell, wait: bool = False) -> bool:
         """Score every seed of the cell not on disk yet; False if another process holds one of them
         (with ``wait``, block until it is free instead)."""
-        out_dir, ex = self.root / "cells" / cell.id, self.preset.experiment
-        seeds = ex.seeds if cell.seeded else (None,)
+        seeds = self.preset.experiment.seeds if cell.seeded else (None,)
         complete = True
         for seed in seeds:
-            f = out_dir / (f"seed{seed}.json" if seed is not None else "all.json")
-            if f.exists():
+            if self.store.done(cell, seed):
                 continue
+            f = self.store.file(cell, seed)
+            f.parent.mkdir(parents=True, exist_ok=True)
             with file_lock(f.with_suffix(".lock"), block=wait) as mine:
                 if not mine:
                     complete = False
-                elif not f.exists():
-                    self._run_seed(cell, seed, f)
+                elif not self.store.done(cell, seed):
+                    self._run_seed(cell, seed)
         return complete
 
-    def _run_seed(self, cell: Cell, seed: int | None, f: Path) -> None:
+    def _run_seed(self, cell: Cell, seed: int | None) -> None:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"cell": cell.name, "method": cell.method, "seed": seed, "tasks": {}}
         record["tasks"] = {task: self._rows[cell.method](cell, seed, task, record) for task in cell.tasks}
         record["seconds"] = time.perf_counter() - t0
-        atomic_write_json(f, record)
+        self.store.write(cell, seed, record)
 
     def _draw(self, cell: Cell, seed: int, task: str, d: int) -> list[str]:
         """The d-th prompt draw of a seed, the same for retrieval and the mixture (paired comparisons)."""
