@@ -13,6 +13,8 @@ from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
 from deltalora.experiments.cv import family_folds
+from deltalora.experiments.grid import Cell
+from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
 
 
@@ -40,10 +42,26 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert r.exit_code == 0, r.output
     cv = json.loads((out / "cv.json").read_text())
     pool = set(tiny_zoo.preset.pool)
+    assert {"dnd", "dnd, other-family prompts", "dnd, random-text prompts", "dnd, seen"} <= set(cv["methods"])
     for name, m in cv["methods"].items():
-        assert set(m["per_task"]) == pool, name  # every task scored once, held out from its fold's training
+        assert set(m["per_task"]) == pool, name  # every task scored once held out, once seen (generators)
+    assert "dnd, seen - oracle (the task's own LoRA)" in cv["declared_comparisons"]
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():
         assert c["across_tasks"]["n_tasks"] == 4 and 0 <= c["p_holm"] <= 1
         assert c["p_holm"] >= c["across_tasks"]["p_wilcoxon"] - 1e-12  # Holm never lowers a p-value
         assert c["verdict"] in ("better", "worse", "not detected")
+
+
+def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():
+    like = ["What is 2 plus 3?", "one", "a b c d e f"]
+    vocab = ["alpha", "beta", "gamma", "delta"]
+    out = word_salad(vocab, like, 7)
+    assert [len(x.split()) for x in out] == [5, 1, 6]
+    assert {w for x in out for w in x.split()} <= set(vocab)
+    assert word_salad(vocab, like, 7) == out and word_salad(vocab, like, 8) != out
+
+
+def test_a_cell_with_an_unknown_prompt_source_is_refused():
+    with pytest.raises(ValueError, match="prompts must be one of own, other, random"):
+        Cell("cv", "x", "generator", ("t",), prompts="mine")

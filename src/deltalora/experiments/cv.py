@@ -1,14 +1,16 @@
 """Cross-validation over tasks: every task held out once, folds stratified by domain, paired tests with Holm.
 
 Each fold trains the generators (and builds the retrieval index, the mixture, the multi-task LoRA and the mean
-adapter) on every task outside the fold and scores the fold's tasks. Every method is scored on the same items
-of the same tasks, so the comparisons declared here before the run (each ``experiment.cv_variants`` generator
-against each baseline) are paired: across tasks (Wilcoxon, sign test, t-interval of the mean difference) and
-across items (bootstrap within tasks), with Holm's correction over the declared family.
+adapter) on every task outside the fold and scores the fold's tasks; its generators also score the next fold's
+tasks, which they were trained on, and are conditioned on other-family and random-text prompts too (prompt
+sensitivity). Every method is scored on the same items of the same tasks, so the comparisons declared here before
+the run (``declared_comparisons``) are paired: across tasks (Wilcoxon, sign test, t-interval of the mean
+difference) and across items (bootstrap within tasks), with Holm's correction over the declared family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 from pathlib import Path
@@ -19,7 +21,7 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
-from deltalora.experiments.grid import GENERATOR, METHODS, Cell, baselines
+from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, Cell, baselines
 from deltalora.io import atomic_write_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
@@ -44,20 +46,54 @@ def family_folds(domains: dict[str, str], k: int, seed: int = 0) -> list[tuple[s
     return [tuple(sorted(f)) for f in folds]
 
 
+SEEN = "seen"
+"""Name part of the cells that score a fold's generators on training tasks (the next fold's held-out tasks)."""
+ORACLE = METHODS["oracle"].label
+
+
 def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
-    """The cross-validation cells (none when ``experiment.folds`` is 0): per fold, every baseline and every
-    ``cv_variants`` generator, named ``<method> [fold i]``."""
+    """The cross-validation cells (none when ``experiment.folds`` is 0), named ``<method> [fold i]``. Per fold:
+    every baseline and every ``cv_variants`` generator on the held-out tasks, the generators also from other-family
+    and random-text prompts (prompt sensitivity), and the same generators on the next fold's tasks, which they were
+    trained on (seen), from their own and from other-family prompts; every task is scored once held out and once
+    seen."""
     ex = preset.experiment
     if not ex.folds:
         return []
+    folds = family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)
     cells = []
-    for i, held in enumerate(family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)):
+    for i, held in enumerate(folds):
         train = tuple(t for t in preset.pool if t not in held)
-        rows = baselines(CV, held, train) + [
-            Cell(CV, v, GENERATOR, held, train, (("variant", v),)) for v in ex.cv_variants
-        ]
-        cells += [Cell(c.rq, f"{c.name} [fold {i}]", c.method, c.tasks, c.train, c.changes) for c in rows]
+        seen = folds[(i + 1) % len(folds)]
+        rows = baselines(CV, held, train)
+        for v in ex.cv_variants:
+            ch = (("variant", v),)
+            for name, tasks, sources in (
+                (v, held, ("own", "other", "random")),
+                (f"{v}, {SEEN}", seen, ("own", "other")),
+            ):
+                rows += [Cell(CV, _named(name, src), GENERATOR, tasks, train, ch, prompts=src) for src in sources]
+        cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     return cells
+
+
+def _named(name: str, source: str) -> str:
+    label = PROMPT_SOURCES[source].label
+    return f"{name}, {label}" if label else name
+
+
+def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
+    """The comparisons ``cv.json`` tests, fixed by the config before any cell runs (one Holm family): each cv
+    variant against each baseline but the oracle on held-out tasks; its prompt sensitivity (own prompts against
+    other-family and random-text prompts) on held-out and seen tasks; and its seen-task accuracy against the
+    oracle's on the same items."""
+    rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
+    out = []
+    for v in preset.experiment.cv_variants:
+        out += [(v, b) for b in rivals]
+        out += [(v, _named(v, src)) for src in ("other", "random")]
+        out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
+    return out
 
 
 def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -75,28 +111,26 @@ def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], di
 
 def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
-    (each cv variant minus each baseline other than the oracle) with Holm-adjusted p-values and verdicts."""
+    with Holm-adjusted p-values and verdicts (a comparison whose cells have not run yet is left out)."""
     groups: dict[str, list[Cell]] = {}
     for c in cells:
         if c.rq == CV:
             groups.setdefault(c.name.rsplit(" [fold ", 1)[0], []).append(c)
     methods = {name: _per_task(store, cs) for name, cs in groups.items()}
-    ex = preset.experiment
-    labels = {m.name: m.label for m in METHODS.values()}
-    rivals = [labels[m.name] for m in METHODS.values() if m.baseline and m.name != "oracle"]
+    declared = declared_comparisons(preset)
     comparisons, p_values = {}, {}
-    for v in ex.cv_variants:
-        for b in rivals:
-            a_acc, a_hits = methods.get(v, ({}, {}))
-            b_acc, b_hits = methods.get(b, ({}, {}))
-            common = sorted(set(a_acc) & set(b_acc))
-            if len(common) < 2:
-                continue  # not run yet
-            key = f"{v} - {b}"
-            tasks_test = across_tasks({t: a_acc[t] for t in common}, {t: b_acc[t] for t in common})
-            items_test = bootstrap_items({t: a_hits[t] for t in common}, {t: b_hits[t] for t in common})
-            comparisons[key] = {"across_tasks": tasks_test, "across_items": items_test}
-            p_values[key] = tasks_test["p_wilcoxon"]
+    for a, b in declared:
+        a_acc, a_hits = methods.get(a, ({}, {}))
+        b_acc, b_hits = methods.get(b, ({}, {}))
+        common = sorted(set(a_acc) & set(b_acc))
+        if len(common) < 2:
+            continue  # not run yet
+        key = f"{a} - {b}"
+        tasks_test = across_tasks({t: a_acc[t] for t in common}, {t: b_acc[t] for t in common})
+        items_test = bootstrap_items({t: a_hits[t] for t in common}, {t: b_hits[t] for t in common})
+        ratio = statistics.fmean(a_acc[t] for t in common) / max(1e-12, statistics.fmean(b_acc[t] for t in common))
+        comparisons[key] = {"across_tasks": tasks_test, "across_items": items_test, "ratio_of_means": ratio}
+        p_values[key] = tasks_test["p_wilcoxon"]
     for key, p_adj in holm(p_values).items():
         c = comparisons[key]
         c["p_holm"] = p_adj
@@ -104,8 +138,8 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
     out = {
         "rq": CV,
         "preset": preset.name,
-        "folds": ex.folds,
-        "declared_comparisons": [f"{v} - {b}" for v in ex.cv_variants for b in rivals],
+        "folds": preset.experiment.folds,
+        "declared_comparisons": [f"{a} - {b}" for a, b in declared],
         "methods": {
             name: {"per_task": acc, "mean": statistics.fmean(acc.values())} for name, (acc, _) in methods.items() if acc
         },

@@ -77,6 +77,37 @@ METHODS: dict[str, Method] = {
 
 
 @dataclass(frozen=True)
+class PromptSource:
+    """Where the prompts that condition a cell's generators (and retrieval) come from."""
+
+    name: str
+    """The cell's ``prompts`` field."""
+    label: str
+    """Suffix of the cell names that use it ("" for the task's own prompts)."""
+    summary: str
+    """One line for the report."""
+
+
+PROMPT_SOURCES: dict[str, PromptSource] = {
+    s.name: s
+    for s in (
+        PromptSource("own", "", "the scored task's own train-split prompts"),
+        PromptSource(
+            "other", "other-family prompts", "train-split prompts of a task from another domain (a negative control)"
+        ),
+        PromptSource(
+            "random",
+            "random-text prompts",
+            "word salad: each of the task's train prompts replaced by as many words drawn at random from every pool "
+            "task's train prompts (the words of the pool, none of its structure)",
+        ),
+    )
+}
+"""Every prompt source a cell may name; prompt sensitivity is a method's accuracy from ``own`` minus from the
+others."""
+
+
+@dataclass(frozen=True)
 class Cell:
     """One method scored on a list of tasks."""
 
@@ -93,7 +124,11 @@ class Cell:
     changes: tuple[tuple[str, Any], ...] = ()
     """GeneratorConfig fields that differ from the preset (the variant among them)."""
     prompts: str = "own"
-    """own: the scored task's train prompts; other: train prompts of a task from another domain."""
+    """A key of ``PROMPT_SOURCES``: the scored task's train prompts, another domain's, or random text."""
+
+    def __post_init__(self) -> None:
+        if self.prompts not in PROMPT_SOURCES:
+            raise ValueError(f"cell {self.name!r}: prompts must be one of {', '.join(PROMPT_SOURCES)}")
 
     @property
     def id(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class Runner:
         self._scored: dict[tuple, dict] = {}  # identical adapters (retrieval hits) are scored once
         self._mean_adapters: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         self._gen: LoadedGenerator | None = None
+        self._vocab: list[str] | None = None  # the pool's train-prompt words, for random-text prompts
         # how each method's cell gets its score rows: one entry per METHODS key (checked here)
         self._rows = {
             GENERATOR: self._generator_rows,
@@ -97,9 +99,16 @@ class Runner:
 
     # ---------------------------------------------------------------- prompts
     def condition_prompts(self, cell: Cell, task: str) -> list[str]:
-        """Train-split prompts of the scored task, or (control) of a task from another domain."""
+        """The prompts the cell's ``PROMPT_SOURCES`` entry names: train-split prompts of the scored task, of a task
+        from another domain, or random text as long as the task's own prompts."""
+        own = [it.prompt for it in self.tasks[task].train]
         if cell.prompts == "own":
-            return [it.prompt for it in self.tasks[task].train]
+            return own
+        if cell.prompts == "random":
+            if self._vocab is None:
+                words = {w for t in self.tasks.values() for it in t.train for w in it.prompt.split()}
+                self._vocab = sorted(words)
+            return word_salad(self._vocab, own, stable_seed("random-prompts", task))
         others = sorted(t for t in self.preset.pool if self.domains[t] != self.domains[task])
         other = others[stable_seed("other-prompts", task) % len(others)]
         return [it.prompt for it in self.tasks[other].train]
@@ -220,6 +229,12 @@ class Runner:
             sds = [self.scorer.tensors(self.scorer.final_adapters(t)[0]) for t in cell.train]
             self._mean_adapters[cell.train] = {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
         return self._mean_adapters[cell.train]
+
+
+def word_salad(vocab: list[str], like: list[str], seed: int) -> list[str]:
+    """One string per prompt of ``like``, of as many words, each drawn uniformly from ``vocab`` (seeded)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(vocab, k=max(1, len(p.split())))) for p in like]
 
 
 def _row(metrics: dict, delta: torch.Tensor) -> dict:
