@@ -46,6 +46,13 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     for name, m in cv["methods"].items():
         assert set(m["per_task"]) == pool, name  # every task scored once held out, once seen (generators)
     assert "dnd, seen - oracle (the task's own LoRA)" in cv["declared_comparisons"]
+    # the report is written from cv.json alone: every declared comparison has its row
+    doc = tmp_path / "docs" / "report.md"
+    r = CliRunner().invoke(app, ["report", str(out), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    text = doc.read_text()
+    assert "## Cross-validation over tasks" in text and (doc.parent / "report_cv.png").exists()
+    assert all(f"| {k} |" in text for k in cv["comparisons"]) and "RQ1" not in text
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():
         assert c["across_tasks"]["n_tasks"] == 4 and 0 <= c["p_holm"] <= 1

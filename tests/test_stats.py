@@ -17,6 +17,7 @@ from deltalora.stats import (
     min_detectable_effect,
     t_interval,
     verdict,
+    welch_interval,
 )
 
 
@@ -115,3 +116,15 @@ def test_ceiling_verb(tiny_zoo, tmp_path):
     assert r["ranks"] == [0, 2] and set(r["mean_held_out"]) == {"0", "2"}
     bad = CliRunner().invoke(app, [*args, "--ranks", "x"])
     assert isinstance(bad.exception, UsageError) and "--ranks" in str(bad.exception)
+
+
+def test_welch_interval_uses_the_t_quantile_at_welch_degrees_of_freedom():
+    a, b = [0.52, 0.48, 0.55], [0.40, 0.47]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 2
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    w = welch_interval(a, b)
+    d = np.mean(a) - np.mean(b)
+    assert w["diff"] == pytest.approx(d) and w["ci"] == pytest.approx([d - half, d + half])
+    assert half > 1.96 * math.sqrt(va + vb)  # two seeds: wider than the normal interval the report used to draw
+    assert welch_interval([0.5], [0.4])["ci"] is None

@@ -25,6 +25,17 @@ def t_interval(xs: Sequence[float], confidence: float = 0.95) -> dict:
     return {"mean": mean, "ci": [float(ci.low), float(ci.high)], "n": len(x)}
 
 
+def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean(a) − mean(b) of two independent samples (e.g. seed means of two methods) with Welch's t-interval (the
+    t quantile at the Welch–Satterthwaite degrees of freedom); None for the interval where either has one value."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(x.mean() - y.mean())
+    if min(len(x), len(y)) < 2 or (np.ptp(x) == 0 and np.ptp(y) == 0):
+        return {"diff": diff, "ci": None if min(len(x), len(y)) < 2 else [diff, diff]}
+    ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval(confidence)
+    return {"diff": diff, "ci": [float(ci.low), float(ci.high)]}
+
+
 def across_tasks(a: Mapping[str, float], b: Mapping[str, float], confidence: float = 0.95) -> dict:
     """Paired comparison of per-task scores of two methods on the same tasks: mean difference a − b with its
     t-interval, Wilcoxon signed-rank and sign-test p-values (two-sided), and the smallest detectable effect."""

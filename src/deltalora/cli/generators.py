@@ -195,11 +195,21 @@ def experiment_cmd(
     cell is cached under <workspace>/experiments and skipped on a rerun; budgets are the preset's
     experiment.* fields (--set experiment.steps=300 ...)."""
     from deltalora.experiments.run import run_experiment
+    from deltalora.presets import with_pool
+    from deltalora.zoo.summary import selected_tasks
 
     run = setup(preset, workspace, overrides, tasks_file, tasks=tasks, device=device, dtype=dtype)
     results_dir = results_dir or Path(f"results/experiments_{run.preset.name}")
     check_outputs(run.ws, dirs=(results_dir,))
-    files = run_experiment(run.preset, run.ws, results_dir, only, run.extra)
+    kept = selected_tasks(run.preset, run.ws, run.extra)  # tasks whose LoRA failed the zoo's selection are no targets
+    if set(kept) != set(run.preset.pool):
+        dropped = [t for t in run.preset.pool if t not in kept]
+        typer.echo(
+            f"{len(dropped)} pool task(s) not selected by the zoo (zoo.min_gain) or not built, left out: "
+            + ", ".join(dropped),
+            err=True,
+        )
+    files = run_experiment(with_pool(run.preset, ",".join(kept)), run.ws, results_dir, only, run.extra)
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
 
 

@@ -109,7 +109,13 @@ def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], di
     return acc, item_hits
 
 
-def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell]) -> Path:
+def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
+    """Mean training wall time of the adapters a method's cells used (generators, the multi-task LoRA), else None."""
+    xs = [rec["train_seconds"] for c in cells for rec in store.records(c) if "train_seconds" in rec]
+    return round(statistics.fmean(xs), 1) if xs else None
+
+
+def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell], domains: dict[str, str]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
     with Holm-adjusted p-values and verdicts (a comparison whose cells have not run yet is left out)."""
     groups: dict[str, list[Cell]] = {}
@@ -135,13 +141,25 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         c = comparisons[key]
         c["p_holm"] = p_adj
         c["verdict"] = verdict(c["across_tasks"]["diff_ci"], p_adj)
+    ex = preset.experiment
     out = {
         "rq": CV,
         "preset": preset.name,
-        "folds": preset.experiment.folds,
+        "base": preset.base,
+        "folds": ex.folds,
+        "experiment": dataclasses.asdict(ex),
+        "generator": dataclasses.asdict(preset.generator),
+        "domains": {t: domains[t] for t in preset.pool},
         "declared_comparisons": [f"{a} - {b}" for a, b in declared],
+        "fold_tasks": [list(f) for f in family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)],
         "methods": {
-            name: {"per_task": acc, "mean": statistics.fmean(acc.values())} for name, (acc, _) in methods.items() if acc
+            name: {
+                "per_task": acc,
+                "mean": statistics.fmean(acc.values()),
+                "train_seconds": _seconds(store, groups[name]),
+            }
+            for name, (acc, _) in methods.items()
+            if acc
         },
         "comparisons": comparisons,
     }

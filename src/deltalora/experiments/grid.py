@@ -241,7 +241,7 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     ]
     # run order = priority: the negative control and every protocol before the costlier sweeps
     cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
-    return cells
+    return [c for c in cells if c.tasks]  # a preset without seen or held-out tasks (families) runs --only cv
 
 
 def baselines(rq: str, tasks: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:

@@ -58,7 +58,7 @@ def run_experiment(
 
     def results(rq: str) -> None:
         files[rq] = (
-            write_cv(preset, runner.store, results_dir, cells)
+            write_cv(preset, runner.store, results_dir, cells, runner.domains)
             if rq == CV
             else write_results(preset, runner.store, results_dir, cells, rq, runner.domains, deltas)
         )
@@ -78,6 +78,9 @@ def run_experiment(
         for cell in main:
             run(cell)
         log.info("experiment stage main grid (%s): %d cells, %.0f s", preset.runtime.device, len(main), _since(t0))
+        if "rq4" in wanted and not any(c.rq == "rq1" for c in main):
+            log.info("experiment: rq4 skipped, it decodes with the rq1 generators and this preset has no rq1 tasks")
+            wanted.discard("rq4")
         if "rq4" in wanted:  # right after the main grid: it reuses the main generators
             bar.set_postfix_str("rq4 composition")
             files["rq4"] = run_composition(runner, cells)
@@ -90,8 +93,9 @@ def run_experiment(
         for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
             runner.run_cell(cell, wait=True)
             results(cell.rq)
-        for rq in wanted - {"rq4"} - ({CV} if not preset.experiment.folds else set()):
-            results(rq)
+        for rq in sorted(wanted - {"rq4"}):
+            if any(c.rq == rq for c in cells):  # a part without cells (no tasks, no folds) writes no file
+                results(rq)
     finally:
         runner.scorer.close()
     atomic_write_bytes(results_dir / "deltas.safetensors", save({k: v.float().contiguous() for k, v in deltas.items()}))
