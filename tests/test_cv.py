@@ -72,3 +72,26 @@ def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():
 def test_a_cell_with_an_unknown_prompt_source_is_refused():
     with pytest.raises(ValueError, match="prompts must be one of own, other, random"):
         Cell("cv", "x", "generator", ("t",), prompts="mine")
+
+
+def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_zoo.workspace, ws.root)
+    delta_stage(tiny_zoo.preset, ws, (5,))
+    out = tmp_path / "selection.json"
+    sets = ["--set", "tasks.n_val=4", "--set", "experiment.folds=2", "--set", "experiment.steps=4"]
+    args = ["select", "--preset", "tiny", "-w", str(ws.root), "--out", str(out), *sets]
+    cands = ["--candidate", "generator.head=conv", "--candidate", "generator.head=basis generator.lr=0.01"]
+    r = CliRunner().invoke(app, [*args, *cands])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    rows = res["candidates"]
+    assert set(rows) == {"generator.head=conv", "generator.head=basis generator.lr=0.01"}
+    assert res["chosen"] == min(rows, key=lambda k: rows[k]["val_loss"])
+    assert not set(res["train_tasks"]) & set(res["held_out_not_read"]) and res["held_out_not_read"]
+    for row in rows.values():
+        assert row["val_curve"] and row["val_loss"] == pytest.approx(min(v for _, v in row["val_curve"]), abs=1e-5)
+    # a second call reuses the trained candidates
+    monkeypatch.setattr("deltalora.experiments.selection.train_generator", lambda *a, **k: pytest.fail("retrained"))
+    r = CliRunner().invoke(app, [*args, *cands])
+    assert r.exit_code == 0, r.output

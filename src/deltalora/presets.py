@@ -108,7 +108,19 @@ PRESETS: dict[str, Preset] = {
         pairs=FAMILY_PAIRS,
         tasks=TaskConfig(max_test=100, max_train=600, n_val=50, family_domains=True),
         zoo=ZooConfig(steps=24, keep_last=3, save_every=8, pair_steps=24, max_length=112, eval_batch_size=256),
-        generator=GeneratorConfig(exact_samples=1),
+        # the head and steps chosen on validation loss (benchmarks/select_generator.py writes the comparison)
+        generator=GeneratorConfig(head="basis", val_every=100, exact_samples=1),
+        # cross-validation only (`--only cv`): 4 folds, every task held out once; the headline rows on 3 seeds
+        experiment=ExperimentConfig(
+            folds=4,
+            cv_variants=("dnd",),
+            seeds=(0, 1, 2),
+            draws=1,
+            n_test=50,
+            steps=1500,
+            long_steps=0,
+            cv_control_seeds=1,
+        ),
     ),
 }
 # The small zoo with the grid a CPU cannot afford: 3 generator seeds, 100 test items per task, 3x the generator

@@ -1,4 +1,5 @@
-"""Verbs that measure what the pipeline's pieces could do: ceiling."""
+"""Verbs that measure what the pipeline's pieces could do: ceiling (what a generator could express) and select
+(which generator configuration validates best)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,40 @@ def ceiling_cmd(
     }
     atomic_write_json(out, result)
     typer.echo(json.dumps({k: result[k] for k in ("directions_for", "mean_seen", "mean_held_out", "mean_oracle")}))
+
+
+@app.command("select")
+def select_cmd(
+    candidate: Annotated[
+        list[str],
+        typer.Option(
+            "--candidate",
+            help='A generator configuration as space-separated overrides, e.g. "generator.head=conv" (repeatable; '
+            '"" is the preset as it is).',
+        ),
+    ],
+    preset: PresetOpt = "small",
+    workspace: WorkspaceOpt = None,
+    tasks_file: TasksFileOpt = None,
+    overrides: SetOpt = None,
+    fold: Annotated[int, typer.Option(help="Cross-validation fold whose training tasks train every candidate.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default results/selection_<preset>.json).")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Choose the generator's configuration on validation: train every candidate on one cross-validation fold's
+    training tasks (experiment.steps steps) and compare the best validation loss of each, measured on draws of
+    every training task's validation-split prompts. No test item and no held-out task is read."""
+    from deltalora.data.tasks import load_pool
+    from deltalora.experiments.selection import read_candidates, select_generator
+    from deltalora.io import atomic_write_json
+    from deltalora.presets import with_pool
+    from deltalora.zoo.summary import selected_tasks
+
+    run = setup(preset, workspace, overrides, tasks_file, device=device)
+    out = out or Path(f"results/selection_{run.preset.name}.json")
+    check_outputs(run.ws, (out,))
+    p = with_pool(run.preset, ",".join(selected_tasks(run.preset, run.ws, run.extra)))
+    domains = {n: t.domain for n, t in load_pool(p, run.extra).items()}
+    result = {"command": "deltalora select", **select_generator(p, run.ws, domains, read_candidates(candidate), fold)}
+    atomic_write_json(out, result)
+    typer.echo(json.dumps({k: v["val_loss"] for k, v in result["candidates"].items()} | {"chosen": result["chosen"]}))

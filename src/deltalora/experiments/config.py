@@ -74,6 +74,10 @@ class ExperimentConfig:
     """Seed of the fold assignment."""
     cv_variants: tuple[str, ...] = ("dnd",)
     """Generators trained in every fold; each is compared with every baseline but the oracle (Holm over all)."""
+    cv_control_seeds: int = 0
+    """Cross-validation: generator seeds scored from other-family and random-text prompts (the first this many of
+    ``seeds``; 0: all). Prompt sensitivity is tested across tasks, so one seed per task is a paired design; the
+    seed mean matters for the headline rows, which always use every seed."""
 
     def __post_init__(self) -> None:
         _check(
@@ -81,6 +85,7 @@ class ExperimentConfig:
             "experiment.held_out and experiment.seen_eval must not overlap",
         )
         _check(self.folds == 0 or self.folds >= 2, "experiment.folds must be 0 (off) or >= 2")
+        _check(self.cv_control_seeds >= 0, "experiment.cv_control_seeds must be >= 0 (0: every seed)")
         for v in (
             *self.cv_variants,
             *self.variants,

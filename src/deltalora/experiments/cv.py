@@ -72,7 +72,19 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                 (v, held, ("own", "other", "random")),
                 (f"{v}, {SEEN}", seen, ("own", "other")),
             ):
-                rows += [Cell(CV, _named(name, src), GENERATOR, tasks, train, ch, prompts=src) for src in sources]
+                rows += [
+                    Cell(
+                        CV,
+                        _named(name, src),
+                        GENERATOR,
+                        tasks,
+                        train,
+                        ch,
+                        prompts=src,
+                        n_seeds=0 if src == "own" else ex.cv_control_seeds,
+                    )
+                    for src in sources
+                ]
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     return cells
 

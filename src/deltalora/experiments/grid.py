@@ -125,6 +125,8 @@ class Cell:
     """GeneratorConfig fields that differ from the preset (the variant among them)."""
     prompts: str = "own"
     """A key of ``PROMPT_SOURCES``: the scored task's train prompts, another domain's, or random text."""
+    n_seeds: int = 0
+    """A seeded cell runs the first this many of the experiment's seeds (0: all of them)."""
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SOURCES:
@@ -139,6 +141,12 @@ class Cell:
     def seeded(self) -> bool:
         """True if the cell is run once per generator seed."""
         return METHODS[self.method].seeded
+
+    def seeds(self, all_seeds: tuple[int, ...]) -> tuple[int | None, ...]:
+        """The generator seeds this cell runs (``(None,)``: once, unseeded)."""
+        if not self.seeded:
+            return (None,)
+        return all_seeds[: self.n_seeds] if self.n_seeds else all_seeds
 
 
 def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:

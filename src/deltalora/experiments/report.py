@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
+from deltalora.experiments.cv_report import cv_plot, cv_section
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.results import read_results
 from deltalora.generator.variants import VARIANTS, baseline
@@ -191,100 +192,6 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
     return made
 
 
-def _cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
-    """Cross-validation: each method's mean accuracy over tasks (each scored where its fold held it out, or, for
-    the rows marked seen, by the previous fold's generators that trained on it), per family, and the declared
-    comparisons with their paired tests and Holm-corrected verdicts."""
-    ex, methods, doms = cv["experiment"], cv["methods"], cv["domains"]
-    families = sorted(set(doms.values()))
-    L = [
-        "## Cross-validation over tasks",
-        "",
-        f"{len(doms)} tasks in {len(families)} families dealt into {cv['folds']} folds stratified by family; each "
-        "fold's generators and baselines are built without its tasks, which are then scored (held out). Rows marked "
-        "*seen* score the next fold's tasks with this fold's generators, which trained on them. "
-        f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test items "
-        "per task, the same items for every method. Accuracy is the mean over tasks of each task's mean over "
-        "seeds and draws.",
-        "",
-        "| method | mean accuracy | tasks | train s (mean per adapter source) | " + " | ".join(families) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(families),
-    ]
-    for name, m in methods.items():
-        fam = [[a for t, a in m["per_task"].items() if doms[t] == f] for f in families]
-        secs = m.get("train_seconds")
-        L.append(
-            f"| {name} | {m['mean']:.3f} | {len(m['per_task'])} | {secs if secs is not None else '—'} | "
-            + " | ".join(f"{np.mean(x):.2f}" if x else "—" for x in fam)
-            + " |"
-        )
-    L += [
-        "",
-        "Declared comparisons (fixed by the config before the run; one Holm family). Difference a − b of per-task "
-        "accuracy: mean with its t-interval across tasks, the bootstrap interval over items, Wilcoxon signed-rank "
-        "p before and after Holm; a verdict only where the corrected test rejects and the interval excludes 0, "
-        "otherwise the smallest difference the design could detect (80% power).",
-        "",
-        "| a − b | difference [95% CI, tasks] | [95% CI, items] | wins/losses | p Wilcoxon | p Holm | verdict | "
-        "a / b |",
-        "|---|---|---|---|---:|---:|---|---:|",
-    ]
-    for key, c in cv["comparisons"].items():
-        t, it = c["across_tasks"], c["across_items"]
-        ci = t["diff_ci"]
-        word = c["verdict"]
-        if word == "not detected" and t["wins"] + t["losses"] == 0:
-            word += " (equal on every task)"
-        elif word == "not detected" and t.get("min_detectable") is not None:
-            word += f" (could see ≥ {t['min_detectable']:.3f})"
-        L.append(
-            f"| {key} | {t['diff_mean']:+.3f} "
-            + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-            + f" | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | {t['p_wilcoxon']:.2g} | "
-            f"{c['p_holm']:.2g} | {word} | {c['ratio_of_means']:.2f} |"
-        )
-    missing = [k for k in cv["declared_comparisons"] if k not in cv["comparisons"]]
-    if missing:
-        L += ["", f"Not run yet: {', '.join(missing)}."]
-    L.append("")
-    if "report_cv.png" in plots:
-        L += ["![cross-validation by family](report_cv.png)", ""]
-    return L
-
-
-def _cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
-    """Mean accuracy per family of every method that scored held-out tasks (the seen rows and prompt controls
-    aside), as grouped bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    doms = cv["domains"]
-    families = sorted(set(doms.values()))
-    names = [n for n in cv["methods"] if "seen" not in n and "prompts" not in n]
-    if not names:
-        return {}
-    fig, ax = plt.subplots(figsize=(1.2 * len(families) + 3, 4.2))
-    width = 0.8 / len(names)
-    for i, n in enumerate(names):
-        per = cv["methods"][n]["per_task"]
-        ys = [np.mean([a for t, a in per.items() if doms[t] == f] or [np.nan]) for f in families]
-        ax.bar(np.arange(len(families)) + i * width, ys, width, label=n)
-    ax.set_xticks(np.arange(len(families)) + 0.4 - width / 2, families, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("accuracy on held-out tasks (mean over the family)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Cross-validation: every task scored while held out", fontsize=9)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out_dir / "report_cv.png", buf.getvalue())
-    return {"report_cv.png": "report_cv.png"}
-
-
 def write_report(results_dir: str | Path, out: str | Path) -> Path:
     """``out`` (Markdown) and its PNG plots beside it, from the result files of ``results_dir``."""
     results, out = Path(results_dir), Path(out)
@@ -298,7 +205,7 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
     ex = any_rq.get("experiment", {})
     plots = _plots(results, out.parent, rqs)
     if cv is not None:
-        plots.update(_cv_plot(cv, out.parent))
+        plots.update(cv_plot(cv, out.parent))
     L = [
         f"# deltalora report: `{any_rq['preset']}` preset",
         "",
@@ -341,7 +248,7 @@ def write_report(results_dir: str | Path, out: str | Path) -> Path:
             )
         L.append("")
     if cv is not None:
-        L += _cv_section(cv, plots)
+        L += cv_section(cv, plots)
     sections = [
         ("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
         ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),

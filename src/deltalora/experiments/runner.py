@@ -126,7 +126,7 @@ class Runner:
     def run_cell(self, cell: Cell, wait: bool = False) -> bool:
         """Score every seed of the cell not on disk yet; False if another process holds one of them
         (with ``wait``, block until it is free instead)."""
-        seeds = self.preset.experiment.seeds if cell.seeded else (None,)
+        seeds = cell.seeds(self.preset.experiment.seeds)
         complete = True
         for seed in seeds:
             if self.store.done(cell, seed):
