@@ -117,7 +117,7 @@ def test_tokenizer_rejects_other_layout():
 # ------------------------------------------------------------------ training, every variant
 
 
-@pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C"])
+@pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C", "E2E", "E2E+delta"])
 def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
     # per-element normalisation starts every target at the zoo mean (loss ~1), so give it room to fit
     preset = _preset(ws, variant=variant, steps=60, stage1_steps=24, lr=1e-2, warmup_steps=2)
@@ -146,6 +146,55 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_completion_loss_of_a_reference_equals_the_zoo_trainers(ws, encoder):
+    """The end-to-end term's loss for a reference adapter's tokens is the zoo's training loss of that adapter
+    loaded in PEFT, on the same items."""
+    from deltalora.zoo.training import completion_loss
+
+    preset = _preset(ws, variant="E2E")
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
+    items = data.items[int(data.ckpt_task[0])][:3]
+    with torch.no_grad():
+        ours = exact.completion_loss(tokenizer.decode(data.tokens[0]), items)
+    base, tok = load_base("tiny")
+    peft = PeftModel.from_pretrained(base, str(ws.ws.zoo / data.paths[0])).eval()
+    with torch.no_grad():
+        theirs = completion_loss(peft, tok, items, preset.zoo.max_length, micro_batch=8)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
+
+
+def test_e2e_gradient_reaches_the_generator_and_not_the_base(ws, encoder):
+    preset = _preset(ws, variant="E2E", head="basis")
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    model.basis.fit(data.tokens)
+    torch.nn.init.normal_(model.basis.net[-1].weight, std=0.1)  # zero-initialised: nothing flows to earlier layers
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
+    loss_fn = GeneratorLoss(model, data, tokenizer, exact, preset.generator)
+    losses = loss_fn(torch.tensor([0, 3]), torch.tensor([5, 6]), torch.tensor([0, 1]), stage=2)
+    assert set(losses) == {"completion"}
+    losses["completion"].backward()
+    grads = [p.grad for p in model.basis.net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in exact.model.parameters())
+
+
+def test_warm_start_copies_a_trained_generator_and_refuses_other_tasks(ws, tmp_path, encoder):
+    from deltalora.generator.train import _setup
+
+    src = tmp_path / "dnd"
+    train_generator(_preset(ws, head="basis", steps=4), ws.ws, src, list(ws.preset.pool), progress=False)
+    preset = _preset(ws, variant="E2E", head="basis", init_from=str(src))
+    model = _setup(preset, ws.ws, list(preset.pool), None, encoder, 1, False)[2]
+    want = load_generator(src).model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with pytest.raises(GeneratorError, match="trained on other tasks"):
+        _setup(preset, ws.ws, list(preset.pool)[:2], None, encoder, 1, False)
+    with pytest.raises(GeneratorError, match="another architecture"):
+        _setup(_preset(ws, variant="E2E", init_from=str(src)), ws.ws, list(preset.pool), None, encoder, 1, False)
 
 
 def test_exact_delta_equals_plain_delta_of_reference(ws, encoder):

@@ -10,7 +10,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from deltalora.cli import app
-from deltalora.config import GeneratorConfig
+from deltalora.config import ExperimentConfig, GeneratorConfig
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
 from deltalora.experiments.grid import plan
@@ -37,9 +37,12 @@ def toy(monkeypatch):
 
 
 def test_builtin_table():
-    assert list(VARIANTS) == ["dnd", "A1", "A2", "B", "C"]
+    assert list(VARIANTS) == ["dnd", "A1", "A2", "B", "C", "E2E", "E2E+delta"]
     assert baseline().name == "dnd" and not baseline().uses_delta
-    assert [v.name for v in VARIANTS.values() if v.needs_base] == ["A2", "B", "C"]
+    assert [v.name for v in VARIANTS.values() if v.needs_base] == ["A2", "B", "C", "E2E", "E2E+delta"]
+    assert [v.name for v in VARIANTS.values() if not v.in_grid] == ["E2E", "E2E+delta"]
+    assert not VARIANTS["E2E"].uses_delta and VARIANTS["E2E+delta"].uses_delta
+    assert ExperimentConfig().variants == ("dnd", "A1", "A2", "B", "C")
     assert [v.name for v in VARIANTS.values() if v.decodes_delta] == ["B"]
     assert [t.name for t in VARIANTS["C"].terms] == ["mse", "delta_exact", "kl"]
     assert VARIANTS["B"].terms[1].weight == "lambda_cons" and VARIANTS["A2"].terms[1].weight == "lambda_delta"

@@ -194,3 +194,22 @@ def load_generator(gen_dir: str | Path, device: torch.device = CPU) -> LoadedGen
         ) from e
     model.eval()
     return LoadedGenerator(model.to(device), tokenizer.to(device), float(tensors["delta_scale"]), card, gen_dir)
+
+
+def warm_start(model: Generator, gen_dir: str | Path, train_tasks: list[str]) -> None:
+    """Start ``model`` from a trained generator's weights (``generator.init_from``): it must have the same head and
+    training tasks (a basis head's directions are the training targets' own), else an error names the folder."""
+    gen_dir = Path(gen_dir)
+    card = GeneratorCard.from_file(gen_dir / "config.json")
+    if sorted(card.train_tasks) != sorted(train_tasks):
+        raise GeneratorError(
+            f"{gen_dir}: generator.init_from was trained on other tasks ({len(card.train_tasks)} tasks, "
+            f"{len(set(card.train_tasks) ^ set(train_tasks))} different); warm-start from one trained on these"
+        )
+    tensors = load_file(gen_dir / "generator.safetensors")
+    try:
+        model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as e:
+        raise GeneratorError(
+            f"{gen_dir}: generator.init_from has another architecture (head, channels or variant modules): {e}"
+        ) from e

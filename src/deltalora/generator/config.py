@@ -15,7 +15,7 @@ class GeneratorConfig:
 
     variant: str = "dnd"
     """A name in the variant table: dnd (weight MSE), A1 (+ δ-head), A2 (+ exact δ), B (prompts -> δ -> LoRA),
-    C (δ + KL first)."""
+    C (δ + KL first), E2E (completion loss through the base model), E2E+delta (+ exact δ)."""
     n_prompts: int = 32
     """N prompts per condition batch, drawn fresh from a task's train split every step."""
     head: str = "conv"
@@ -47,6 +47,13 @@ class GeneratorConfig:
     """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
     kl_prompts: int = 4
     """Variant C: task prompts per sample for the KL term."""
+    lambda_sft: float = 1.0
+    """End-to-end variants: weight of the completion loss of base + generated LoRA on the task's train items."""
+    sft_items: int = 4
+    """End-to-end variants: train items per sample for the completion loss."""
+    init_from: str = ""
+    """A trained generator folder (same head and training tasks) whose weights start this one: a warm start from
+    a converged dnd; "" starts from the seeded initialisation."""
     exact_samples: int = 0
     """Samples per step that get the exact-δ / KL terms (A2, B, C); 0 = the whole batch. Each costs a
     forward and backward of the probes through the base model, the dominant cost on a CPU."""
@@ -88,11 +95,11 @@ class GeneratorConfig:
         _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
         _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
         _check(
-            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl) >= 0,
+            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl, self.lambda_sft) >= 0,
             "generator loss weights must be >= 0",
         )
         _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
-        _check(self.kl_prompts >= 1, "generator.kl_prompts must be >= 1")
+        _check(self.kl_prompts >= 1 and self.sft_items >= 1, "generator.kl_prompts and sft_items must be >= 1")
         _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
         _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
         _check(self.save_every >= 1, "generator.save_every must be >= 1")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from deltalora.config import GeneratorConfig, Preset
-from deltalora.data.items import stable_seed
+from deltalora.data.items import Item, stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.delta.compute import load_deltas
@@ -46,6 +46,8 @@ class TrainingSet:
     """RMS of the δ targets over the training zoo."""
     prompts: list[list[str]]
     """Train-split prompts per task."""
+    items: list[list[Item]]
+    """Train-split items per task (the same ones, with their answers: the end-to-end variants' completion loss)."""
     emb: list[torch.Tensor]
     """Their embeddings per task [n_train, 384]."""
     adapter_config: dict
@@ -95,9 +97,10 @@ def training_set(
     if cfg.shuffle_delta:
         deltas = shuffled_deltas(deltas, ckpt_task, cfg.seed)
     loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
-    prompts = [[it.prompt for it in t.train] for t in loaded]
+    items = [list(t.train) for t in loaded]
     if cfg.data_fraction < 1:
-        prompts = [_fraction(p, cfg.data_fraction, rng) for p in prompts]
+        items = [_fraction(its, cfg.data_fraction, rng) for its in items]
+    prompts = [[it.prompt for it in its] for its in items]
     emb = [encoder.encode(p) for p in prompts]
     val_emb = None
     if cfg.val_every:
@@ -112,7 +115,7 @@ def training_set(
         encoder.save()
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
-    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, emb, adapter_cfg, val_emb)
+    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, items, emb, adapter_cfg, val_emb)
     return data, tokenizer.to(device)
 
 

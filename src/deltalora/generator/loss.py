@@ -9,6 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from deltalora.config import GeneratorConfig, Preset
+from deltalora.data.items import Item
 from deltalora.delta.probes import DeltaProbe
 from deltalora.device import CPU, autocast, full_precision, module_device
 from deltalora.generator.encoder import DIM
@@ -17,6 +18,7 @@ from deltalora.generator.variants import VARIANTS, Step
 from deltalora.lm.evaluate import answer_logprobs
 from deltalora.lm.models import load_base
 from deltalora.zoo.adapters import lora_config
+from deltalora.zoo.training import completion_batch
 
 
 class ExactBehaviour:
@@ -40,6 +42,15 @@ class ExactBehaviour:
         """δ of base + these LoRA tensors (PEFT's saved key form)."""
         with full_precision(self.device):
             return self.probe.delta_of_tensors(self.model, {k: v.float() for k, v in tensors.items()})
+
+    def completion_loss(self, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens (+ EOS) of ``items`` under base + these LoRA tensors, the zoo's
+        training loss; differentiable in ``tensors``."""
+        params = {k.replace(".weight", ".default.weight"): v.float() for k, v in tensors.items()}
+        ids, mask, labels = (t.to(self.device) for t in completion_batch(self.tok, items, self.max_length))
+        kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        with full_precision(self.device):
+            return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs, strict=False).loss
 
     def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
         """First-answer-token log-distribution of base + these LoRA tensors on ``prompts``."""

@@ -25,7 +25,7 @@ from deltalora.data.registry import TaskSpec
 from deltalora.device import CPU, runtime
 from deltalora.distributed import barrier, init_distributed
 from deltalora.errors import GeneratorError
-from deltalora.generator.artifact import GeneratorCard, save_generator
+from deltalora.generator.artifact import GeneratorCard, save_generator, warm_start
 from deltalora.generator.dataset import training_set
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.hypernet import n_params
@@ -66,7 +66,9 @@ def _setup(
     cfg = preset.generator
     data, tokenizer = training_set(preset, ws, train_tasks, extra, encoder, save_cache, device)
     model = Generator(cfg, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1]).to(device)
-    if model.out.basis:
+    if cfg.init_from:
+        warm_start(model, cfg.init_from, train_tasks)
+    elif model.out.basis:
         model.basis.fit(data.tokens)
     needs_base = VARIANTS[cfg.variant].needs_base
     exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes, device) if needs_base else None

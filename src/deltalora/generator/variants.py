@@ -10,6 +10,8 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
 - C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) at the answer position + λ_w·MSE.
+- E2E: λ_sft·CE(base + ΔŴ on train items of the task): no weight target at all.
+- E2E+delta: + λ_δ·‖Delta(ΔŴ) − δ‖².
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Variant:
     """Has a δ-head H on its output tokens."""
     baseline: bool = False
     """The reference every δ variant is compared with (also trained longer, for a compute-matched row)."""
+    in_grid: bool = True
+    """In the research grid by default (``experiment.variants``): the plan's variants; the end-to-end ones are
+    opt-in, each step runs the base model on train items."""
 
     @property
     def needs_base(self) -> bool:
@@ -144,12 +149,24 @@ def _answer_kl(s: Step) -> torch.Tensor:
     return torch.stack(kl)
 
 
+def _completion(s: Step) -> torch.Tensor:
+    """Completion loss of base + generated LoRA on a few of the task's train items (drawn per sample): the
+    generator is trained through the frozen base model on what the adapter is for."""
+    out = []
+    for b, k in enumerate(s.sel):
+        items = s.data.items[int(s.data.ckpt_task[s.idx[k]])]
+        pick = torch.randint(len(items), (s.cfg.sft_items,), generator=s.gens[k]).tolist()
+        out.append(s.exact.completion_loss(s.exact_tensors[b], [items[j] for j in pick]))
+    return torch.stack(out)
+
+
 MSE = LossTerm("mse", _token_mse, "lambda_w", skip_if_zero=True, uses_delta=False)
 HEAD = LossTerm("delta_head", _head_delta, "lambda_delta")
 HEAD_FIT = LossTerm("head_fit", _head_fit)
 PROMPT_DELTA = LossTerm("delta_prompt", _prompt_delta)
 EXACT_DELTA = LossTerm("delta_exact", _exact_delta, "lambda_delta", exact=True)
 KL = LossTerm("kl", _answer_kl, "lambda_kl", exact=True)
+SFT = LossTerm("completion", _completion, "lambda_sft", exact=True, uses_delta=False)
 
 VARIANTS: dict[str, Variant] = {}
 """Every known variant by name, in the order tables list them."""
@@ -189,6 +206,16 @@ register(
         (MSE, EXACT_DELTA, KL),
     )
 )
+
+register(
+    Variant(
+        "E2E",
+        "end to end: completion loss of base + generated LoRA on the task's train items (Text-to-LoRA's SFT mode)",
+        (SFT,),
+        in_grid=False,
+    )
+)
+register(Variant("E2E+delta", "end to end with the exact-δ term", (SFT, EXACT_DELTA), in_grid=False))
 
 
 def baseline() -> Variant:
