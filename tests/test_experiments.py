@@ -243,3 +243,24 @@ def test_claimed_lock_is_exclusive_between_holders(tmp_path):
             assert first and not second
     with file_lock(tmp_path / "cell.lock") as again:
         assert again
+
+
+def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, tiny_preset, monkeypatch):
+    """The base and oracle rows take the hits ``ref()`` measured; a copy of the oracle's tensors (another object)
+    is scored afresh and agrees."""
+    from deltalora.experiments.scoring import Scorer
+
+    scorer = Scorer(tiny_preset, ws, n_test=6)
+    task = tiny_preset.pool[0]
+    calls = []
+    real = Scorer._hits
+    monkeypatch.setattr(Scorer, "_hits", lambda self, items: calls.append(1) or real(self, items))
+    ref = scorer.ref(task)
+    n_ref = len(calls)  # one per reference adapter and one for the base model
+    base, _ = scorer.score(task, None)
+    oracle, _ = scorer.score(task, ref.ref_tensors[0])
+    assert len(calls) == n_ref == len(ref.ref_tensors) + 1
+    fresh, _ = scorer.score(task, {k: v.clone() for k, v in ref.ref_tensors[0].items()})
+    assert len(calls) == n_ref + 1
+    assert fresh["hits"] == oracle["hits"] == ref.ref_hits[0] and base["hits"] == ref.base_hits
+    scorer.close()

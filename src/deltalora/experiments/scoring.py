@@ -56,10 +56,20 @@ class TaskRef:
     """Log-distributions of the first reference adapter at every gold-answer token of the KL items."""
     kl_items: list[Item]
     """Test items on whose answer tokens the KL to the reference is measured."""
-    ref_acc: list[float]
-    """Accuracy of each reference adapter."""
-    base_acc: float
-    """Accuracy of the base model."""
+    ref_hits: list[list[int]]
+    """Per-item hits of each reference adapter (reused when the oracle row scores the first one)."""
+    base_hits: list[int]
+    """Per-item hits of the base model (reused by the base row)."""
+
+    @property
+    def ref_acc(self) -> list[float]:
+        """Accuracy of each reference adapter."""
+        return [statistics.fmean(h) for h in self.ref_hits]
+
+    @property
+    def base_acc(self) -> float:
+        """Accuracy of the base model."""
+        return statistics.fmean(self.base_hits)
 
 
 class Scorer:
@@ -107,27 +117,24 @@ class Scorer:
                 raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
             tensors = [self.tensors(c) for c in refs]
             kl_items = items[: self.n_kl]
-            ref_acc = []
+            ref_hits = []
             for t in tensors:
                 self.swapper.set_tensors(t)
-                ref_acc.append(self._acc(items))
+                ref_hits.append(self._hits(items))
             self.swapper.set_tensors(tensors[0])
             ref_lp = self._logprobs(kl_items)
             with self.model.disable_adapter():
-                base_acc = self._acc(items)
+                base_hits = self._hits(items)
             self._refs[name] = TaskRef(
                 items,
                 tensors,
                 torch.stack([self.deltas[c.path] for c in refs]).mean(0),
                 ref_lp,
                 kl_items,
-                ref_acc,
-                base_acc,
+                ref_hits,
+                base_hits,
             )
         return self._refs[name]
-
-    def _acc(self, items) -> float:
-        return statistics.fmean(self._hits(items))
 
     def _hits(self, items) -> list[int]:
         z = self.preset.zoo
@@ -139,13 +146,15 @@ class Scorer:
 
     def score(self, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics and δ of rank-r LoRA tensors of the zoo's layout on task ``name`` (None: the base model)."""
-        self.ref(name)  # computed before the swap: it sets the reference tensors itself
+        ref = self.ref(name)  # computed before the swap: it sets the reference tensors itself
         if tensors is None:
             with self.model.disable_adapter():
-                out, delta = self.score_active(name)
+                out, delta = self.score_active(name, ref.base_hits)
         else:
             self.swapper.set_tensors(tensors)
-            out, delta = self.score_active(name)
+            # the hits of the task's own references were measured by ref(): not measured twice
+            known = next((h for t, h in zip(ref.ref_tensors, ref.ref_hits) if t is tensors), None)
+            out, delta = self.score_active(name, known)
         out["param_mse"] = self.param_mse(name, tensors)
         return out, delta
 
@@ -173,13 +182,14 @@ class Scorer:
             statistics.fmean(((r[k] - (tensors[k] if tensors else 0)) ** 2).mean().item() for k in r) for r in refs
         )
 
-    def score_active(self, name: str) -> tuple[dict[str, float], torch.Tensor]:
-        """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one)."""
+    def score_active(self, name: str, hits: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics and δ of the PEFT model with whatever adapter is active now (e.g. a merged one); ``hits``, when
+        this exact model's per-item hits are already known, are used instead of scoring the items again."""
         ref = self.ref(name)
         delta = self.probe.delta(self.model).cpu()
         lp = self._logprobs(ref.kl_items)
         kl = (ref.ref_logprobs.exp() * (ref.ref_logprobs - lp)).sum(-1).mean().item()
-        scored = self._hits(ref.items)  # kept per item: paired tests across methods on the same items
+        scored = hits if hits is not None else self._hits(ref.items)  # per item: paired tests on the same items
         return {
             "acc": statistics.fmean(scored),
             "hits": scored,
