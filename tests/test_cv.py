@@ -38,6 +38,7 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     out = tmp_path / "results"
     args = ["experiment", "--preset", "tiny", "-w", str(ws.root), "--results-dir", str(out), "--only", "cv"]
     sets = ["--set", "experiment.folds=2", "--set", "experiment.seeds=0", "--set", "experiment.draws=1"]
+    sets += ["--set", "tasks.n_val=4", "--set", "generator.val_every=1"]  # each fold's generator keeps its best step
     r = CliRunner().invoke(app, [*args, *sets])
     assert r.exit_code == 0, r.output
     cv = json.loads((out / "cv.json").read_text())
@@ -52,6 +53,10 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert r.exit_code == 0, r.output
     text = doc.read_text()
     assert "## Cross-validation over tasks" in text and (doc.parent / "report_cv.png").exists()
+    assert (doc.parent / "report_cv_losses.png").exists() and "Kept generator steps" in text
+    steps = cv["methods"]["dnd"]["best_steps"]
+    assert len(steps) == 2 and all(1 <= b <= cv["experiment"]["steps"] for b in steps)
+    assert all(c["val_loss"] for c in cv["methods"]["dnd"]["curves"].values())
     assert all(f"| {k} |" in text for k in cv["comparisons"]) and "RQ1" not in text
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():

@@ -127,6 +127,18 @@ def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
     return round(statistics.fmean(xs), 1) if xs else None
 
 
+def _curves(store: CellStore, cells: list[Cell]) -> dict:
+    """A generator method's training and validation curves (first seed of each fold) and its kept steps."""
+    recs = [(c, store.records(c)) for c in cells if c.method == GENERATOR and c.prompts == "own"]
+    recs = [(c, r[0]) for c, r in recs if r and "curves" in r[0]]
+    if not recs:
+        return {}
+    return {
+        "curves": {c.name.rsplit(" [", 1)[1].rstrip("]"): r["curves"] for c, r in recs},
+        "best_steps": [r.get("best_step") for _, r in recs],
+    }
+
+
 def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell], domains: dict[str, str]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
     with Holm-adjusted p-values and verdicts (a comparison whose cells have not run yet is left out)."""
@@ -169,6 +181,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
                 "per_task": acc,
                 "mean": statistics.fmean(acc.values()),
                 "train_seconds": _seconds(store, groups[name]),
+                **_curves(store, groups[name]),
             }
             for name, (acc, _) in methods.items()
             if acc

@@ -67,17 +67,25 @@ def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
     L.append("")
     if "report_cv.png" in plots:
         L += ["![cross-validation by family](report_cv.png)", ""]
+    if "report_cv_losses.png" in plots:
+        best = {n: m["best_steps"] for n, m in methods.items() if m.get("best_steps")}
+        L += [
+            "Kept generator steps (lowest validation loss), per fold: "
+            + "; ".join(f"{n}: {', '.join(map(str, b))}" for n, b in best.items() if "seen" not in n)
+            + ".",
+            "",
+            "![generator training and validation loss](report_cv_losses.png)",
+            "",
+        ]
     return L
 
 
 def cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
     """Mean accuracy per family of every method that scored held-out tasks (the seen rows and prompt controls
-    aside), as grouped bars."""
+    aside), as grouped bars; and each fold's generator training and validation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
-
     import matplotlib.pyplot as plt
 
     doms = cv["domains"]
@@ -95,9 +103,33 @@ def cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
     ax.set_ylabel("accuracy on held-out tasks (mean over the family)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Cross-validation: every task scored while held out", fontsize=9)
+    made = {"report_cv.png": _save(fig, out_dir / "report_cv.png")}
+    curves = {(n, fold): c for n, m in cv["methods"].items() for fold, c in m.get("curves", {}).items()}
+    curves = {k: c for k, c in curves.items() if "seen" not in k[0]}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, ((n, fold), c) in enumerate(sorted(curves.items())):
+            color = f"C{i % 10}"
+            ax.plot(*zip(*c["loss"]), color=color, alpha=0.5, lw=1, label=f"{n} {fold}: training loss")
+            if c["val_loss"]:
+                ax.plot(*zip(*c["val_loss"]), color=color, lw=2, marker=".", label=f"{n} {fold}: validation")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("token MSE (seed 0)")
+        ax.legend(fontsize=6)
+        ax.set_title("Generator training per fold: the weights of the lowest validation loss are kept", fontsize=9)
+        made["report_cv_losses.png"] = _save(fig, out_dir / "report_cv_losses.png")
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    import io
+
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(out_dir / "report_cv.png", buf.getvalue())
-    return {"report_cv.png": "report_cv.png"}
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name

@@ -49,7 +49,8 @@ def summarize(store: CellStore, cell: Cell) -> dict | None:
         summary["train_seconds"] = mean_std([rec["train_seconds"] for rec in records])
     if cell.method == GENERATOR:
         summary["n_params"] = records[0]["n_params"]
-        summary["loss_curve"] = _loss_curve(Path(records[0]["generator"]) / "log.jsonl")
+        curves = records[0].get("curves") or loss_curves(Path(records[0]["generator"]) / "log.jsonl")
+        summary["loss_curve"] = curves["loss"]
     if "n_train" in records[0]:
         summary["n_train"] = records[0]["n_train"]
     if METHODS[cell.method].picks:
@@ -124,9 +125,14 @@ def read_results(results_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _loss_curve(log_file: Path, points: int = 100) -> list[list[float]]:
+def loss_curves(log_file: Path, points: int = 100) -> dict[str, list[list[float]]]:
+    """A generator's training loss (about ``points`` steps of it) and every validation loss, as [step, value]
+    pairs, from its ``log.jsonl`` (empty where the log is gone, e.g. on a fresh machine)."""
     if not log_file.exists():
-        return []
+        return {"loss": [], "val_loss": []}
     rows = [json.loads(ln) for ln in log_file.read_text().splitlines() if ln]
     every = max(1, len(rows) // points)
-    return [[r["step"], round(r["loss"], 6)] for r in rows[::every]]
+    return {
+        "loss": [[r["step"], round(r["loss"], 6)] for r in rows[::every]],
+        "val_loss": [[r["step"], round(r["val_loss"], 6)] for r in rows if "val_loss" in r],
+    }

@@ -26,6 +26,7 @@ from deltalora.data.tasks import load_pool
 from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset
 from deltalora.experiments.multitask import multitask_key, train_multitask
+from deltalora.experiments.results import loss_curves
 from deltalora.experiments.scoring import Scorer
 from deltalora.generator.artifact import LoadedGenerator, load_generator
 from deltalora.generator.encoder import PromptEncoder
@@ -159,7 +160,13 @@ class Runner:
         if self._gen is None or self._gen.folder != folder:  # loaded once per cell and seed, not once per task
             self._gen = load_generator(folder, self.scorer.device)
         gen = self._gen
-        record.update(generator=str(gen.folder), train_seconds=gen.card.train_seconds, n_params=gen.card.n_params)
+        record.update(
+            generator=str(gen.folder),
+            train_seconds=gen.card.train_seconds,
+            n_params=gen.card.n_params,
+            best_step=gen.card.best_step,
+            curves=loss_curves(gen.folder / "log.jsonl"),  # kept in the record: a fresh machine has no log
+        )
         # scores are keyed by generator, prompt source and task, so cells that share them score once
         key = self.root / "scores" / f"{gen.folder.name}__{cell.prompts}__d{ex.draws}n{ex.n_test}__{task}.json"
         if not key.exists():
