@@ -227,26 +227,31 @@ def test_b_decodes_arbitrary_delta(ws, tmp_path):
         Generator(preset.generator.__class__(variant="dnd", n_prompts=4, channels=(8,)), 4, 8, 3).from_delta(arbitrary)
 
 
+def _killed_then_resumed(preset, ws, out, monkeypatch, kill_at: int):
+    """Train, interrupted at the ``kill_at``-th loss evaluation, then train again in the same folder (a resume)."""
+    real, calls = GeneratorLoss.forward, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(GeneratorLoss, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
+    monkeypatch.setattr(GeneratorLoss, "forward", real)
+    assert not (out / "generator.safetensors").exists()
+    return train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
+
+
 def test_resume_after_interrupt_gives_identical_generator(ws, tmp_path, monkeypatch):
     preset = _preset(ws, variant="dnd", steps=8, save_every=4)
     full = tmp_path / "full"
     train_generator(preset, ws.ws, full, list(preset.pool), progress=False)
 
-    real, calls = GeneratorLoss.forward, {"n": 0}
-
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(GeneratorLoss, "forward", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
-    monkeypatch.setattr(GeneratorLoss, "forward", real)
-    assert not (cut / "generator.safetensors").exists()
-    train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
+    _killed_then_resumed(preset, ws, cut, monkeypatch, kill_at=6)
     a, b = load_generator(full).model.state_dict(), load_generator(cut).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _log(cut)] == list(range(1, 9))
@@ -280,20 +285,8 @@ def test_validation_keeps_the_best_generator_and_resumes_with_it(ws, tmp_path, m
     assert val.loss(load_generator(full).model) == pytest.approx(vals[4], rel=1e-5)
     assert vals[8] - 1.0 != pytest.approx(vals[4], rel=1e-3)  # the last step's weights differ from the saved ones
 
-    real_forward, calls = GeneratorLoss.forward, {"n": 0}
-
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_forward(self, *a, **k)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(GeneratorLoss, "forward", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
-    monkeypatch.setattr(GeneratorLoss, "forward", real_forward)
-    resumed = train_generator(preset, ws.ws, cut, list(preset.pool), progress=False)
+    resumed = _killed_then_resumed(preset, ws, cut, monkeypatch, kill_at=7)
     assert (resumed.best_step, resumed.val_loss) == (4, card.val_loss)
     a, b = load_generator(full).model.state_dict(), load_generator(cut).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
