@@ -74,6 +74,13 @@ class ExperimentConfig:
     """Seed of the fold assignment."""
     cv_variants: tuple[str, ...] = ("dnd",)
     """Generators trained in every fold; each is compared with every baseline but the oracle (Holm over all)."""
+    cv_warm_variants: tuple[str, ...] = ()
+    """Cross-validation: variants trained from the fold's converged baseline generator (same seed) for
+    ``warm_steps`` steps, beside the baseline continued for the same steps (the same-steps control)."""
+    warm_steps: int = 200
+    """Steps of every warm-started generator."""
+    cv_warm_folds: int = 1
+    """Folds (the first ones) whose tasks score the warm-started variants: their steps run the base model."""
     cv_control_seeds: int = 0
     """Cross-validation: generator seeds scored from other-family and random-text prompts (the first this many of
     ``seeds``; 0: all). Prompt sensitivity is tested across tasks, so one seed per task is a paired design; the
@@ -86,8 +93,10 @@ class ExperimentConfig:
         )
         _check(self.folds == 0 or self.folds >= 2, "experiment.folds must be 0 (off) or >= 2")
         _check(self.cv_control_seeds >= 0, "experiment.cv_control_seeds must be >= 0 (0: every seed)")
+        _check(self.warm_steps >= 1 and self.cv_warm_folds >= 1, "experiment.warm_steps and cv_warm_folds must be >= 1")
         for v in (
             *self.cv_variants,
+            *self.cv_warm_variants,
             *self.variants,
             *self.lodo_variants,
             *self.rq3_variants,

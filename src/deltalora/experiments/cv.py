@@ -21,7 +21,8 @@ from deltalora.config import Preset
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
-from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, Cell, baselines
+from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, baselines
+from deltalora.generator.variants import baseline
 from deltalora.io import atomic_write_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
@@ -85,8 +86,28 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                     )
                     for src in sources
                 ]
+        if i < ex.cv_warm_folds:
+            rows += _warm_cells(preset, held, train)
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     return cells
+
+
+def _warm_names(preset: Preset) -> tuple[str, dict[str, str]]:
+    """The continued baseline's row name and each warm-started variant's."""
+    base = baseline().name
+    return f"{base} (continued)", {v: f"{v} (from {base})" for v in preset.experiment.cv_warm_variants}
+
+
+def _warm_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:
+    """The warm-started variants and the baseline continued for as many steps, all from the fold's baseline."""
+    ex, base = preset.experiment, baseline().name
+    if not ex.cv_warm_variants:
+        return []
+    continued, names = _warm_names(preset)
+    return [
+        Cell(CV, name, GENERATOR, held, train, (("variant", v), ("steps", ex.warm_steps), (WARM_FROM, base)))
+        for v, name in ((base, continued), *names.items())
+    ]
 
 
 def _named(name: str, source: str) -> str:
@@ -97,14 +118,18 @@ def _named(name: str, source: str) -> str:
 def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     """The comparisons ``cv.json`` tests, fixed by the config before any cell runs (one Holm family): each cv
     variant against each baseline but the oracle on held-out tasks; its prompt sensitivity (own prompts against
-    other-family and random-text prompts) on held-out and seen tasks; and its seen-task accuracy against the
-    oracle's on the same items."""
+    other-family and random-text prompts) on held-out and seen tasks; its seen-task accuracy against the oracle's
+    on the same items; and each warm-started variant against the baseline continued for as many steps and against
+    the baseline itself (on the warm folds' tasks)."""
     rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
     out = []
     for v in preset.experiment.cv_variants:
         out += [(v, b) for b in rivals]
         out += [(v, _named(v, src)) for src in ("other", "random")]
         out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
+    continued, names = _warm_names(preset)
+    for name in names.values():
+        out += [(name, continued), (name, baseline().name)]
     return out
 
 

@@ -257,10 +257,25 @@ def baselines(rq: str, tasks: tuple[str, ...], train: tuple[str, ...]) -> list[C
     return [Cell(rq, m.label, m.name, tasks, train if m.uses_train else ()) for m in METHODS.values() if m.baseline]
 
 
-def generator_preset(preset: Preset, cell: Cell, seed: int) -> Preset:
-    """The preset a cell's generator of this seed is trained with."""
+WARM_FROM = "warm_from"
+"""A cell change naming the variant whose generator (same training tasks and seed) warm-starts this one."""
+
+
+def generator_preset(preset: Preset, cell: Cell, seed: int, init_from: str = "") -> Preset:
+    """The preset a cell's generator of this seed is trained with (``init_from``: the folder its ``warm_from``
+    change resolved to)."""
     ex = preset.experiment
+    changes = {k: v for k, v in cell.changes if k != WARM_FROM}
     gen = dataclasses.replace(
-        preset.generator, **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **dict(cell.changes)}
+        preset.generator,
+        **{"steps": ex.steps, "stage1_steps": ex.steps, "seed": seed, **changes, "init_from": init_from},
     )
     return preset.replace(generator=gen)
+
+
+def warm_source(cell: Cell) -> Cell | None:
+    """The cell whose generator warm-starts this cell's (same rq, tasks and training tasks), if any."""
+    variant = dict(cell.changes).get(WARM_FROM)
+    if variant is None:
+        return None
+    return Cell(cell.rq, variant, GENERATOR, cell.tasks, cell.train, (("variant", variant),))

@@ -24,7 +24,7 @@ from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_pool
 from deltalora.experiments.cells import CellStore
-from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset
+from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset, warm_source
 from deltalora.experiments.multitask import multitask_key, train_multitask
 from deltalora.experiments.results import loss_curves
 from deltalora.experiments.scoring import Scorer
@@ -72,7 +72,9 @@ class Runner:
 
     def trained_generator(self, cell: Cell, seed: int) -> Path:
         """The cell's generator of this seed, trained if no process has trained it yet."""
-        preset = generator_preset(self.preset, cell, seed)
+        source = warm_source(cell)
+        init_from = str(self.trained_generator(source, seed)) if source else ""
+        preset = generator_preset(self.preset, cell, seed, init_from)
         out = self.generator_dir(preset, cell.train)
         out.parent.mkdir(parents=True, exist_ok=True)
         # two experiment processes (e.g. --only rq1 and --only rq3) may need the same generator: one trains, one waits
