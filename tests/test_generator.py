@@ -166,6 +166,33 @@ def test_completion_loss_of_a_reference_equals_the_zoo_trainers(ws, encoder):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
 
 
+def test_kl_term_reads_answer_tokens_like_the_scorer_and_is_zero_at_the_reference(ws, encoder):
+    """C's differentiable answer-token distributions of a reference's tensors equal the scorer's of that adapter
+    loaded in PEFT; the KL of the reference to itself is 0 and its distributions are computed once."""
+    from deltalora.generator.variants import Step, _answer_kl
+    from deltalora.lm.evaluate import answer_token_logprobs
+
+    preset = _preset(ws, variant="C")
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
+    items = data.items[int(data.ckpt_task[0])][:3]
+    with torch.no_grad():
+        ours = exact.answer_logprobs(tokenizer.decode(data.tokens[0]), items)
+    base, tok = load_base("tiny")
+    peft = PeftModel.from_pretrained(base, str(ws.ws.zoo / data.paths[0])).eval()
+    with torch.no_grad():
+        theirs = answer_token_logprobs(peft, tok, items, preset.zoo.max_length)
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
+
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    idx = torch.tensor([0, 0])  # the reference's own tokens as the prediction, twice: KL 0, one cached reference
+    gens, mask = [torch.Generator()] * 2, tokenizer.valid_mask()
+    st = Step(
+        model, data, tokenizer, exact, preset.generator, idx, gens, None, None, None, mask, [0, 1], data.tokens[idx]
+    )
+    assert _answer_kl(st).abs().max().item() < 1e-5 and list(exact._ref) == [0]
+
+
 def test_e2e_gradient_reaches_the_generator_and_not_the_base(ws, encoder):
     preset = _preset(ws, variant="E2E", head="basis")
     data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)

@@ -44,9 +44,10 @@ class GeneratorConfig:
     lambda_cons: float = 0.1
     """Variant B: weight of the exact-δ consistency term of G_θ."""
     lambda_kl: float = 1.0
-    """Variant C: weight of KL(base+generated || base+reference) at the answer position."""
+    """Variant C: weight of KL(base+generated || base+reference) averaged over the gold-answer tokens."""
     kl_prompts: int = 4
-    """Variant C: task prompts per sample for the KL term."""
+    """Variant C: the task's first this many train items carry the KL term (fixed, so each reference
+    checkpoint's distributions are computed once)."""
     lambda_sft: float = 1.0
     """End-to-end variants: weight of the completion loss of base + generated LoRA on the task's train items."""
     sft_items: int = 4

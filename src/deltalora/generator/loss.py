@@ -15,7 +15,7 @@ from deltalora.device import CPU, autocast, full_precision, module_device
 from deltalora.generator.encoder import DIM
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.variants import VARIANTS, Step
-from deltalora.lm.evaluate import answer_logprobs
+from deltalora.lm.evaluate import answer_token_logprobs
 from deltalora.lm.models import load_base
 from deltalora.zoo.adapters import lora_config
 from deltalora.zoo.training import completion_batch
@@ -37,6 +37,7 @@ class ExactBehaviour:
         with self.model.disable_adapter():
             self.probe.set_base(self.model)
         self.max_length = preset.zoo.max_length
+        self._ref: dict[int, torch.Tensor] = {}
 
     def delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """δ of base + these LoRA tensors (PEFT's saved key form)."""
@@ -52,11 +53,20 @@ class ExactBehaviour:
         with full_precision(self.device):
             return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs, strict=False).loss
 
-    def answer_logprobs(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
-        """First-answer-token log-distribution of base + these LoRA tensors on ``prompts``."""
+    def answer_logprobs(self, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
+        """Log-distributions of base + these LoRA tensors at every gold-answer token of ``items`` (teacher-forced),
+        differentiable in ``tensors``."""
         params = {k.replace(".weight", ".default.weight"): v.float() for k, v in tensors.items()}
         with full_precision(self.device):
-            return answer_logprobs(self.model, self.tok, prompts, self.max_length, params)
+            return answer_token_logprobs(self.model, self.tok, items, self.max_length, params=params)
+
+    def reference_logprobs(self, key: int, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
+        """``answer_logprobs`` of a reference checkpoint on its task's fixed KL items, computed once per
+        checkpoint (``key``) and kept: the reference does not change during training."""
+        if key not in self._ref:
+            with torch.no_grad():
+                self._ref[key] = self.answer_logprobs(tensors, items)
+        return self._ref[key]
 
 
 class GeneratorLoss(nn.Module):

@@ -9,7 +9,7 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
        into agreeing with whatever the decoder emits.
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
-- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) at the answer position + λ_w·MSE.
+- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) over the answer tokens + λ_w·MSE.
 - E2E: λ_sft·CE(base + ΔŴ on train items of the task): no weight target at all.
 - E2E+delta: + λ_δ·‖Delta(ΔŴ) − δ‖².
 """
@@ -136,15 +136,16 @@ def _exact_delta(s: Step) -> torch.Tensor:
 
 
 def _answer_kl(s: Step) -> torch.Tensor:
-    """KL(base+generated ‖ base+reference) of the first answer token on a few of the task's train prompts."""
-    ref = s.tokenizer.decode(s.data.tokens[s.idx[s.sel]])
+    """KL(base+generated ‖ base+reference) averaged over every gold-answer token of the task's first
+    ``kl_prompts`` train items (a fixed set, so each reference checkpoint's distributions are computed once)."""
     kl = []
     for b, k in enumerate(s.sel):
-        task_prompts = s.data.prompts[int(s.data.ckpt_task[s.idx[k]])]
-        ps = [task_prompts[int(j)] for j in torch.randint(len(task_prompts), (s.cfg.kl_prompts,), generator=s.gens[k])]
-        lp_gen = s.exact.answer_logprobs(s.exact_tensors[b], ps)
-        with torch.no_grad():
-            lp_ref = s.exact.answer_logprobs({key: v[b] for key, v in ref.items()}, ps)
+        ckpt = int(s.idx[k])
+        items = s.data.items[int(s.data.ckpt_task[ckpt])][: s.cfg.kl_prompts]
+        lp_ref = s.exact.reference_logprobs(
+            ckpt, {key: v[0] for key, v in s.tokenizer.decode(s.data.tokens[[ckpt]]).items()}, items
+        )
+        lp_gen = s.exact.answer_logprobs(s.exact_tensors[b], items)
         kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
     return torch.stack(kl)
 

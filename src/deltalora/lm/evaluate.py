@@ -199,39 +199,31 @@ def greedy_answers(
     return out
 
 
-def answer_logprobs(
-    model: torch.nn.Module,
-    tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_length: int = 256,
-    params: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Log-distribution over the first answer token of each prompt [n, vocab]; with ``params``
-    the model runs with those tensors swapped in (differentiably, via ``functional_call``)."""
-    padded = pad_left([encode(tok, p, "", max_length)[0] for p in prompts], tok.pad_token_id)
-    ids, mask, pos = (t.to(module_device(model)) for t in padded)
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
-    out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False) if params else model(**kwargs)
-    return torch.log_softmax(out.logits[:, -1].float(), -1)
-
-
-@torch.inference_mode()
 def answer_token_logprobs(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
     items: Sequence[Item],
     max_length: int = 256,
     batch_size: int = 32,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Log-distributions at every token of each item's gold answer, teacher-forced [n answer tokens, vocab], items
-    in order: the KL between two models averaged over these rows covers the whole answer, not its first token."""
+    in order: the KL between two models averaged over these rows covers the whole answer, not its first token.
+    With ``params`` the model runs with those tensors swapped in, differentiably (``functional_call``)."""
     device = module_device(model)
     seqs = [encode(tok, it.prompt, it.completion(), max_length) for it in items]
     rows = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
         ids, mask = (t.to(device) for t in pad_right([s for s, _ in batch], tok.pad_token_id))
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        decoder = model.get_decoder()
+        kwargs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+        if params:  # the decoder's own names: drop the path from the PEFT model to it
+            prefix = next(n for n, m in model.named_modules() if m is decoder) + "."
+            local = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+            hidden = torch.func.functional_call(decoder, local, args=(), kwargs=kwargs, strict=False).last_hidden_state
+        else:
+            hidden = decoder(**kwargs).last_hidden_state
         # position t predicts token t + 1: the answer's tokens are predicted from the prompt's last position on
         at = [(r, t) for r, (s, n_p) in enumerate(batch) for t in range(n_p - 1, len(s) - 1)]
         r_idx, t_idx = (torch.tensor(x, device=device) for x in zip(*at))
