@@ -100,7 +100,7 @@ PRESETS: dict[str, Preset] = {
         ),
     ),
     # Sibling subtasks of BIG-bench families, selected on a validation split; LoRAs with checkpoints spread
-    # over training (steps 8, 16, 24). Sized for <= 2 h on 2 CPU cores (the README gives the measured time).
+    # over training (steps 8, 16, 24). About 2-3 min per task on 2 CPU cores (the README gives the measured time).
     "families": Preset(
         name="families",
         base="smollm2-135m",

@@ -120,13 +120,13 @@ FAMILY_CANDIDATES: tuple[TaskSpec, ...] = (
         "plural_json plural_regular_json past_tense_json past_tense_regular_json de_past_tense_json "
         "de_past_tense_regular_json pronoun_replacement_json question_formation_json sentence_negation_json",
     ),
-    *_family("unit_conversion", "si_conversion different_systems novel_systems chained_conversion"),
+    *_family("unit_conversion", "si_conversion different_systems novel_systems chained_conversion unit_identification"),
     *_family("color", "rgb hex hsl hcl"),
     # English sentences of four review domains (the `all_*` subtasks would repeat their items) and one German
     *_family(
         "multiemo",
         "hotels_sentence_en medicine_sentence_en products_sentence_en reviews_sentence_en hotels_sentence_de "
-        "medicine_sentence_de products_sentence_de reviews_sentence_de",
+        "medicine_sentence_de products_sentence_de reviews_sentence_de hotels_sentence_fr medicine_sentence_fr",
     ),
     *_family(
         "bbq_lite_json",
@@ -146,6 +146,14 @@ FAMILY_CANDIDATES: tuple[TaskSpec, ...] = (
         "three_digit_addition_control three_digit_addition_plus_one three_digit_subtraction_control "
         "three_digit_subtraction_plus_one two_digit_multiplication_control two_digit_multiplication_plus_one",
     ),
+    # added after the first build selected too few color tasks for a family of four: word problems and their
+    # hinted forms (prompts of ~40-70 tokens), and line/shape intersection counts (the longer ones cut from the left)
+    *_family(
+        "elementary_math_qa",
+        "question_only language_hint_only mathematical_hint_only question_with_language_hint "
+        "question_with_mathematical_hint",
+    ),
+    *_family("intersect_geometry", "shapes_2 shapes_3 shapes_4 shapes_5 shapes_6"),
 )
 
 # Union adapters for additivity and composition, each pair from two families (named once for every use).
