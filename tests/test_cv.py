@@ -109,6 +109,20 @@ def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monke
     assert not set(res["train_tasks"]) & set(res["held_out_not_read"]) and res["held_out_not_read"]
     for row in rows.values():
         assert row["val_curve"] and row["val_loss"] == pytest.approx(min(v for _, v in row["val_curve"]), abs=1e-5)
+    # the experiments' folder stays deltalora's: the grid runs in the same workspace after a selection
+    args_cv = [
+        "experiment",
+        "--preset",
+        "tiny",
+        "-w",
+        str(ws.root),
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--only",
+        "cv",
+    ]
+    r = CliRunner().invoke(app, [*args_cv, *sets, "--set", "experiment.seeds=0", "--set", "experiment.draws=1"])
+    assert r.exit_code == 0, r.output
     # a second call reuses the trained candidates
     monkeypatch.setattr("deltalora.experiments.selection.train_generator", lambda *a, **k: pytest.fail("retrained"))
     r = CliRunner().invoke(app, [*args, *cands])

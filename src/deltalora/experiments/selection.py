@@ -17,6 +17,7 @@ from deltalora.errors import ConfigError
 from deltalora.experiments.cv import family_folds
 from deltalora.generator.artifact import GeneratorCard
 from deltalora.generator.train import train_generator
+from deltalora.outputs import own_dir
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
 
@@ -37,6 +38,7 @@ def select_generator(
         raise ConfigError("selection trains on one cross-validation fold: set experiment.folds >= 2")
     if not 0 <= fold < ex.folds:
         raise ConfigError(f"--fold must be in [0, {ex.folds - 1}], got {fold}")
+    own_dir(ws.experiments, "experiment")  # the experiments' folder: a folder deltalora did not write is refused
     held = family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)[fold]
     train = [t for t in preset.pool if t not in held]
     rows = {}
