@@ -44,10 +44,9 @@ class TrainingSet:
     """δ targets divided by ``delta_scale`` [M, D] (permuted across tasks for --shuffle-delta)."""
     delta_scale: float
     """RMS of the δ targets over the training zoo."""
-    prompts: list[list[str]]
-    """Train-split prompts per task."""
     items: list[list[Item]]
-    """Train-split items per task (the same ones, with their answers: the end-to-end variants' completion loss)."""
+    """Train-split items per task (their prompts condition the generator; their answers feed the end-to-end
+    variants' completion loss and variant C's KL)."""
     emb: list[torch.Tensor]
     """Their embeddings per task [n_train, 384]."""
     adapter_config: dict
@@ -100,8 +99,7 @@ def training_set(
     items = [list(t.train) for t in loaded]
     if cfg.data_fraction < 1:
         items = [_fraction(its, cfg.data_fraction, rng) for its in items]
-    prompts = [[it.prompt for it in its] for its in items]
-    emb = [encoder.encode(p) for p in prompts]
+    emb = [encoder.encode([it.prompt for it in its]) for its in items]
     val_emb = None
     if cfg.val_every:
         no_val = [t.name for t in loaded if not t.val]
@@ -115,7 +113,7 @@ def training_set(
         encoder.save()
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
-    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, prompts, items, emb, adapter_cfg, val_emb)
+    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, items, emb, adapter_cfg, val_emb)
     return data, tokenizer.to(device)
 
 
