@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from deltalora.config import DeltaConfig
 from deltalora.device import module_device
 from deltalora.lm.evaluate import pad_left
+from deltalora.zoo.adapters import live_names
 
 PREAMBLES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -92,5 +93,4 @@ class DeltaProbe:
 
     def delta_of_tensors(self, peft_model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """δ for LoRA tensors given in PEFT's saved key form; differentiable in ``tensors``."""
-        params = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
-        return self.mean_activation(peft_model, params) - self.base_mean
+        return self.mean_activation(peft_model, live_names(tensors)) - self.base_mean

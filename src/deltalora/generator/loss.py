@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from peft import get_peft_model
@@ -17,7 +18,7 @@ from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.variants import VARIANTS, Step
 from deltalora.lm.evaluate import answer_token_logprobs
 from deltalora.lm.models import load_base
-from deltalora.zoo.adapters import lora_config
+from deltalora.zoo.adapters import live_names, lora_config
 from deltalora.zoo.training import completion_batch
 
 
@@ -47,7 +48,7 @@ class ExactBehaviour:
     def completion_loss(self, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens (+ EOS) of ``items`` under base + these LoRA tensors, the zoo's
         training loss; differentiable in ``tensors``."""
-        params = {k.replace(".weight", ".default.weight"): v.float() for k, v in tensors.items()}
+        params = live_names({k: v.float() for k, v in tensors.items()})
         ids, mask, labels = (t.to(self.device) for t in completion_batch(self.tok, items, self.max_length))
         kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
         with full_precision(self.device):
@@ -56,16 +57,19 @@ class ExactBehaviour:
     def answer_logprobs(self, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
         """Log-distributions of base + these LoRA tensors at every gold-answer token of ``items`` (teacher-forced),
         differentiable in ``tensors``."""
-        params = {k.replace(".weight", ".default.weight"): v.float() for k, v in tensors.items()}
+        params = live_names({k: v.float() for k, v in tensors.items()})
         with full_precision(self.device):
             return answer_token_logprobs(self.model, self.tok, items, self.max_length, params=params)
 
-    def reference_logprobs(self, key: int, tensors: dict[str, torch.Tensor], items: list[Item]) -> torch.Tensor:
+    def reference_logprobs(
+        self, key: int, tensors: Callable[[], dict[str, torch.Tensor]], items: list[Item]
+    ) -> torch.Tensor:
         """``answer_logprobs`` of a reference checkpoint on its task's fixed KL items, computed once per
-        checkpoint (``key``) and kept: the reference does not change during training."""
+        checkpoint (``key``) and kept: the reference does not change during training. ``tensors`` is called
+        (the checkpoint decoded) only on the first request."""
         if key not in self._ref:
             with torch.no_grad():
-                self._ref[key] = self.answer_logprobs(tensors, items)
+                self._ref[key] = self.answer_logprobs(tensors(), items)
         return self._ref[key]
 
 

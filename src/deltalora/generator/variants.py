@@ -142,8 +142,9 @@ def _answer_kl(s: Step) -> torch.Tensor:
     for b, k in enumerate(s.sel):
         ckpt = int(s.idx[k])
         items = s.data.items[int(s.data.ckpt_task[ckpt])][: s.cfg.kl_prompts]
+        ref = s.data.tokens[[ckpt]]
         lp_ref = s.exact.reference_logprobs(
-            ckpt, {key: v[0] for key, v in s.tokenizer.decode(s.data.tokens[[ckpt]]).items()}, items
+            ckpt, lambda ref=ref: {key: v[0] for key, v in s.tokenizer.decode(ref).items()}, items
         )
         lp_gen = s.exact.answer_logprobs(s.exact_tensors[b], items)
         kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())

@@ -211,17 +211,18 @@ def answer_token_logprobs(
     in order: the KL between two models averaged over these rows covers the whole answer, not its first token.
     With ``params`` the model runs with those tensors swapped in, differentiably (``functional_call``)."""
     device = module_device(model)
+    decoder = model.get_decoder()
+    if params:  # the decoder's own names: drop the path from the PEFT model to it
+        prefix = next(n for n, m in model.named_modules() if m is decoder) + "."
+        params = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
     seqs = [encode(tok, it.prompt, it.completion(), max_length) for it in items]
     rows = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
         ids, mask = (t.to(device) for t in pad_right([s for s, _ in batch], tok.pad_token_id))
-        decoder = model.get_decoder()
         kwargs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-        if params:  # the decoder's own names: drop the path from the PEFT model to it
-            prefix = next(n for n, m in model.named_modules() if m is decoder) + "."
-            local = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-            hidden = torch.func.functional_call(decoder, local, args=(), kwargs=kwargs, strict=False).last_hidden_state
+        if params:
+            hidden = torch.func.functional_call(decoder, params, args=(), kwargs=kwargs, strict=False).last_hidden_state
         else:
             hidden = decoder(**kwargs).last_hidden_state
         # position t predicts token t + 1: the answer's tokens are predicted from the prompt's last position on

@@ -116,6 +116,12 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, base_name: str | No
     return PeftModel.from_pretrained(model, str(folder), torch_device=str(module_device(model)))
 
 
+def live_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed in PEFT's saved form, re-keyed by the PEFT model's own parameter names (adapter
+    ``default``): what ``torch.func.functional_call`` swaps in."""
+    return {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+
+
 class AdapterSwapper:
     """One PEFT wrapper around the base; adapters of the same config are swapped in by weights.
 
