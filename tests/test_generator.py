@@ -148,20 +148,26 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
+def _reference_in_peft(ws, encoder, variant: str):
+    """The variant's training set and exact behaviour, three train items of the first checkpoint's task, and that
+    checkpoint loaded in PEFT on a fresh base (with its tokenizer)."""
+    preset = _preset(ws, variant=variant)
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
+    items = data.items[int(data.ckpt_task[0])][:3]
+    base, tok = load_base("tiny")
+    peft = PeftModel.from_pretrained(base, str(ws.ws.zoo / data.paths[0])).eval()
+    return preset, data, tokenizer, exact, items, peft, tok
+
+
 def test_completion_loss_of_a_reference_equals_the_zoo_trainers(ws, encoder):
     """The end-to-end term's loss for a reference adapter's tokens is the zoo's training loss of that adapter
     loaded in PEFT, on the same items."""
     from deltalora.zoo.training import completion_loss
 
-    preset = _preset(ws, variant="E2E")
-    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
-    exact = ExactBehaviour(preset, data.adapter_config, 5)
-    items = data.items[int(data.ckpt_task[0])][:3]
+    preset, data, tokenizer, exact, items, peft, tok = _reference_in_peft(ws, encoder, "E2E")
     with torch.no_grad():
         ours = exact.completion_loss(tokenizer.decode(data.tokens[0]), items)
-    base, tok = load_base("tiny")
-    peft = PeftModel.from_pretrained(base, str(ws.ws.zoo / data.paths[0])).eval()
-    with torch.no_grad():
         theirs = completion_loss(peft, tok, items, preset.zoo.max_length, micro_batch=8)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
 
@@ -172,15 +178,9 @@ def test_kl_term_reads_answer_tokens_like_the_scorer_and_is_zero_at_the_referenc
     from deltalora.generator.variants import Step, _answer_kl
     from deltalora.lm.evaluate import answer_token_logprobs
 
-    preset = _preset(ws, variant="C")
-    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder)
-    exact = ExactBehaviour(preset, data.adapter_config, 5)
-    items = data.items[int(data.ckpt_task[0])][:3]
+    preset, data, tokenizer, exact, items, peft, tok = _reference_in_peft(ws, encoder, "C")
     with torch.no_grad():
         ours = exact.answer_logprobs(tokenizer.decode(data.tokens[0]), items)
-    base, tok = load_base("tiny")
-    peft = PeftModel.from_pretrained(base, str(ws.ws.zoo / data.paths[0])).eval()
-    with torch.no_grad():
         theirs = answer_token_logprobs(peft, tok, items, preset.zoo.max_length)
     assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
 
