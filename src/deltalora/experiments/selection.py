@@ -15,6 +15,7 @@ import time
 from deltalora.config import Preset
 from deltalora.errors import ConfigError
 from deltalora.experiments.cv import family_folds
+from deltalora.experiments.results import loss_curves
 from deltalora.generator.artifact import GeneratorCard
 from deltalora.generator.train import train_generator
 from deltalora.outputs import own_dir
@@ -52,7 +53,6 @@ def select_generator(
         if not (out / "config.json").exists():
             train_generator(p, ws, out, train, progress=progress)
         card = GeneratorCard.from_file(out / "config.json")
-        log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln]
         rows[" ".join(changes) or "(preset)"] = {
             "changes": changes,
             "folder": str(out),
@@ -61,7 +61,7 @@ def select_generator(
             "steps": card.steps_done,
             "train_seconds": round(card.train_seconds, 1),
             "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
-            "val_curve": [[r["step"], round(r["val_loss"], 5)] for r in log if "val_loss" in r],
+            "val_curve": loss_curves(out / "log.jsonl")["val_loss"],
         }
     best = min(rows, key=lambda k: rows[k]["val_loss"])
     return {
