@@ -54,6 +54,11 @@ class TrainingSet:
     val_emb: list[torch.Tensor] | None = None
     """Embeddings of each task's validation-split prompts [n_val, 384] (``generator.val_every`` > 0), else None."""
 
+    @property
+    def prompts(self) -> list[list[str]]:
+        """Train-split prompts per task (those of ``items``)."""
+        return [[it.prompt for it in its] for its in self.items]
+
 
 def training_set(
     preset: Preset,
