@@ -127,3 +127,22 @@ def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monke
     monkeypatch.setattr("deltalora.experiments.selection.train_generator", lambda *a, **k: pytest.fail("retrained"))
     r = CliRunner().invoke(app, [*args, *cands])
     assert r.exit_code == 0, r.output
+    monkeypatch.undo()
+    # candidates with different targets: their losses are not comparable, their behaviour on validation items is
+    targets = [
+        "--candidate",
+        "generator.head=basis",
+        "--candidate",
+        "generator.head=basis generator.checkpoints_per_run=1",
+    ]
+    r = CliRunner().invoke(app, [*args, *targets])
+    assert r.exit_code != 0 and "rank them with --by accuracy" in str(r.exception)
+    r = CliRunner().invoke(app, [*args, *targets, "--by", "accuracy", "--n-val", "3"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    rows = res["candidates"]
+    assert res["by"] == "accuracy" and res["chosen"] == max(rows, key=lambda k: rows[k]["val_acc"])
+    for row in rows.values():
+        assert set(row["val_acc_per_task"]) == set(res["train_tasks"])
+        assert row["val_acc"] == pytest.approx(sum(row["val_acc_per_task"].values()) / len(res["train_tasks"]))
+        assert all(a * 3 == round(a * 3) for a in row["val_acc_per_task"].values())  # 3 items each

@@ -28,6 +28,7 @@ from deltalora.generator.validation import Validation
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
+from deltalora.zoo.manifest import Manifest
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,14 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_checkpoints_per_run_keeps_each_runs_last_checkpoints(ws, encoder):
+    every, _ = training_set(_preset(ws), ws.ws, list(ws.preset.pool), None, encoder, save_cache=False)
+    last, _ = training_set(_preset(ws, checkpoints_per_run=1), ws.ws, list(ws.preset.pool), None, encoder, False)
+    finals = {c.path for c in Manifest.from_file(ws.ws.manifest).finals()}
+    assert len(every.paths) > len(last.paths) and set(last.paths) == finals & set(every.paths)
+    assert sorted(last.ckpt_task.tolist()) == list(range(len(last.tasks)))  # one final per task (one seed)
 
 
 def _reference_in_peft(ws, encoder, variant: str):

@@ -87,14 +87,23 @@ def select_cmd(
     tasks_file: TasksFileOpt = None,
     overrides: SetOpt = None,
     fold: Annotated[int, typer.Option(help="Cross-validation fold whose training tasks train every candidate.")] = 0,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="loss: best validation token MSE (candidates with the same targets); accuracy: accuracy on the "
+            "training tasks' validation items of adapters generated from their train prompts."
+        ),
+    ] = "loss",
+    n_val: Annotated[int, typer.Option(help="--by accuracy: validation items scored per training task.")] = 50,
     out: Annotated[Path | None, typer.Option(help="JSON output (default results/selection_<preset>.json).")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Choose the generator's configuration on validation: train every candidate on one cross-validation fold's
-    training tasks (experiment.steps steps) and compare the best validation loss of each, measured on draws of
-    every training task's validation-split prompts. No test item and no held-out task is read."""
+    training tasks (experiment.steps steps) and rank them by their best validation loss (draws of every training
+    task's validation-split prompts) or by accuracy on the training tasks' validation items. No test item and no
+    held-out task is read."""
     from deltalora.data.tasks import load_pool
-    from deltalora.experiments.selection import read_candidates, select_generator
+    from deltalora.experiments.selection import CRITERIA, read_candidates, select_generator
     from deltalora.io import atomic_write_json
     from deltalora.presets import with_pool
     from deltalora.zoo.summary import selected_tasks
@@ -104,6 +113,10 @@ def select_cmd(
     check_outputs(run.ws, (out,))
     p = with_pool(run.preset, ",".join(selected_tasks(run.preset, run.ws, run.extra)))
     domains = {n: t.domain for n, t in load_pool(p, run.extra).items()}
-    result = {"command": "deltalora select", **select_generator(p, run.ws, domains, read_candidates(candidate), fold)}
+    result = {
+        "command": "deltalora select",
+        **select_generator(p, run.ws, domains, read_candidates(candidate), fold, by, n_val, run.extra),
+    }
     atomic_write_json(out, result)
-    typer.echo(json.dumps({k: v["val_loss"] for k, v in result["candidates"].items()} | {"chosen": result["chosen"]}))
+    key = CRITERIA[by].key
+    typer.echo(json.dumps({k: v[key] for k, v in result["candidates"].items()} | {"chosen": result["chosen"]}))

@@ -55,6 +55,10 @@ class GeneratorConfig:
     init_from: str = ""
     """A trained generator folder (same head and training tasks) whose weights start this one: a warm start from
     a converged dnd; "" starts from the seeded initialisation."""
+    checkpoints_per_run: int = 0
+    """Weight targets per zoo run: its last this many checkpoints (0 = all). The MSE optimum for a task is the mean
+    of its targets, so early checkpoints spread over training pull it toward a half-trained adapter; 1 keeps the
+    final adapters (the oracle's), with any variation coming from seeds and data parts."""
     exact_samples: int = 0
     """Samples per step that get the exact-δ / KL terms (A2, B, C); 0 = the whole batch. Each costs a
     forward and backward of the probes through the base model, the dominant cost on a CPU."""
@@ -101,6 +105,7 @@ class GeneratorConfig:
         )
         _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
         _check(self.kl_prompts >= 1 and self.sft_items >= 1, "generator.kl_prompts and sft_items must be >= 1")
+        _check(self.checkpoints_per_run >= 0, "generator.checkpoints_per_run must be >= 0 (0 = all)")
         _check(0 <= self.exact_samples <= self.batch_size, "generator.exact_samples must be in [0, batch_size]")
         _check(self.cond_noise >= 0 and self.target_noise >= 0, "generator noise levels must be >= 0")
         _check(self.save_every >= 1, "generator.save_every must be >= 1")

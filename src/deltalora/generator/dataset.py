@@ -72,7 +72,9 @@ def training_set(
     """Load every checkpoint of the training tasks, fit the LoRA tokenizer on them, and embed the train prompts;
     the tokens, δ, embeddings and the tokenizer's statistics end on ``device``."""
     cfg = preset.generator
-    ckpts = [c for c in Manifest.from_file(ws.manifest).singles() if c.task in train_tasks]
+    ckpts = last_checkpoints(
+        [c for c in Manifest.from_file(ws.manifest).singles() if c.task in train_tasks], cfg.checkpoints_per_run
+    )
     missing = sorted(set(train_tasks) - {c.task for c in ckpts})
     if missing:
         raise GeneratorError(f"{ws.manifest}: no checkpoints for training task(s) {missing}")
@@ -129,6 +131,17 @@ def zoo_targets(ws: Workspace, ckpts: list[Checkpoint]) -> tuple[dict, LoraToken
     sds = [first] + [read_adapter(ws.zoo / c.path, c.sha256)[1] for c in ckpts[1:]]
     tokenizer = LoraTokenizer.from_state_dict(first).fit(sds)
     return adapter_cfg, tokenizer, torch.stack([tokenizer.encode(sd) for sd in sds])
+
+
+def last_checkpoints(ckpts: list[Checkpoint], k: int) -> list[Checkpoint]:
+    """The last ``k`` checkpoints of every run (task, seed, part) by step, in the manifest's order; 0 keeps all."""
+    if k == 0:
+        return ckpts
+    runs: dict[tuple[str, int, int], list[int]] = {}
+    for c in ckpts:
+        runs.setdefault((c.task, c.seed, c.part), []).append(c.step)
+    keep = {run: sorted(steps)[-k:] for run, steps in runs.items()}
+    return [c for c in ckpts if c.step in keep[(c.task, c.seed, c.part)]]
 
 
 def _fraction(xs: list, f: float, rng: random.Random) -> list:
