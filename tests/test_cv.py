@@ -146,3 +146,4 @@ def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monke
         assert set(row["val_acc_per_task"]) == set(res["train_tasks"])
         assert row["val_acc"] == pytest.approx(sum(row["val_acc_per_task"].values()) / len(res["train_tasks"]))
         assert all(a * 3 == round(a * 3) for a in row["val_acc_per_task"].values())  # 3 items each
+    assert "oracle_val_acc" not in res  # the zoo scored 4 validation items per task, these 3: not the same items

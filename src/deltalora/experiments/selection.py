@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig
+from tqdm.auto import tqdm
 
 from deltalora.config import Preset
 from deltalora.data.items import stable_seed
@@ -39,6 +40,7 @@ from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import AdapterSwapper
 from deltalora.zoo.manifest import Manifest
+from deltalora.zoo.summary import zoo_summary
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,19 @@ def select_generator(
             "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
             "val_curve": loss_curves(out / "log.jsonl")["val_loss"],
         }
+    reference = {}
     if crit.needs_scoring:
-        accuracy = seen_val_accuracy(preset, ws, [Path(r["folder"]) for r in rows.values()], train, n_val, extra)
+        accuracy = seen_val_accuracy(
+            preset, ws, [Path(r["folder"]) for r in rows.values()], train, n_val, extra, progress
+        )
+        own = {r["task"]: r for r in zoo_summary(preset, ws, extra) if r["task"] in train}
+        # the zoo scored every validation item: the same items only when n_val covers them all
+        if all(r["n_val"] <= n_val for r in own.values()):
+            reference = {t: own[t]["lora_val_acc"] for t in train}
         for r, acc in zip(rows.values(), accuracy):
             r["val_acc"], r["val_acc_per_task"] = statistics.fmean(acc.values()), acc
+            if reference:
+                r["val_acc_over_oracle"] = r["val_acc"] / statistics.fmean(reference.values())
     best = crit.best(rows, key=lambda k: rows[k][crit.key])
     return {
         "preset": preset.name,
@@ -130,6 +141,11 @@ def select_generator(
         "held_out_not_read": list(held),
         "candidates": rows,
         "chosen": best,
+        **(
+            {"oracle_val_acc": statistics.fmean(reference.values()), "oracle_val_acc_per_task": reference}
+            if reference
+            else {}
+        ),
     }
 
 
@@ -141,6 +157,7 @@ def seen_val_accuracy(
     tasks: list[str],
     n_val: int,
     extra: list[TaskSpec] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, float]]:
     """Per generator, per training task: accuracy on the task's first ``n_val`` validation items of the adapter
     generated from a seeded draw of its train-split prompts (the prompts a seen task is conditioned on in
@@ -155,17 +172,20 @@ def seen_val_accuracy(
     if no_val:
         raise ConfigError(f"--by accuracy scores validation items, but {no_val[0]} has none: set tasks.n_val > 0")
     out: list[dict[str, float]] = []
+    bar = tqdm(total=len(gen_dirs) * len(loaded), desc="validation accuracy", unit="task", disable=not progress)
     try:
         for gen_dir in gen_dirs:
             gen = load_generator(gen_dir, device)
             row = {}
             for task in loaded:
+                bar.update()
                 prompts = [it.prompt for it in task.train]
                 swapper.set_tensors(generate_tensors(gen, encoder, prompts, stable_seed(task.name, 0)))
                 h = hits(swapper.model, tok, task.val[:n_val], preset.zoo.eval_batch_size, preset.zoo.max_length)
                 row[task.name] = statistics.fmean(h)
             out.append(row)
     finally:
+        bar.close()
         swapper.unload()
     return out
 
