@@ -215,7 +215,7 @@ def timings(device: str, ws, repeats: int = 5) -> dict:
     from deltalora.delta.probes import DeltaProbe
     from deltalora.device import resolve_device
     from deltalora.generator.loss import draw_batch
-    from deltalora.generator.train import _lr_lambda, _setup, train_step
+    from deltalora.generator.train import _setup, lr_lambda, train_step
     from deltalora.lm.models import load_base
     from deltalora.presets import apply_overrides
     from deltalora.zoo.adapters import AdapterSwapper
@@ -244,7 +244,7 @@ def timings(device: str, ws, repeats: int = 5) -> dict:
         torch.manual_seed(0)
         data, _, gen, loss_fn = _setup(p, ws, list(p.pool), None, encoder(), 1, False, on)
         opt = torch.optim.AdamW(gen.parameters(), lr=p.generator.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(1, 100))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(1, (100,)))
         rng, mine = torch.Generator().manual_seed(0), torch.arange(p.generator.batch_size)
 
         def step(p=p, data=data, gen=gen, loss_fn=loss_fn, opt=opt, sched=sched, rng=rng, mine=mine):

@@ -24,7 +24,7 @@ from deltalora.errors import ConfigError, UsageError
 from deltalora.generator.artifact import GeneratorCard
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.loss import draw_batch
-from deltalora.generator.train import _lr_lambda, _setup, train_step
+from deltalora.generator.train import _setup, lr_lambda, train_step
 from deltalora.generator.variants import VARIANTS
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides, get_preset
@@ -94,7 +94,7 @@ def test_one_generator_step_of_every_variant_on_the_requested_device(ws, variant
     assert data.tokens.device == META and data.deltas.device == META and tokenizer.mean.device == META
     assert (loss_fn.ctx[2] is not None) == VARIANTS[variant].needs_base
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(1, 2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(1, (2,)))
     idx, seeds = draw_batch(torch.Generator().manual_seed(1), len(data.paths), cfg.batch_size)
     stages = (1, 2) if VARIANTS[variant].stage1 else (2,)
     with DeviceSpy(META) as spy:

@@ -23,7 +23,7 @@ from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour, GeneratorLoss
 from deltalora.generator.model import Generator
 from deltalora.generator.retrieval import build_retrieval, retrieve
-from deltalora.generator.train import train_generator
+from deltalora.generator.train import lr_lambda, train_generator
 from deltalora.generator.validation import Validation
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides
@@ -147,6 +147,31 @@ def test_a2_delta_gradient_reaches_decoder(ws, encoder):
     grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_a1_head_learns_from_measured_pairs_only_and_the_generator_from_the_head(ws, encoder):
+    preset = _preset(ws, variant="A1", head_pairs=2)
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
+    assert data.head_tokens.shape == (2 * len(data.tokens), *data.tokens.shape[1:])
+    # each perturbed adapter's δ is its own, measured: none equals a reference's
+    assert all(min((data.deltas - d).norm(dim=1)) > 0 for d in data.head_deltas)
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    loss_fn = GeneratorLoss(model, data, tokenizer, None, preset.generator)
+    losses = loss_fn(torch.tensor([0, 3]), torch.tensor([5, 6]), torch.tensor([0, 1]), stage=2)
+    losses["delta_head"].backward(retain_graph=True)
+    assert all(p.grad is None for p in model.head.parameters())  # stop-gradient into H
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    model.zero_grad(set_to_none=True)
+    losses["head_fit"].backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert all(p.grad is None for p in model.decoder.parameters())  # H's fit never moves the generator
+
+
+def test_each_stage_gets_its_own_warmup_and_cosine():
+    f = lr_lambda(2, (4, 10))
+    stage1, stage2 = [f(s) for s in range(4)], [f(s) for s in range(4, 14)]
+    assert stage1[:2] == [0.5, 1.0] and stage2[:2] == [0.5, 1.0]  # G_θ starts at the peak rate again
+    assert stage2[2] == 1.0 and stage2[-1] < 0.05 and stage2 == [lr_lambda(2, (10,))(s) for s in range(10)]
 
 
 def test_checkpoints_per_run_keeps_each_runs_last_checkpoints(ws, encoder):

@@ -41,6 +41,10 @@ class GeneratorConfig:
     """Weight of the token MSE (the only loss of dnd; a regulariser for C)."""
     lambda_delta: float = 1.0
     """Weight of the δ loss (A1: predicted by H, A2 and C: exact)."""
+    head_pairs: int = 4
+    """Variant A1: perturbed adapters per training checkpoint (Gaussian noise, and mixtures with another task's
+    checkpoint) whose exact δ, measured once before training, fits the δ-head beside the references: the head
+    then sees adapters off the zoo, like the generator's outputs, rather than ~one per task."""
     lambda_cons: float = 0.1
     """Variant B: weight of the exact-δ consistency term of G_θ."""
     lambda_kl: float = 1.0
@@ -103,6 +107,7 @@ class GeneratorConfig:
             min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl, self.lambda_sft) >= 0,
             "generator loss weights must be >= 0",
         )
+        _check(self.head_pairs >= 0, "generator.head_pairs must be >= 0")
         _check(self.n_probes in (1, 5, 20), "generator.n_probes must be 1, 5 or 20")
         _check(self.kl_prompts >= 1 and self.sft_items >= 1, "generator.kl_prompts and sft_items must be >= 1")
         _check(self.checkpoints_per_run >= 0, "generator.checkpoints_per_run must be >= 0 (0 = all)")

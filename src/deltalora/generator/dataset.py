@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from deltalora.config import GeneratorConfig, Preset
 from deltalora.data.items import Item, stable_seed
@@ -23,6 +24,7 @@ from deltalora.errors import ArtifactError, GeneratorError
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour
+from deltalora.generator.variants import VARIANTS
 from deltalora.workspace import Workspace
 from deltalora.zoo.adapters import read_adapter
 from deltalora.zoo.manifest import Checkpoint, Manifest
@@ -53,6 +55,10 @@ class TrainingSet:
     """r, lora_alpha, target_modules and base model of the zoo's adapters (what generated adapters declare)."""
     val_emb: list[torch.Tensor] | None = None
     """Embeddings of each task's validation-split prompts [n_val, 384] (``generator.val_every`` > 0), else None."""
+    head_tokens: torch.Tensor | None = None
+    """Variant A1: perturbed adapters' tokens [M·head_pairs, T, width] that also fit the δ-head, else None."""
+    head_deltas: torch.Tensor | None = None
+    """Their exact δ divided by ``delta_scale`` [M·head_pairs, D]."""
 
     @property
     def prompts(self) -> list[list[str]]:
@@ -118,9 +124,15 @@ def training_set(
         val_emb = [encoder.encode([it.prompt for it in t.val]).to(device) for t in loaded]
     if save_cache:
         encoder.save()
+    head_tokens = head_deltas = None
+    if VARIANTS[cfg.variant].delta_head and cfg.head_pairs:
+        head_tokens, head_deltas = _head_pairs(preset, adapter_cfg, tokenizer, tokens, ckpt_task, cfg, device)
+        head_tokens, head_deltas = head_tokens.to(device), (head_deltas / scale).to(device)
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
-    data = TrainingSet(tasks, ckpt_task, paths, tokens, deltas, scale, items, emb, adapter_cfg, val_emb)
+    data = TrainingSet(
+        tasks, ckpt_task, paths, tokens, deltas, scale, items, emb, adapter_cfg, val_emb, head_tokens, head_deltas
+    )
     return data, tokenizer.to(device)
 
 
@@ -166,10 +178,45 @@ def _noisy(
     # device: cpu - fixed noise from a seeded CPU generator: the same noisy zoo on every device
     noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
     exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device)
-    deltas = torch.stack(
-        [exact.delta({k: v[0].to(device) for k, v in tokenizer.decode(t[None]).items()}).cpu() for t in noisy]
+    return noisy, _measured_deltas(exact, tokenizer, noisy).cpu()
+
+
+@torch.no_grad()
+def _head_pairs(
+    preset: Preset,
+    adapter_cfg: dict,
+    tokenizer: LoraTokenizer,
+    tokens: torch.Tensor,
+    ckpt_task: torch.Tensor,
+    cfg: GeneratorConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``head_pairs`` perturbations of every checkpoint (on the CPU), alternately Gaussian noise of 0.5 zoo std
+    and a mix with a random other task's checkpoint (weight 0.2-0.8), and their exact δ (on ``device``)."""
+    # device: cpu - seeded CPU draws: the same perturbed set on every device
+    g = torch.Generator().manual_seed(stable_seed("head_pairs", cfg.seed) % 2**63)
+    out = []
+    for k in range(cfg.head_pairs):
+        for i, t in enumerate(tokens):
+            others = (ckpt_task != ckpt_task[i]).nonzero()[:, 0]
+            if k % 2 == 0 or not len(others):
+                out.append(t + 0.5 * torch.randn(t.shape, generator=g) * tokenizer.valid_mask())
+            else:
+                j = others[torch.randint(len(others), (1,), generator=g)].item()
+                a = 0.2 + 0.6 * torch.rand((), generator=g)
+                out.append((1 - a) * t + a * tokens[j])
+    pert = torch.stack(out)
+    return pert, _measured_deltas(ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device), tokenizer, pert)
+
+
+def _measured_deltas(exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: torch.Tensor) -> torch.Tensor:
+    """Exact δ (on the behaviour's device) of the adapters whose normalised tokens are ``tokens`` [M, T, width]."""
+    return torch.stack(
+        [
+            exact.delta({k: v[0].to(exact.device) for k, v in tokenizer.decode(t[None]).items()})
+            for t in tqdm(tokens, desc="exact δ of perturbed adapters", unit="adapter", leave=False)
+        ]
     )
-    return noisy, deltas
 
 
 def _mislabelled(

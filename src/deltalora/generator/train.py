@@ -41,11 +41,20 @@ from deltalora.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def _lr_lambda(warmup: int, total: int):
+def lr_lambda(warmup: int, stages: tuple[int, ...]):
+    """Linear warm-up then cosine to zero, restarted at every stage: variant B's E_ψ and G_θ each get a whole
+    schedule (one cosine over both would leave G_θ under half of dnd's learning rate)."""
+
     def f(step: int) -> float:
+        for n in stages[:-1]:
+            if step < n:
+                break
+            step -= n
+        else:
+            n = stages[-1]
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, n - warmup))))
 
     return f
 
@@ -173,7 +182,8 @@ def _train(
     stage1 = cfg.stage1_steps if spec.stage1 else 0
     total = stage1 + cfg.steps
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    stages = (stage1, cfg.steps) if stage1 else (cfg.steps,)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, stages))
     rng = torch.Generator().manual_seed(stable_seed("generator", cfg.seed) % 2**63)
     card = GeneratorCard(
         preset,

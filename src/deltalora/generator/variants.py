@@ -5,8 +5,8 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
 ``LossTerm``) registered here or with ``register``. Loss per variant:
 
 - dnd: λ_w·MSE(tokens) (the Drag-and-Drop baseline)
-- A1:  + λ_δ·‖H(ΔŴ) − δ‖²; H is also fitted on the reference tokens so it cannot drift
-       into agreeing with whatever the decoder emits.
+- A1:  + λ_δ·‖H(ΔŴ) − δ‖² with H frozen in that term; H is fitted on the reference tokens and on
+       perturbed adapters with their measured δ (``generator.head_pairs``).
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
 - C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) over the answer tokens + λ_w·MSE.
@@ -119,11 +119,21 @@ def _token_mse(s: Step) -> torch.Tensor:
 
 
 def _head_delta(s: Step) -> torch.Tensor:
-    return ((s.model.head(s.pred) - s.delta) ** 2).mean(-1)
+    # stop-gradient into H: the generator moves toward what H says; H learns only from measured (adapter, δ)
+    # pairs, so it cannot drift into agreeing with whatever the decoder emits
+    frozen = {k: v.detach() for k, v in s.model.head.named_parameters()}
+    return ((torch.func.functional_call(s.model.head, frozen, (s.pred,)) - s.delta) ** 2).mean(-1)
 
 
 def _head_fit(s: Step) -> torch.Tensor:
-    return ((s.model.head(s.data.tokens[s.idx]) - s.delta) ** 2).mean(-1)
+    """H on each sample's reference checkpoint and, where measured, on one perturbed adapter drawn per sample."""
+    ref = ((s.model.head(s.data.tokens[s.idx]) - s.delta) ** 2).mean(-1)
+    if s.data.head_tokens is None:
+        return ref
+    n = len(s.data.head_tokens)
+    j = torch.cat([torch.randint(n, (1,), generator=g) for g in s.gens]).to(s.data.head_tokens.device)
+    pert = ((s.model.head(s.data.head_tokens[j]) - s.data.head_deltas[j]) ** 2).mean(-1)
+    return (ref + pert) / 2
 
 
 def _prompt_delta(s: Step) -> torch.Tensor:
