@@ -50,6 +50,7 @@ def test_run_writes_results(run_outputs, tiny_preset):
     assert zoo["n_adapter_runs"] == 5 and zoo["n_checkpoints"] == 10  # 4 tasks + 1 pair, 2 checkpoints each
     assert [p["pair"] for p in zoo["pairs"]] == ["syn.add+syn.copy"]
     assert (docs / "zoo_tiny.md").read_text().startswith("| task |")
+    assert (docs / "results_tiny.md").read_text().startswith("# Results: `tiny` preset")  # one per preset
 
     delta = json.loads((res / "delta_tiny.json").read_text())
     for key in ("silhouette_delta", "silhouette_flat_weights", "n_adapters", "n_domains", "additivity"):

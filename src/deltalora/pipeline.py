@@ -1,4 +1,4 @@
-"""The main job (``deltalora run``): zoo -> Delta Activations -> result files and ``docs/results.md``."""
+"""The main job (``deltalora run``): zoo -> Delta Activations -> result files and ``docs/results_<preset>.md``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run_all(
 
 
 def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
-    """docs/results.md, composed only from the result JSON files that exist (never typed-in numbers)."""
+    """docs/results_<name>.md, composed only from the result JSON files that exist (never typed-in numbers)."""
     zoo_f, delta_f = results_dir / f"zoo_{name}.json", results_dir / f"delta_{name}.json"
     lines = [
         f"# Results: `{name}` preset",
@@ -121,6 +121,6 @@ def write_results_md(name: str, results_dir: Path, docs_dir: Path) -> Path:
         f"(`deltalora experiment --preset {name}` then `deltalora report results/experiments_{name}`).",
         "",
     ]
-    out = docs_dir / "results.md"
+    out = docs_dir / f"results_{name}.md"
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
     return out

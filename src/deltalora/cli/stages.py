@@ -188,7 +188,7 @@ def delta_report_cmd(
     run = setup(preset, workspace, overrides, tasks=tasks)
     out = out or Path(f"results/delta_{run.preset.name}.json")
     plot = plot or Path(f"docs/delta_map_{run.preset.name}.png")
-    check_outputs(run.ws, (out, plot, Path("docs") / "results.md"))
+    check_outputs(run.ws, (out, plot, Path("docs") / f"results_{run.preset.name}.md"))
     res = delta_report(run.ws, out, plot, selected_tasks(run.preset, run.ws, run.extra))
     write_results_md(run.preset.name, out.parent, Path("docs"))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "additivity"}, indent=1))
