@@ -92,6 +92,21 @@ def test_a_cell_with_an_unknown_prompt_source_is_refused():
         Cell("cv", "x", "generator", ("t",), prompts="mine")
 
 
+def test_declared_comparisons_are_written_before_the_run_and_cannot_change(tiny_zoo, tmp_path):
+    res = tmp_path / "r"
+    args = ["experiment", "--preset", "tiny", "-w", str(tiny_zoo.ws.root), "--results-dir", str(res)]
+    sets = ["--set", "experiment.folds=2", "--set", "experiment.seeds=0"]
+    r = CliRunner().invoke(app, [*args, *sets, "--declare-only"])
+    assert r.exit_code == 0, r.output
+    declared = json.loads((res / "declared.json").read_text())
+    assert "dnd - mean of training adapters" in declared["declared_comparisons"]
+    assert sorted(t for f in declared["fold_tasks"] for t in f) == sorted(tiny_zoo.preset.pool)
+    assert CliRunner().invoke(app, [*args, *sets, "--declare-only"]).exit_code == 0  # the same run: accepted
+    r = CliRunner().invoke(app, [*args, *sets, "--set", "experiment.seeds=0,1", "--declare-only"])
+    assert r.exit_code != 0 and "differs from the one declared in experiment" in str(r.exception)
+    assert json.loads((res / "declared.json").read_text()) == declared  # the declaration is kept as it was
+
+
 def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(tiny_zoo.workspace, ws.root)

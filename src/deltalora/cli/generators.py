@@ -188,12 +188,21 @@ def experiment_cmd(
     results_dir: Annotated[
         Path | None, typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")
     ] = None,
+    declare_only: Annotated[
+        bool,
+        typer.Option(
+            "--declare-only",
+            help="Write <results-dir>/declared.json (the cross-validation's comparisons, folds and configs) and stop:"
+            " commit it before the run; a run that differs from it is refused.",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
     """RQ1-RQ4, ablations and controls on a built zoo with Delta Activations. Resumable: every finished
     cell is cached under <workspace>/experiments and skipped on a rerun; budgets are the preset's
-    experiment.* fields (--set experiment.steps=300 ...)."""
+    experiment.* fields (--set experiment.steps=300 ...). The cross-validation first writes what it will
+    test to <results-dir>/declared.json (or checks the run against the one there)."""
     from deltalora.experiments.run import run_experiment
     from deltalora.presets import with_pool
     from deltalora.zoo.summary import selected_tasks
@@ -209,7 +218,17 @@ def experiment_cmd(
             + ", ".join(dropped),
             err=True,
         )
-    files = run_experiment(with_pool(run.preset, ",".join(kept)), run.ws, results_dir, only, run.extra)
+    p = with_pool(run.preset, ",".join(kept))
+    if declare_only:
+        from deltalora.data.tasks import load_pool
+        from deltalora.experiments.cv import declare
+
+        if not p.experiment.folds:
+            raise UsageError("--declare-only declares a cross-validation: set experiment.folds >= 2")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        typer.echo(declare(p, {n: t.domain for n, t in load_pool(p, run.extra).items()}, results_dir))
+        return
+    files = run_experiment(p, run.ws, results_dir, only, run.extra)
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
 
 

@@ -11,6 +11,7 @@ difference) and across items (bootstrap within tasks), with Holm's correction ov
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import statistics
 from pathlib import Path
@@ -23,7 +24,7 @@ from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, baselines
 from deltalora.generator.variants import baseline
-from deltalora.io import atomic_write_json
+from deltalora.io import atomic_write_json, read_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
 CV = "cv"
@@ -133,6 +134,44 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     return out
 
 
+def declaration(preset: Preset, domains: dict[str, str]) -> dict:
+    """What a cross-validation run tests, fixed by its config before any cell runs: the comparisons (one Holm
+    family), the folds, and the experiment and generator configs."""
+    ex = preset.experiment
+    return {
+        "preset": preset.name,
+        "base": preset.base,
+        "folds": ex.folds,
+        "experiment": dataclasses.asdict(ex),
+        "generator": dataclasses.asdict(preset.generator),
+        "domains": {t: domains[t] for t in preset.pool},
+        "declared_comparisons": [f"{a} - {b}" for a, b in declared_comparisons(preset)],
+        "fold_tasks": [list(f) for f in family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)],
+    }
+
+
+DECLARED = "declared.json"
+"""The declaration's file in a results folder."""
+
+
+def declare(preset: Preset, domains: dict[str, str], results_dir: Path) -> Path:
+    """Write ``<results_dir>/declared.json`` before the first cross-validation cell (commit it before the run), or
+    check that this run matches the one there: the comparisons and folds cannot change once results exist."""
+    f = Path(results_dir) / DECLARED
+    new = json.loads(json.dumps(declaration(preset, domains)))
+    if f.exists():
+        old = read_json(f, "declaration")
+        changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"{f}: this run differs from the one declared in {', '.join(changed)}; use a new --results-dir "
+                "(the declaration fixes the comparisons, folds and configs before any result is seen)"
+            )
+    else:
+        atomic_write_json(f, new)
+    return f
+
+
 def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], dict[str, list[float]]]:
     """A method's accuracy per task and its hit rate per item (averaged over seeds and prompt draws)."""
     acc, item_hits = {}, {}
@@ -190,17 +229,9 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         c = comparisons[key]
         c["p_holm"] = p_adj
         c["verdict"] = verdict(c["across_tasks"]["diff_ci"], p_adj)
-    ex = preset.experiment
     out = {
         "rq": CV,
-        "preset": preset.name,
-        "base": preset.base,
-        "folds": ex.folds,
-        "experiment": dataclasses.asdict(ex),
-        "generator": dataclasses.asdict(preset.generator),
-        "domains": {t: domains[t] for t in preset.pool},
-        "declared_comparisons": [f"{a} - {b}" for a, b in declared],
-        "fold_tasks": [list(f) for f in family_folds({t: domains[t] for t in preset.pool}, ex.folds, ex.fold_seed)],
+        **declaration(preset, domains),
         "methods": {
             name: {
                 "per_task": acc,

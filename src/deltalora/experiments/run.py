@@ -14,7 +14,7 @@ from deltalora.config import Preset
 from deltalora.data.registry import TaskSpec
 from deltalora.errors import ConfigError, UsageError
 from deltalora.experiments.composition import run_composition
-from deltalora.experiments.cv import CV, cv_cells, write_cv
+from deltalora.experiments.cv import CV, cv_cells, declare, write_cv
 from deltalora.experiments.grid import RQS, Cell, plan
 from deltalora.experiments.results import write_results
 from deltalora.experiments.runner import Runner
@@ -48,6 +48,8 @@ def run_experiment(
     wanted = set(only or RQS)
     main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]
     rest = [c for c in cells if c.rq in wanted and c not in main]
+    if any(c.rq == CV for c in rest):
+        declare(preset, runner.domains, results_dir)
     atomic_write_json(ws.experiments / "config.json", preset.to_dict())
     deltas: dict[str, torch.Tensor] = {
         f"ref|{t}": runner.scorer.ref(t).ref_delta
