@@ -84,7 +84,8 @@ def test_one_delta_batch_on_the_requested_device(meta_attention):
     assert not spy.stray, spy.stray
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# the linearised variant needs the basis head, whose fit (an eigendecomposition) has no meta kernel
+@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if not spec.linear])
 def test_one_generator_step_of_every_variant_on_the_requested_device(ws, variant, meta_attention):
     preset = apply_overrides(ws.preset, [f"generator.variant={variant}", "generator.batch_size=2"])
     cfg = preset.generator

@@ -19,6 +19,7 @@ from deltalora.generator.artifact import load_generator
 from deltalora.generator.dataset import shuffled_deltas, training_set
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.generate import choose_prompts, generate, read_prompts
+from deltalora.generator.linear_delta import LinearDelta
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour, GeneratorLoss
 from deltalora.generator.model import Generator
@@ -118,10 +119,11 @@ def test_tokenizer_rejects_other_layout():
 # ------------------------------------------------------------------ training, every variant
 
 
-@pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "B", "C", "E2E", "E2E+delta"])
+@pytest.mark.parametrize("variant", ["dnd", "A1", "A2", "A2-lin", "B", "C", "E2E", "E2E+delta"])
 def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
     # per-element normalisation starts every target at the zoo mean (loss ~1), so give it room to fit
-    preset = _preset(ws, variant=variant, steps=60, stage1_steps=24, lr=1e-2, warmup_steps=2)
+    head = {"head": "basis"} if variant == "A2-lin" else {}
+    preset = _preset(ws, variant=variant, steps=60, stage1_steps=24, lr=1e-2, warmup_steps=2, **head)
     out = tmp_path / variant
     res = train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
     assert res.n_params > 0 and res.lora_params > 0
@@ -133,6 +135,10 @@ def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
         assert last < first, f"{variant}: loss {first:.4f} -> {last:.4f}"
     gen = load_generator(out)
     assert gen.card.preset.generator.variant == variant and gen.delta_scale > 0
+    # the first order is checked against the exact δ of the kept generator's adapters
+    assert (gen.card.linear_check is not None) == (variant == "A2-lin")
+    if gen.card.linear_check:
+        assert 0 <= gen.card.linear_check["rel_err"] and -1 <= gen.card.linear_check["cos"] <= 1
 
 
 def test_a2_delta_gradient_reaches_decoder(ws, encoder):
@@ -172,6 +178,38 @@ def test_each_stage_gets_its_own_warmup_and_cosine():
     stage1, stage2 = [f(s) for s in range(4)], [f(s) for s in range(4, 14)]
     assert stage1[:2] == [0.5, 1.0] and stage2[:2] == [0.5, 1.0]  # G_θ starts at the peak rate again
     assert stage2[2] == 1.0 and stage2[-1] < 0.05 and stage2 == [lr_lambda(2, (10,))(s) for s in range(10)]
+
+
+def test_linearised_delta_is_exact_at_the_checkpoints_first_order_near_them_and_cached(ws, encoder, tmp_path):
+    preset = _preset(ws, variant="A2-lin", head="basis")
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    model.basis.fit(data.tokens)
+    exact = ExactBehaviour(preset, data.adapter_config, 5)
+    lin = LinearDelta(model.basis, data.tokens, tokenizer, exact, data.delta_scale, tmp_path / "cache")
+    k = len(lin.dirs)
+    assert lin.jac.shape == (len(data.tokens), data.deltas.shape[1], k)
+    used = lin.dirs.flatten(1).norm(dim=1) > 0
+    assert 0 < used.sum() < len(data.tokens) and not lin.jac[:, :, ~used].any()  # unused directions move nothing
+
+    def exact_delta(c, i):
+        tokens = lin.mean + torch.einsum("k,ktw->tw", c, lin.dirs)
+        return exact.delta({n: v[0] for n, v in tokenizer.decode(tokens[None]).items()}) / data.delta_scale, tokens
+
+    i = torch.tensor([1])
+    for size in (0.5, 0.25):
+        c = lin.c_star[1] + size * used.float() / used.sum() ** 0.5
+        true, tokens = exact_delta(c, 1)
+        moved = (true - lin.d_star[1]).norm()
+        err = (lin(tokens[None], i)[0] - true).norm()
+        assert err < 0.2 * moved, (size, err, moved)  # first order: most of the change is predicted
+    # δ* is the δ of the checkpoint's projection, which the tokens of that projection reproduce exactly
+    true, tokens = exact_delta(lin.c_star[1], 1)
+    assert torch.allclose(lin(tokens[None], i)[0], true, atol=1e-5)
+    # cached: a second build measures nothing
+    exact.delta = lambda *a: pytest.fail("measured again")
+    again = LinearDelta(model.basis, data.tokens, tokenizer, exact, data.delta_scale, tmp_path / "cache")
+    assert torch.equal(again.jac, lin.jac) and torch.equal(again.d_star, lin.d_star)
 
 
 def test_checkpoints_per_run_keeps_each_runs_last_checkpoints(ws, encoder):

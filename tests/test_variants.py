@@ -37,10 +37,11 @@ def toy(monkeypatch):
 
 
 def test_builtin_table():
-    assert list(VARIANTS) == ["dnd", "A1", "A2", "B", "C", "E2E", "E2E+delta"]
+    assert list(VARIANTS) == ["dnd", "A1", "A2", "A2-lin", "B", "C", "E2E", "E2E+delta"]
     assert baseline().name == "dnd" and not baseline().uses_delta
-    assert [v.name for v in VARIANTS.values() if v.needs_base] == ["A2", "B", "C", "E2E", "E2E+delta"]
-    assert [v.name for v in VARIANTS.values() if not v.in_grid] == ["E2E", "E2E+delta"]
+    assert [v.name for v in VARIANTS.values() if v.needs_base] == ["A2", "A2-lin", "B", "C", "E2E", "E2E+delta"]
+    assert [v.name for v in VARIANTS.values() if not v.in_grid] == ["A2-lin", "E2E", "E2E+delta"]
+    assert [v.name for v in VARIANTS.values() if v.linear] == ["A2-lin"]
     assert not VARIANTS["E2E"].uses_delta and VARIANTS["E2E+delta"].uses_delta
     assert ExperimentConfig().variants == ("dnd", "A1", "A2", "B", "C")
     assert [v.name for v in VARIANTS.values() if v.decodes_delta] == ["B"]

@@ -12,6 +12,7 @@
       delta/deltas_p<n>.safetensors       δ of every checkpoint for a probe set of size n
       delta/timing_p<n>.json, config.json
       cache/prompt_embeddings.safetensors sentence-encoder cache
+      cache/linear_delta/<key>.safetensors  first-order δ at training checkpoints (variant A2-lin)
       generators/<name>/                  generators trained by ``train-generator``
       experiments/                        the research grid's cells, scores and generators
 """
@@ -108,6 +109,11 @@ class Workspace:
     def prompt_cache(self) -> Path:
         """Cache of sentence embeddings of prompts."""
         return self.root / "cache" / "prompt_embeddings.safetensors"
+
+    @property
+    def linear_delta_cache(self) -> Path:
+        """Cache of first-order δ (Jacobians at training checkpoints), one file per targets, basis and probes."""
+        return self.root / "cache" / "linear_delta"
 
     def generator(self, name: str) -> Path:
         """Default folder of a generator trained by ``train-generator``."""

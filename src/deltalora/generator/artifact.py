@@ -62,6 +62,10 @@ class GeneratorCard:
     """With validation (``generator.val_every``): the step whose weights were kept (lowest validation loss)."""
     val_loss: float | None = None
     """With validation: that step's validation loss."""
+    linear_check: dict[str, float] | None = None
+    """Linearised-δ variants: the first-order δ of the kept generator's adapters (one per training task, from its
+    train prompts) against their exact δ: mean relative error and cosine, and the relative error of the constant
+    δ* alone (``LinearDelta.check``)."""
 
     @property
     def n_prompts(self) -> int:

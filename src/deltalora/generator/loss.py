@@ -93,10 +93,12 @@ class GeneratorLoss(nn.Module):
         cfg: GeneratorConfig,
         world: int = 1,
         dtype: str = "fp32",
+        linear=None,
     ):
         super().__init__()
         self.model = model
         self.ctx = (data, tokenizer, exact)  # a tuple: not registered, so DDP leaves the frozen base alone
+        self.linear = linear  # a LinearDelta (variants with a linearised δ term), else None
         self.cfg, self.world, self.dtype = cfg, world, dtype
         self.mask = tokenizer.valid_mask()
 
@@ -137,6 +139,7 @@ class GeneratorLoss(nn.Module):
             data.deltas[idx],
             self.mask,
             sel=[k for k in range(len(idx)) if positions[k] < n_exact],
+            linear=self.linear,
         )
         terms = spec.stage1 if stage == 1 and spec.stage1 else spec.terms
         if terms is spec.terms:

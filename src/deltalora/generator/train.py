@@ -29,7 +29,8 @@ from deltalora.generator.artifact import GeneratorCard, save_generator, warm_sta
 from deltalora.generator.dataset import training_set
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.hypernet import n_params
-from deltalora.generator.loss import ExactBehaviour, GeneratorLoss, draw_batch
+from deltalora.generator.linear_delta import LinearDelta
+from deltalora.generator.loss import ExactBehaviour, GeneratorLoss, draw, draw_batch
 from deltalora.generator.model import Generator
 from deltalora.generator.validation import Validation
 from deltalora.generator.variants import VARIANTS
@@ -79,9 +80,16 @@ def _setup(
         warm_start(model, cfg.init_from, train_tasks)
     elif model.out.basis:
         model.basis.fit(data.tokens)
-    needs_base = VARIANTS[cfg.variant].needs_base
-    exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes, device) if needs_base else None
-    return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world, dtype)
+    spec = VARIANTS[cfg.variant]
+    exact = ExactBehaviour(preset, data.adapter_config, cfg.n_probes, device) if spec.needs_base else None
+    linear = None
+    if spec.linear:
+        if model.out.conv:
+            raise GeneratorError(
+                f"variant {cfg.variant} linearises δ in the basis coefficients: set generator.head=basis"
+            )
+        linear = LinearDelta(model.basis, data.tokens, tokenizer, exact, data.delta_scale, ws.linear_delta_cache)
+    return data, tokenizer, model, GeneratorLoss(model, data, tokenizer, exact, cfg, world, dtype, linear)
 
 
 def _ddp(loss_fn: GeneratorLoss, world: int, device: torch.device = CPU):
@@ -244,10 +252,22 @@ def _train(
     if best:
         model.load_state_dict(best["state"])
         card = dataclasses.replace(card, best_step=best["step"], val_loss=best["loss"])
+    if loss_fn.linear is not None and info.is_main:
+        card = dataclasses.replace(card, linear_check=_linear_check(model, data, tokenizer, loss_fn, cfg))
     if info.is_main:
         save_generator(out_dir, model, tokenizer, data.delta_scale, card)
     barrier()
     return card
+
+
+@torch.no_grad()
+def _linear_check(model, data, tokenizer, loss_fn: GeneratorLoss, cfg) -> dict[str, float]:
+    """``LinearDelta.check`` on one adapter per training task, generated from a seeded draw of its train prompts."""
+    g = torch.Generator().manual_seed(stable_seed("linear check", cfg.seed) % 2**63)
+    first = [int((data.ckpt_task == t).nonzero()[0, 0]) for t in range(len(data.tasks))]
+    emb = torch.stack([draw(data.emb[t], cfg.n_prompts, g) for t in range(len(data.tasks))])
+    idx = torch.tensor(first, device=emb.device)
+    return loss_fn.linear.check(model(emb).float(), idx, tokenizer, loss_fn.ctx[2])
 
 
 def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float, best: dict) -> None:

@@ -8,6 +8,7 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
 - A1:  + λ_δ·‖H(ΔŴ) − δ‖² with H frozen in that term; H is fitted on the reference tokens and on
        perturbed adapters with their measured δ (``generator.head_pairs``).
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
+- A2-lin: A2 with Delta(ΔŴ) to first order around each training checkpoint (``linear_delta.py``).
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
 - C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) over the answer tokens + λ_w·MSE.
 - E2E: λ_sft·CE(base + ΔŴ on train items of the task): no weight target at all.
@@ -55,6 +56,8 @@ class Step:
     """Local samples that get the exact terms (``generator.exact_samples``)."""
     pred: torch.Tensor | None = None
     """Generated tokens [b, T, width] (None in a stage that only trains E_ψ)."""
+    linear: Any = None
+    """``LinearDelta`` (first-order δ at every training checkpoint) when the variant has a linearised term."""
 
     @functools.cached_property
     def exact_tensors(self) -> list[dict[str, torch.Tensor]]:
@@ -79,6 +82,8 @@ class LossTerm:
     """Runs the base model (exact δ or KL): applied to the ``exact_samples`` subset only."""
     uses_delta: bool = True
     """Reads the δ targets."""
+    linear: bool = False
+    """Reads the first-order δ (``generator.linear_delta``), measured through the base model before training."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,12 @@ class Variant:
     @property
     def needs_base(self) -> bool:
         """Some term runs the frozen base model (the dominant cost on a CPU)."""
-        return any(t.exact for t in (*self.terms, *self.stage1))
+        return any(t.exact or t.linear for t in (*self.terms, *self.stage1))
+
+    @property
+    def linear(self) -> bool:
+        """Some term reads the first-order δ (needs the basis head)."""
+        return any(t.linear for t in (*self.terms, *self.stage1))
 
     @property
     def uses_delta(self) -> bool:
@@ -145,6 +155,10 @@ def _exact_delta(s: Step) -> torch.Tensor:
     return ((exact_d - s.delta[s.sel]) ** 2).mean(-1)
 
 
+def _linear_delta(s: Step) -> torch.Tensor:
+    return ((s.linear(s.pred, s.idx) - s.delta) ** 2).mean(-1)
+
+
 def _answer_kl(s: Step) -> torch.Tensor:
     """KL(base+generated ‖ base+reference) averaged over every gold-answer token of the task's first
     ``kl_prompts`` train items (a fixed set, so each reference checkpoint's distributions are computed once)."""
@@ -177,6 +191,7 @@ HEAD = LossTerm("delta_head", _head_delta, "lambda_delta")
 HEAD_FIT = LossTerm("head_fit", _head_fit)
 PROMPT_DELTA = LossTerm("delta_prompt", _prompt_delta)
 EXACT_DELTA = LossTerm("delta_exact", _exact_delta, "lambda_delta", exact=True)
+LINEAR_DELTA = LossTerm("delta_linear", _linear_delta, "lambda_delta", linear=True)
 KL = LossTerm("kl", _answer_kl, "lambda_kl", exact=True)
 SFT = LossTerm("completion", _completion, "lambda_sft", exact=True, uses_delta=False)
 
@@ -202,6 +217,14 @@ register(
 )
 register(Variant("A1", "+ a δ-head H(ΔŴ) predicting δ", (MSE, HEAD, HEAD_FIT), delta_head=True))
 register(Variant("A2", "+ exact δ of base + ΔŴ on the probes", (MSE, EXACT_DELTA)))
+register(
+    Variant(
+        "A2-lin",
+        "+ δ of base + ΔŴ to first order at each training checkpoint (basis head; no base model per step)",
+        (MSE, LINEAR_DELTA),
+        in_grid=False,
+    )
+)
 register(
     Variant(
         "B",
