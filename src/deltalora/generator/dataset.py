@@ -200,10 +200,12 @@ def _head_pairs(
         for i, t in enumerate(tokens):
             others = (ckpt_task != ckpt_task[i]).nonzero()[:, 0]
             if k % 2 == 0 or not len(others):
+                # device: cpu - seeded noise from a CPU generator
                 out.append(t + 0.5 * torch.randn(t.shape, generator=g) * tokenizer.valid_mask())
             else:
+                # device: cpu - seeded draw from a CPU generator
                 j = others[torch.randint(len(others), (1,), generator=g)].item()
-                a = 0.2 + 0.6 * torch.rand((), generator=g)
+                a = 0.2 + 0.6 * torch.rand((), generator=g).item()  # device: cpu - seeded draw, read as a float
                 out.append((1 - a) * t + a * tokens[j])
     pert = torch.stack(out)
     return pert, _measured_deltas(ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device), tokenizer, pert)
