@@ -47,6 +47,7 @@ def test_builtin_table():
     assert [v.name for v in VARIANTS.values() if v.decodes_delta] == ["B"]
     assert [t.name for t in VARIANTS["C"].terms] == ["mse", "delta_exact", "kl"]
     assert VARIANTS["B"].terms[1].weight == "lambda_cons" and VARIANTS["A2"].terms[1].weight == "lambda_delta"
+    assert VARIANTS["C"].terms[0].weight == "lambda_reg" and GeneratorConfig().lambda_reg < GeneratorConfig().lambda_kl
 
 
 def test_unknown_variant_is_a_config_error():

@@ -38,7 +38,7 @@ class GeneratorConfig:
     warmup_steps: int = 20
     """Linear warm-up steps."""
     lambda_w: float = 1.0
-    """Weight of the token MSE (the only loss of dnd; a regulariser for C)."""
+    """Weight of the token MSE (the only loss of dnd; C's is ``lambda_reg``)."""
     lambda_delta: float = 1.0
     """Weight of the δ loss (A1: predicted by H, A2 and C: exact)."""
     head_pairs: int = 4
@@ -47,6 +47,8 @@ class GeneratorConfig:
     then sees adapters off the zoo, like the generator's outputs, rather than ~one per task."""
     lambda_cons: float = 0.1
     """Variant B: weight of the exact-δ consistency term of G_θ."""
+    lambda_reg: float = 0.1
+    """Variant C: weight of its token MSE, a regulariser only (behaviour first: exact δ and KL dominate)."""
     lambda_kl: float = 1.0
     """Variant C: weight of KL(base+generated || base+reference) averaged over the gold-answer tokens."""
     kl_prompts: int = 4
@@ -104,7 +106,8 @@ class GeneratorConfig:
         _check(self.batch_size >= 1, "generator.batch_size must be >= 1")
         _check(self.lr > 0 and self.weight_decay >= 0, "generator.lr must be > 0 and weight_decay >= 0")
         _check(
-            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_kl, self.lambda_sft) >= 0,
+            min(self.lambda_w, self.lambda_delta, self.lambda_cons, self.lambda_reg, self.lambda_kl, self.lambda_sft)
+            >= 0,
             "generator loss weights must be >= 0",
         )
         _check(self.head_pairs >= 0, "generator.head_pairs must be >= 0")

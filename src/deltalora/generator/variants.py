@@ -10,7 +10,8 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
 - A2-lin: A2 with Delta(ΔŴ) to first order around each training checkpoint (``linear_delta.py``).
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
-- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) over the answer tokens + λ_w·MSE.
+- C:   λ_δ·‖Delta(ΔŴ) − δ‖² + λ_KL·KL(p_base+ΔŴ ‖ p_base+ΔW) over the answer tokens + λ_reg·MSE
+       (λ_reg = 0.1: the weights only regularise).
 - E2E: λ_sft·CE(base + ΔŴ on train items of the task): no weight target at all.
 - E2E+delta: + λ_δ·‖Delta(ΔŴ) − δ‖².
 """
@@ -238,7 +239,7 @@ register(
     Variant(
         "C",
         "behaviour first: exact δ + answer-token KL to the reference, weight MSE as regulariser",
-        (MSE, EXACT_DELTA, KL),
+        (dataclasses.replace(MSE, weight="lambda_reg"), EXACT_DELTA, KL),
     )
 )
 
