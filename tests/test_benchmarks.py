@@ -55,6 +55,7 @@ def test_bench_script_runs_and_fast_paths_match(tiny_zoo, tmp_path):
         assert t["max_loss_diff"] < 1e-4 and t["real_tokens"] > 0
     assert set(res["trainer"]["pool_shared_prefix_token_fraction"]) == set(tiny_zoo.preset.pool)
     assert set(res["generator"]["variants"]) == set(VARIANTS)  # every variant's step cost, the end-to-end ones too
+    assert "skipped" in res["generator"]["variants"]["A2-lin"]  # tiny's conv head has no basis to linearise in
     for e in res["eval"]["tasks"].values():
         assert e["same_predictions"] and e["max_abs_score_diff"] < 1e-4
 
