@@ -104,3 +104,17 @@ def test_gpu_check_compares_two_runs_at_its_tolerances(tmp_path):
     checks = gc.compare(off, run)
     assert not any(c["ok"] for c in checks.values()), checks
     assert checks["accuracies"]["differing"] == [f"lora_hits:{task}"]
+
+
+def test_checkpoint_mean_scores_each_checkpoint_and_their_mean(tiny_zoo, tmp_path):
+    out = tmp_path / "mean.json"
+    script = ROOT / "benchmarks" / "checkpoint_mean.py"
+    args = ["--preset", "tiny", "--workspace", str(tiny_zoo.workspace), "--tasks", "syn.add,syn.copy"]
+    proc = subprocess.run([sys.executable, str(script), *args, "--n-test", "8", "--out", str(out)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"syn.add", "syn.copy"}
+    for row in res["tasks"].values():
+        steps = [c.step for c in tiny_zoo.manifest.singles() if c.task == "syn.add"]
+        assert sorted(int(s) for s in row["by_step"]) == sorted(steps)  # every kept checkpoint of the run
+        assert all(a * 8 == round(a * 8) for a in [*row["by_step"].values(), row["mean_of_checkpoints"]])
