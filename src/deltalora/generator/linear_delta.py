@@ -72,11 +72,12 @@ class LinearDelta:
             tokens = self.mean + torch.einsum("k,ktw->tw", c, self.dirs)
             return exact.delta({k: v[0] for k, v in tokenizer.decode(tokens[None]).items()}) / self.scale
 
+        used = (self.sq > 1e-29).tolist()  # an unused (zero) direction moves nothing: its column stays zero
         d_star, jac = [], []
         for c in tqdm(self.c_star, desc="linearised δ", unit="checkpoint", leave=False):
             d0 = delta(c)
             eye = torch.eye(len(c), device=c.device, dtype=c.dtype)
-            jac.append(torch.stack([(delta(c + EPS * e) - d0) / EPS for e in eye], 1))
+            jac.append(torch.stack([(delta(c + EPS * e) - d0) / EPS if u else 0 * d0 for e, u in zip(eye, used)], 1))
             d_star.append(d0)
         return torch.stack(d_star), torch.stack(jac)
 
