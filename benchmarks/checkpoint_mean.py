@@ -44,7 +44,7 @@ def main() -> None:
     swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpts[0].path)), preset.base)
 
     def accuracy(t, items) -> float:
-        swapper.set_tensors({k: v[0] for k, v in lt.decode(t[None]).items()})
+        swapper.set_tensors(lt.decode(t))
         return statistics.fmean(hits(swapper.model, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length))
 
     rows = {}

@@ -32,7 +32,7 @@ from deltalora.zoo.manifest import Manifest
 
 def _accuracy(swapper: AdapterSwapper, lt: LoraTokenizer, tokens: torch.Tensor, items, tok, preset: Preset) -> float:
     """Accuracy on ``items`` of the adapter whose normalised tokens (flattened) are ``tokens``."""
-    swapper.set_tensors({k: v[0] for k, v in lt.decode(tokens.reshape(1, lt.n_tokens, lt.width)).items()})
+    swapper.set_tensors(lt.decode(tokens.reshape(lt.n_tokens, lt.width)))
     h = hits(swapper.model, tok, items, preset.zoo.eval_batch_size, preset.zoo.max_length)
     return sum(h) / len(h)
 

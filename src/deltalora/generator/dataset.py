@@ -215,7 +215,7 @@ def _measured_deltas(exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: to
     """Exact δ (on the behaviour's device) of the adapters whose normalised tokens are ``tokens`` [M, T, width]."""
     return torch.stack(
         [
-            exact.delta({k: v[0].to(exact.device) for k, v in tokenizer.decode(t[None]).items()})
+            exact.delta({k: v.to(exact.device) for k, v in tokenizer.decode(t).items()})
             for t in tqdm(tokens, desc="exact δ of perturbed adapters", unit="adapter", leave=False)
         ]
     )

@@ -70,7 +70,7 @@ class LinearDelta:
     def _measure(self, tokenizer: LoraTokenizer, exact: ExactBehaviour) -> tuple[torch.Tensor, torch.Tensor]:
         def delta(c: torch.Tensor) -> torch.Tensor:
             tokens = self.mean + torch.einsum("k,ktw->tw", c, self.dirs)
-            return exact.delta({k: v[0] for k, v in tokenizer.decode(tokens[None]).items()}) / self.scale
+            return exact.delta(tokenizer.decode(tokens)) / self.scale
 
         used = (self.sq > 1e-29).tolist()  # an unused (zero) direction moves nothing: its column stays zero
         d_star, jac = [], []
@@ -94,7 +94,7 @@ class LinearDelta:
         lin = self(pred, idx)
         out = {"rel_err": [], "cos": [], "rel_err_constant": []}
         for b in range(len(pred)):
-            true = exact.delta({k: v[0] for k, v in tokenizer.decode(pred[b : b + 1]).items()}) / self.scale
+            true = exact.delta(tokenizer.decode(pred[b])) / self.scale
             out["rel_err"].append(((lin[b] - true).norm() / true.norm()).item())
             out["cos"].append(cos(lin[b], true))
             out["rel_err_constant"].append(((self.d_star[idx[b]] - true).norm() / true.norm()).item())

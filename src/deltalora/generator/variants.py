@@ -167,10 +167,8 @@ def _answer_kl(s: Step) -> torch.Tensor:
     for b, k in enumerate(s.sel):
         ckpt = int(s.idx[k])
         items = s.data.items[int(s.data.ckpt_task[ckpt])][: s.cfg.kl_prompts]
-        ref = s.data.tokens[[ckpt]]
-        lp_ref = s.exact.reference_logprobs(
-            ckpt, lambda ref=ref: {key: v[0] for key, v in s.tokenizer.decode(ref).items()}, items
-        )
+        ref = s.data.tokens[ckpt]
+        lp_ref = s.exact.reference_logprobs(ckpt, lambda ref=ref: s.tokenizer.decode(ref), items)
         lp_gen = s.exact.answer_logprobs(s.exact_tensors[b], items)
         kl.append((lp_gen.exp() * (lp_gen - lp_ref)).sum(-1).mean())
     return torch.stack(kl)
