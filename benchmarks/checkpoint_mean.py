@@ -15,8 +15,6 @@ import json
 import statistics
 from pathlib import Path
 
-from peft import PeftConfig
-
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.device import runtime
 from deltalora.generator.dataset import zoo_targets
@@ -41,7 +39,7 @@ def main() -> None:
     ckpts = [c for c in Manifest.from_file(ws.manifest).singles() if c.task in tasks and c.seed == 0 and c.part == 0]
     _, lt, tokens = zoo_targets(ws, ckpts)
     base, tok = load_base(preset.base, runtime(preset.runtime).device)
-    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpts[0].path)), preset.base)
+    swapper = AdapterSwapper.like(base, ws.zoo / ckpts[0].path, preset.base)
 
     def accuracy(t, items) -> float:
         swapper.set_tensors(lt.decode(t))

@@ -143,7 +143,6 @@ def pipeline(device: str, root: Path) -> dict:
 
 def deltas_on(device: str, ws) -> dict:
     """δ of a workspace's zoo checkpoints measured on ``device`` (not stored)."""
-    from peft import PeftConfig
 
     from deltalora.delta.probes import DeltaProbe
     from deltalora.device import resolve_device
@@ -156,7 +155,7 @@ def deltas_on(device: str, ws) -> dict:
     ckpts = list(Manifest.from_file(ws.manifest))
     probe = DeltaProbe(tok, preset.delta)
     probe.set_base(base)
-    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpts[0].path)), "tiny")
+    swapper = AdapterSwapper.like(base, ws.zoo / ckpts[0].path, "tiny")
     try:
         return {c.path: probe.delta(swapper.load(ws.zoo / c.path, c.sha256)).cpu() for c in ckpts}
     finally:
@@ -209,7 +208,6 @@ def timings(device: str, ws, repeats: int = 5) -> dict:
     """Unit costs on ``device``: the tiny preset's zoo adapter, δ batch, dnd and A2 steps; SmolLM2-shaped zoo step and
     δ batch."""
     import torch
-    from peft import PeftConfig
 
     from deltalora.data.tasks import load_pool
     from deltalora.delta.probes import DeltaProbe
@@ -235,7 +233,7 @@ def timings(device: str, ws, repeats: int = 5) -> dict:
     ckpt = next(iter(Manifest.from_file(ws.manifest)))
     probe = DeltaProbe(tok, preset.delta)
     probe.set_base(base)
-    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpt.path)), "tiny")
+    swapper = AdapterSwapper.like(base, ws.zoo / ckpt.path, "tiny")
     model = swapper.load(ws.zoo / ckpt.path)
     out["tiny_delta_batch_s"] = median_seconds(lambda: probe.delta(model), on, repeats)
     swapper.unload()

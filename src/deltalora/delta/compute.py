@@ -7,7 +7,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-from peft import PeftConfig
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -68,7 +67,7 @@ def compute_zoo_deltas(
     if todo:
         probe = DeltaProbe(tok, cfg)
         probe.set_base(base)
-        swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / todo[0].path)), base_name)
+        swapper = AdapterSwapper.like(base, ws.zoo / todo[0].path, base_name)
         try:
             t0 = time.perf_counter()
             for i, c in enumerate(tqdm(todo, desc=f"delta (|P|={cfg.n_probes})", unit="adapter"), 1):

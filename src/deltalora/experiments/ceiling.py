@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from peft import PeftConfig
 from tqdm.auto import tqdm
 
 from deltalora.config import Preset
@@ -68,7 +67,7 @@ def target_ceiling(
         "tasks": {},
     }
     base, tok = load_base(preset.base, runtime(preset.runtime).device)
-    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / ckpts[0].path)), preset.base)
+    swapper = AdapterSwapper.like(base, ws.zoo / ckpts[0].path, preset.base)
     task_of = np.array([c.task for c in ckpts])
     try:
         for t in tqdm(scored, desc="ceiling", unit="task"):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftConfig
 from safetensors.torch import load_file
 
 from deltalora.config import Preset
@@ -92,7 +91,7 @@ class Scorer:
         self.device = runtime(preset.runtime).device
         base, self.tok = load_base(preset.base, self.device)
         first = self.manifest.finals()[0]
-        self.swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / first.path)), preset.base)
+        self.swapper = AdapterSwapper.like(base, ws.zoo / first.path, preset.base)
         self.model = self.swapper.model
         self.probe = DeltaProbe(self.tok, preset.delta)
         with self.model.disable_adapter():

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftConfig
 from tqdm.auto import tqdm
 
 from deltalora.config import Preset
@@ -165,7 +164,7 @@ def seen_val_accuracy(
     device = runtime(preset.runtime).device
     base, tok = load_base(preset.base, device)
     first = Manifest.from_file(ws.manifest).finals()[0]
-    swapper = AdapterSwapper(base, PeftConfig.from_pretrained(str(ws.zoo / first.path)), preset.base)
+    swapper = AdapterSwapper.like(base, ws.zoo / first.path, preset.base)
     encoder = PromptEncoder(ws.prompt_cache, device=device)
     loaded = [load_task(resolve_spec(t, extra), preset.tasks) for t in tasks]
     no_val = [t.name for t in loaded if not t.val]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -138,6 +138,11 @@ class AdapterSwapper:
         self._params = {
             n.replace(".default.weight", ".weight"): p for n, p in self.model.named_parameters() if ".lora_" in n
         }
+
+    @classmethod
+    def like(cls, base: torch.nn.Module, folder: str | Path, base_name: str | None = None) -> AdapterSwapper:
+        """A swapper with the LoRA config of the adapter in ``folder`` (any checkpoint of the zoo it will serve)."""
+        return cls(base, PeftConfig.from_pretrained(str(folder)), base_name)
 
     def load(self, folder: str | Path, sha256: str | None = None) -> PeftModel:
         """Validate the adapter folder against the base model and swap its tensors in."""
