@@ -15,6 +15,7 @@ from peft import PeftModel
 from deltalora.data.tasks import load_task, resolve_spec
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import AdapterError, ConfigError, GeneratorError
+from deltalora.generator import dataset as dataset_module
 from deltalora.generator.artifact import load_generator
 from deltalora.generator.dataset import shuffled_deltas, training_set
 from deltalora.generator.encoder import PromptEncoder
@@ -171,6 +172,15 @@ def test_a1_head_learns_from_measured_pairs_only_and_the_generator_from_the_head
     losses["head_fit"].backward()
     assert all(p.grad is not None for p in model.head.parameters())
     assert all(p.grad is None for p in model.decoder.parameters())  # H's fit never moves the generator
+
+
+def test_perturbations_share_one_base_model(ws, encoder, monkeypatch):
+    built = []
+    real = dataset_module.ExactBehaviour
+    monkeypatch.setattr(dataset_module, "ExactBehaviour", lambda *a, **k: built.append(1) or real(*a, **k))
+    preset = _preset(ws, variant="A1", head_pairs=2, weight_noise=0.1)
+    data, _ = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
+    assert data.head_tokens is not None and len(built) == 1  # noisy targets and A1's pairs: one load
 
 
 def test_each_stage_gets_its_own_warmup_and_cosine():

@@ -7,6 +7,7 @@ on the CPU and its tensors (and the tokenizer's statistics) then moved to the tr
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -101,8 +102,10 @@ def training_set(
     tasks = list(train_tasks)
     ckpt_task = torch.tensor([tasks.index(c.task) for c in ckpts])  # device: cpu - bookkeeping read by int()
     adapter_cfg = {k: adapter_cfg[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
+    # the base model is loaded once, and only when a perturbation's δ must be measured
+    behaviour = functools.cache(lambda: ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device))
     if cfg.weight_noise > 0:
-        tokens, deltas = _noisy(preset, adapter_cfg, tokenizer, tokens, cfg, rng, device)
+        tokens, deltas = _noisy(behaviour(), tokenizer, tokens, cfg, rng)
     if cfg.mislabel_fraction > 0:
         tokens, deltas = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
     scale = deltas.pow(2).mean().sqrt().item()
@@ -126,7 +129,7 @@ def training_set(
         encoder.save()
     head_tokens = head_deltas = None
     if VARIANTS[cfg.variant].delta_head and cfg.head_pairs:
-        head_tokens, head_deltas = _head_pairs(preset, adapter_cfg, tokenizer, tokens, ckpt_task, cfg, device)
+        head_tokens, head_deltas = _head_pairs(behaviour(), tokenizer, tokens, ckpt_task, cfg)
         head_tokens, head_deltas = head_tokens.to(device), (head_deltas / scale).to(device)
     paths = [c.path for c in ckpts]
     tokens, deltas, emb = tokens.to(device), (deltas / scale).to(device), [e.to(device) for e in emb]
@@ -164,35 +167,22 @@ def _fraction(xs: list, f: float, rng: random.Random) -> list:
 
 @torch.no_grad()
 def _noisy(
-    preset: Preset,
-    adapter_cfg: dict,
-    tokenizer: LoraTokenizer,
-    tokens: torch.Tensor,
-    cfg: GeneratorConfig,
-    rng: random.Random,
-    device: torch.device,
+    exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy weight targets (on the CPU) and the δ of those noisy adapters, measured through the base model on
-    ``device``."""
+    """Noisy weight targets (on the CPU) and the δ of those noisy adapters, measured through the base model (on the
+    CPU)."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     # device: cpu - fixed noise from a seeded CPU generator: the same noisy zoo on every device
     noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
-    exact = ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device)
     return noisy, _measured_deltas(exact, tokenizer, noisy).cpu()
 
 
 @torch.no_grad()
 def _head_pairs(
-    preset: Preset,
-    adapter_cfg: dict,
-    tokenizer: LoraTokenizer,
-    tokens: torch.Tensor,
-    ckpt_task: torch.Tensor,
-    cfg: GeneratorConfig,
-    device: torch.device,
+    exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: torch.Tensor, ckpt_task: torch.Tensor, cfg: GeneratorConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``head_pairs`` perturbations of every checkpoint (on the CPU), alternately Gaussian noise of 0.5 zoo std
-    and a mix with a random other task's checkpoint (weight 0.2-0.8), and their exact δ (on ``device``)."""
+    and a mix with a random other task's checkpoint (weight 0.2-0.8), and their exact δ (on the behaviour's device)."""
     # device: cpu - seeded CPU draws: the same perturbed set on every device
     g = torch.Generator().manual_seed(stable_seed("head_pairs", cfg.seed) % 2**63)
     out = []
@@ -208,7 +198,7 @@ def _head_pairs(
                 a = 0.2 + 0.6 * torch.rand((), generator=g).item()  # device: cpu - seeded draw, read as a float
                 out.append((1 - a) * t + a * tokens[j])
     pert = torch.stack(out)
-    return pert, _measured_deltas(ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device), tokenizer, pert)
+    return pert, _measured_deltas(exact, tokenizer, pert)
 
 
 def _measured_deltas(exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: torch.Tensor) -> torch.Tensor:
