@@ -41,7 +41,7 @@ class LinearDelta:
         scale: float,
         cache_dir: Path | None = None,
     ):
-        self.mean, self.scale = head.mean.detach(), scale
+        self.mean, self.scale, self.tokenizer, self.exact = head.mean.detach(), scale, tokenizer, exact
         self.dirs = head.directions.detach()  # unused directions (a zoo of M targets spans M - 1) are zero
         self.sq = self.dirs.flatten(1).pow(2).sum(1).clamp_min(1e-30)  # a zero direction gets coefficient 0
         self.c_star = self.coefficients(tokens)
@@ -55,7 +55,7 @@ class LinearDelta:
             saved = load_file(cached)
             self.d_star, self.jac = saved["d_star"].to(tokens.device), saved["jac"].to(tokens.device)
             return
-        self.d_star, self.jac = self._measure(tokenizer, exact)
+        self.d_star, self.jac = self._measure()
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tensors = {"d_star": self.d_star.cpu().contiguous(), "jac": self.jac.cpu().contiguous()}
@@ -67,10 +67,9 @@ class LinearDelta:
         return torch.einsum("btw,ktw->bk", tokens - self.mean, self.dirs) / self.sq
 
     @torch.no_grad()
-    def _measure(self, tokenizer: LoraTokenizer, exact: ExactBehaviour) -> tuple[torch.Tensor, torch.Tensor]:
+    def _measure(self) -> tuple[torch.Tensor, torch.Tensor]:
         def delta(c: torch.Tensor) -> torch.Tensor:
-            tokens = self.mean + torch.einsum("k,ktw->tw", c, self.dirs)
-            return exact.delta(tokenizer.decode(tokens)) / self.scale
+            return self.exact_delta(self.mean + torch.einsum("k,ktw->tw", c, self.dirs))
 
         used = (self.sq > 1e-29).tolist()  # an unused (zero) direction moves nothing: its column stays zero
         d_star, jac = [], []
@@ -87,14 +86,18 @@ class LinearDelta:
         dc = self.coefficients(pred) - self.c_star[idx]
         return self.d_star[idx] + torch.einsum("bdk,bk->bd", self.jac[idx], dc)
 
+    def exact_delta(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The exact δ (divided by ``scale``) of one adapter's tokens [T, width], through the base model."""
+        return self.exact.delta(self.tokenizer.decode(tokens)) / self.scale
+
     @torch.no_grad()
-    def check(self, pred: torch.Tensor, idx: torch.Tensor, tokenizer: LoraTokenizer, exact: ExactBehaviour) -> dict:
+    def check(self, pred: torch.Tensor, idx: torch.Tensor) -> dict:
         """How well the first order matches: the exact δ of each generated adapter against its linearised δ
         (relative error and cosine, means over the samples), and the same for its checkpoint's δ*."""
         lin = self(pred, idx)
         out = {"rel_err": [], "cos": [], "rel_err_constant": []}
         for b in range(len(pred)):
-            true = exact.delta(tokenizer.decode(pred[b])) / self.scale
+            true = self.exact_delta(pred[b])
             out["rel_err"].append(((lin[b] - true).norm() / true.norm()).item())
             out["cos"].append(cos(lin[b], true))
             out["rel_err_constant"].append(((self.d_star[idx[b]] - true).norm() / true.norm()).item())

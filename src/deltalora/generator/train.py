@@ -253,7 +253,7 @@ def _train(
         model.load_state_dict(best["state"])
         card = dataclasses.replace(card, best_step=best["step"], val_loss=best["loss"])
     if loss_fn.linear is not None and info.is_main:
-        card = dataclasses.replace(card, linear_check=_linear_check(model, data, tokenizer, loss_fn, cfg))
+        card = dataclasses.replace(card, linear_check=_linear_check(model, data, loss_fn.linear, cfg))
     if info.is_main:
         save_generator(out_dir, model, tokenizer, data.delta_scale, card)
     barrier()
@@ -261,13 +261,13 @@ def _train(
 
 
 @torch.no_grad()
-def _linear_check(model, data, tokenizer, loss_fn: GeneratorLoss, cfg) -> dict[str, float]:
+def _linear_check(model, data, linear: LinearDelta, cfg) -> dict[str, float]:
     """``LinearDelta.check`` on one adapter per training task, generated from a seeded draw of its train prompts."""
     g = torch.Generator().manual_seed(stable_seed("linear check", cfg.seed) % 2**63)
     first = [int((data.ckpt_task == t).nonzero()[0, 0]) for t in range(len(data.tasks))]
     emb = torch.stack([draw(data.emb[t], cfg.n_prompts, g) for t in range(len(data.tasks))])
     idx = torch.tensor(first, device=emb.device)
-    return loss_fn.linear.check(model(emb).float(), idx, tokenizer, loss_fn.ctx[2])
+    return linear.check(model(emb).float(), idx)
 
 
 def _save_state(path: Path, model, opt, sched, rng, step: int, seconds: float, best: dict) -> None:
