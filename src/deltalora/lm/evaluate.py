@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltalora.data.tasks import Item
 from deltalora.device import module_device
+from deltalora.lm.models import CACHE_ARG, kv_cache
 
 
 def encode(
@@ -189,7 +190,13 @@ def greedy_answers(
                 break
             mask = torch.cat([mask, torch.ones(len(idx), 1, dtype=mask.dtype, device=device)], 1)
             pos = pos[:, -1:] + 1
-            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=res.cache, use_cache=True)
+            res = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{CACHE_ARG: kv_cache(res)},
+            )
         gen = torch.stack(new, 1).tolist()
         for r, k in enumerate(idx):
             seq = gen[r]

@@ -7,13 +7,21 @@ cached as safetensors and loads in a fraction of a second after that.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
 
 from deltalora.device import CPU
 from deltalora.errors import ConfigError, SourceError
@@ -22,6 +30,16 @@ from deltalora.offline import cache_dir, pypi_distribution
 from deltalora.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
+
+# transformers 5.17 names the KV cache past_key_values (argument and output field); later 5.x releases name it
+# cache and only warn on the old name. Both lie in the supported range, so callers name it through these two.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+"""The keyword under which this transformers' models take (and return) a KV cache."""
+
+
+def kv_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned, under this transformers' name for it."""
+    return getattr(output, CACHE_ARG)
 
 
 def load_base(name: str, device: torch.device | str = CPU) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:

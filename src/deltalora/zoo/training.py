@@ -17,6 +17,7 @@ from deltalora.config import ZooConfig
 from deltalora.data.tasks import Item, stable_seed
 from deltalora.device import autocast, module_device
 from deltalora.lm.evaluate import encode, pad_right
+from deltalora.lm.models import CACHE_ARG, kv_cache
 from deltalora.tracking import Curves
 from deltalora.zoo.adapters import lora_config
 
@@ -74,12 +75,12 @@ def completion_loss(
         keep = target != -100
         shared = shared_prefix_length(chunk, min_shared_prefix)
         if shared:
-            past = body(input_ids=ids[:1, :shared], use_cache=True).cache
+            past = kv_cache(body(input_ids=ids[:1, :shared], use_cache=True))
             past.batch_repeat_interleave(len(chunk))
             # the prefix's own positions carry no supervised logit (shared_prefix_length stops before them)
-            hidden = body(input_ids=ids[:, shared:], attention_mask=mask, cache=past, use_cache=True).last_hidden_state[
-                :, :-1
-            ][keep[:, shared:]]
+            hidden = body(
+                input_ids=ids[:, shared:], attention_mask=mask, use_cache=True, **{CACHE_ARG: past}
+            ).last_hidden_state[:, :-1][keep[:, shared:]]
         else:
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
         total = total + F.cross_entropy(head(hidden).float(), target[keep], reduction="sum")
