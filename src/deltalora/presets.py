@@ -126,8 +126,8 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 # The small zoo with the grid a CPU cannot afford: 3 generator seeds, 100 test items per task, 3x the generator
-# steps, every sweep at its full list. Not run yet (no GPU was available when it was written): its size is an
-# estimate from operation counts, to be corrected with benchmarks/gpu_check.sh's timings (README, "GPU").
+# steps, every sweep at its full list. Not run end to end yet; the H100's measured unit costs that size it are in
+# results/device_nvidia-h100-80gb-hbm3.json (README, "GPU").
 PRESETS["gpu"] = PRESETS["small"].replace(
     name="gpu",
     runtime=RuntimeConfig(device="cuda"),
