@@ -162,13 +162,15 @@ def deltas_on(device: str, ws) -> dict:
         swapper.unload()
 
 
+def loss_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    """Largest per-step loss difference between two runs' loss curves (inf when their runs or lengths differ)."""
+    if a.keys() != b.keys() or any(len(a[k]) != len(b[k]) for k in a):
+        return float("inf")
+    return max((abs(x - y) for k in a for x, y in zip(a[k], b[k])), default=0.0)
+
+
 def compare(gpu: dict, cpu: dict, same_zoo: dict | None = None) -> dict:
     """Each check: its worst value, its tolerance and whether it holds."""
-
-    def loss_diff(a: dict, b: dict) -> float:
-        if a.keys() != b.keys() or any(len(a[k]) != len(b[k]) for k in a):
-            return float("inf")
-        return max((abs(x - y) for k in a for x, y in zip(a[k], b[k])), default=0.0)
 
     def rel(a: dict, b: dict) -> float:
         if a.keys() != b.keys():

@@ -27,8 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT_CACHE = ROOT / "benchmarks" / "gpu_check_prompts.safetensors"
+from gpu_check import PROMPT_CACHE, loss_diff  # run as a script: benchmarks/ is on sys.path
+
+from deltalora.workspace import Workspace
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
 
@@ -58,12 +60,6 @@ def zoo(ws: Path, device: str, dtype: str, torchrun: bool = False) -> dict:
     }
 
 
-def max_abs(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
-    if a.keys() != b.keys() or any(len(a[k]) != len(b[k]) for k in a):
-        return math.inf
-    return max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -77,7 +73,7 @@ def main() -> int:
         ref = zoo(tmp / "fp32", dev, "fp32")
         half = zoo(tmp / "low", dev, low)
         legs["bf16_zoo"] = {
-            "max_loss_diff": max_abs(half["losses"], ref["losses"]),
+            "max_loss_diff": loss_diff(half["losses"], ref["losses"]),
             "tolerance": 0.1,
             "test_acc_fp32": ref["test_acc"],
             "test_acc_low": half["test_acc"],
@@ -88,7 +84,7 @@ def main() -> int:
         nccl = zoo(tmp / "torchrun", dev, "fp32", torchrun=True)
         same = [p for p in ref["sha256"] if nccl["sha256"].get(p) == ref["sha256"][p]]
         legs["nccl_zoo"] = {
-            "max_loss_diff": max_abs(nccl["losses"], ref["losses"]),
+            "max_loss_diff": loss_diff(nccl["losses"], ref["losses"]),
             "tolerance": 1e-6,
             "identical_checkpoints": f"{len(same)} of {len(ref['sha256'])}",
         }
@@ -96,8 +92,9 @@ def main() -> int:
 
         ws = tmp / "fp32"
         cli("delta", "compute", "--preset", "tiny", "-w", str(ws), "--probes", "5", "--device", dev)
-        (ws / "cache").mkdir(exist_ok=True)
-        shutil.copy(PROMPT_CACHE, ws / "cache" / "prompt_embeddings.safetensors")
+        cache = Workspace(ws).prompt_cache
+        cache.parent.mkdir(exist_ok=True)
+        shutil.copy(PROMPT_CACHE, cache)
         worst = 0.0
         for variant in ("dnd", "A2"):
             logs = {}

@@ -17,6 +17,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Cache,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
@@ -37,7 +38,7 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).paramete
 """The keyword under which this transformers' models take (and return) a KV cache."""
 
 
-def kv_cache(output):
+def kv_cache(output) -> Cache:
     """The KV cache a forward with ``use_cache=True`` returned, under this transformers' name for it."""
     return getattr(output, CACHE_ARG)
 
