@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
-from deltalora.experiments.cv import family_folds
+from deltalora.experiments.cv import cv_cells, declared_comparisons, family_folds
 from deltalora.experiments.grid import Cell
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
@@ -105,6 +106,47 @@ def test_declared_comparisons_are_written_before_the_run_and_cannot_change(tiny_
     r = CliRunner().invoke(app, [*args, *sets, "--set", "experiment.seeds=0,1", "--declare-only"])
     assert r.exit_code != 0 and "differs from the one declared in experiment" in str(r.exception)
     assert json.loads((res / "declared.json").read_text()) == declared  # the declaration is kept as it was
+    # a config field added to deltalora after a declaration was written: accepted at its default, refused otherwise
+    old = {**declared, "experiment": {k: v for k, v in declared["experiment"].items() if k != "kl_lambdas"}}
+    (res / "declared.json").write_text(json.dumps(old))
+    assert CliRunner().invoke(app, [*args, *sets, "--declare-only"]).exit_code == 0
+    r = CliRunner().invoke(app, [*args, *sets, "--set", "experiment.kl_lambdas=3", "--declare-only"])
+    assert r.exit_code != 0 and "differs from the one declared in experiment" in str(r.exception)
+
+
+def test_warm_started_rows_ablations_and_their_comparisons(tiny_zoo):
+    ex = dict(folds=2, seeds=(0, 1, 2), cv_warm_variants=("A2", "C"), warm_steps=7, warm_long_steps=70)
+    ex |= dict(cv_warm_ablations=True, probe_sizes=(1,), lambdas=(3.0,), kl_lambdas=(0.3,), cv_warm_seeds=2)
+    ex |= dict(cv_warm_pairs=("C:A2",))
+    preset = tiny_zoo.preset.replace(experiment=dataclasses.replace(tiny_zoo.preset.experiment, **ex))
+    domains = {t: t.split(".")[0] for t in preset.pool}
+    warm = {c.name: c for c in cv_cells(preset, domains) if "(from dnd)" in c.name or "(continued" in c.name}
+    assert sorted(warm) == sorted(
+        f"{n} [fold 0]"  # the first fold only
+        for n in (
+            "dnd (continued)",
+            "dnd (continued, 70 steps)",
+            "A2 (from dnd)",
+            "C (from dnd)",
+            "A2, δ shuffled across tasks (control) (from dnd)",
+            "A2, |P|=1 (from dnd)",
+            "A2, λ_δ=3 (from dnd)",
+            "C, λ_KL=0.3 (from dnd)",
+        )
+    )
+    for c in warm.values():
+        ch = dict(c.changes)
+        assert ch["warm_from"] == "dnd" and ch["val_every"] == 0  # each keeps its last step
+        assert ch["steps"] == (70 if "70 steps" in c.name else 7) and c.seeds(ex["seeds"]) == (0, 1)
+    assert dict(warm["C, λ_KL=0.3 (from dnd) [fold 0]"].changes)["lambda_kl"] == 0.3
+    declared = declared_comparisons(preset)
+    assert ("A2 (from dnd)", "dnd (continued, 70 steps)") in declared and ("C (from dnd)", "dnd") in declared
+    assert ("A2, |P|=1 (from dnd)", "A2 (from dnd)") in declared and ("C (from dnd)", "A2 (from dnd)") in declared
+    assert ("C, λ_KL=0.3 (from dnd)", "C (from dnd)") in declared
+    with pytest.raises(ConfigError, match="add C to experiment.cv_warm_variants"):
+        dataclasses.replace(preset.experiment, cv_warm_variants=("A2",), cv_warm_pairs=())
+    with pytest.raises(ConfigError, match="cv_warm_pairs"):
+        dataclasses.replace(preset.experiment, cv_warm_pairs=("C:E2E",))
 
 
 def test_select_compares_candidates_on_validation_only(tiny_zoo, tmp_path, monkeypatch):

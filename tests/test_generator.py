@@ -27,6 +27,7 @@ from deltalora.generator.model import Generator
 from deltalora.generator.retrieval import build_retrieval, retrieve
 from deltalora.generator.train import lr_lambda, train_generator
 from deltalora.generator.validation import Validation
+from deltalora.generator.variants import VARIANTS
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
@@ -129,7 +130,7 @@ def test_variant_trains_and_loss_goes_down(ws, tmp_path, variant):
     res = train_generator(preset, ws.ws, out, list(preset.pool), progress=False)
     assert res.n_params > 0 and res.lora_params > 0
     log = _log(out)
-    stages = [log[:24], log[24:]] if variant == "B" else [log]
+    stages = [log[:24], log[24:]] if VARIANTS[variant].stage1 else [log]
     for rows in stages:
         first = sum(r["loss"] for r in rows[:8]) / 8
         last = sum(r["loss"] for r in rows[-8:]) / 8
@@ -304,6 +305,22 @@ def test_warm_start_copies_a_trained_generator_and_refuses_other_tasks(ws, tmp_p
         _setup(preset, ws.ws, list(preset.pool)[:2], None, encoder, 1, False)
     with pytest.raises(GeneratorError, match="another architecture"):
         _setup(_preset(ws, variant="E2E", init_from=str(src)), ws.ws, list(preset.pool), None, encoder, 1, False)
+    # A1 takes everything but its δ-head, which its first stage fits; B (G_θ reads δ, not prompts) is refused
+    a1 = _setup(
+        _preset(ws, variant="A1", head="basis", init_from=str(src)), ws.ws, list(preset.pool), None, encoder, 1, False
+    )[2]
+    assert all(torch.equal(v, want[k]) for k, v in a1.state_dict().items() if not k.startswith("head."))
+    assert any(k.startswith("head.") for k in a1.state_dict())
+    with pytest.raises(GeneratorError, match="another architecture"):
+        _setup(
+            _preset(ws, variant="B", head="basis", init_from=str(src)),
+            ws.ws,
+            list(preset.pool),
+            None,
+            encoder,
+            1,
+            False,
+        )
 
 
 def test_exact_delta_equals_plain_delta_of_reference(ws, encoder):

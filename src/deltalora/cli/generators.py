@@ -183,7 +183,7 @@ def experiment_cmd(
     tasks: TasksOpt = None,
     only: Annotated[
         list[str] | None,
-        typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, rq2_lodo, rq3, rq4, ablations."),
+        typer.Option("--only", help="Run only these parts (repeatable): rq1, rq2, rq2_lodo, rq3, rq4, ablations, cv."),
     ] = None,
     results_dir: Annotated[
         Path | None, typer.Option(help="Where the per-RQ JSON goes (default results/experiments_<preset>).")

@@ -62,6 +62,8 @@ class ExperimentConfig:
     """Ablation: probe-set sizes besides the default."""
     lambdas: tuple[float, ...] = (0.3, 3.0)
     """Ablation: λ_δ values besides the default."""
+    kl_lambdas: tuple[float, ...] = ()
+    """Ablation: λ_KL values of variant C besides the default (its distillation weight)."""
     interpolations: tuple[float, ...] = (0.25, 0.5, 0.75)
     """RQ4: α in G_θ(α·δ_a + (1-α)·δ_b)."""
     mixed_variants: tuple[str, ...] = ("dnd", "A2", "B")
@@ -79,6 +81,18 @@ class ExperimentConfig:
     ``warm_steps`` steps, beside the baseline continued for the same steps (the same-steps control)."""
     warm_steps: int = 200
     """Steps of every warm-started generator."""
+    warm_long_steps: int = 0
+    """Cross-validation: the baseline is also continued for this many steps from the same start, about the wall
+    time of the costliest warm-started variant (the compute-matched control; 0 skips it)."""
+    cv_warm_ablations: bool = False
+    """Cross-validation: the ablations (``ablation_variant`` with δ shuffled across tasks, each of
+    ``probe_sizes`` and ``lambdas``; C at each of ``kl_lambdas``) are warm-started too, each compared with its
+    variant's own warm-started row."""
+    cv_warm_pairs: tuple[str, ...] = ()
+    """Cross-validation: further declared comparisons between warm-started variants, each ``a:b`` (a minus b),
+    e.g. ``E2E+delta:E2E`` (does δ change the end-to-end variant) or ``A1:A2`` (δ-head vs exact δ)."""
+    cv_warm_seeds: int = 0
+    """Cross-validation: generator seeds of the warm-started rows (the first this many of ``seeds``; 0: all)."""
     cv_warm_folds: int = 1
     """Folds (the first ones) whose tasks score the warm-started variants: their steps run the base model."""
     cv_control_seeds: int = 0
@@ -94,6 +108,23 @@ class ExperimentConfig:
         _check(self.folds == 0 or self.folds >= 2, "experiment.folds must be 0 (off) or >= 2")
         _check(self.cv_control_seeds >= 0, "experiment.cv_control_seeds must be >= 0 (0: every seed)")
         _check(self.warm_steps >= 1 and self.cv_warm_folds >= 1, "experiment.warm_steps and cv_warm_folds must be >= 1")
+        _check(
+            self.warm_long_steps >= 0 and self.cv_warm_seeds >= 0,
+            "experiment.warm_long_steps and cv_warm_seeds must be >= 0",
+        )
+        if self.cv_warm_ablations:
+            need = {self.ablation_variant, *(("C",) if self.kl_lambdas else ())} - set(self.cv_warm_variants)
+            _check(
+                not need,
+                f"experiment.cv_warm_ablations compares each ablation with its variant's warm-started row: add "
+                f"{', '.join(sorted(need))} to experiment.cv_warm_variants",
+            )
+        _check(all(x > 0 for x in self.kl_lambdas), "experiment.kl_lambdas must be > 0")
+        for pair in self.cv_warm_pairs:
+            _check(
+                len(pair.split(":")) == 2 and set(pair.split(":")) <= set(self.cv_warm_variants),
+                f"experiment.cv_warm_pairs: {pair!r} must be a:b with a and b in experiment.cv_warm_variants",
+            )
         for v in (
             *self.cv_variants,
             *self.cv_warm_variants,

@@ -15,14 +15,15 @@ import json
 import random
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from deltalora.config import Preset
+from deltalora.config import ExperimentConfig, GeneratorConfig, Preset
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
-from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, baselines
+from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, ablations, baselines
 from deltalora.generator.variants import baseline
 from deltalora.io import atomic_write_json, read_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
@@ -93,22 +94,38 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     return cells
 
 
-def _warm_names(preset: Preset) -> tuple[str, dict[str, str]]:
-    """The continued baseline's row name and each warm-started variant's."""
-    base = baseline().name
-    return f"{base} (continued)", {v: f"{v} (from {base})" for v in preset.experiment.cv_warm_variants}
-
-
-def _warm_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:
-    """The warm-started variants and the baseline continued for as many steps, all from the fold's baseline."""
+def _warm_rows(preset: Preset) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """The warm-started rows as (name, generator changes): the baseline continued for ``warm_steps`` (the same-steps
+    control) and for ``warm_long_steps`` (the compute-matched one), each warm variant, and with
+    ``cv_warm_ablations`` the ablations, all from the fold's baseline generator of the same seed."""
     ex, base = preset.experiment, baseline().name
     if not ex.cv_warm_variants:
         return []
-    continued, names = _warm_names(preset)
-    return [
-        Cell(CV, name, GENERATOR, held, train, (("variant", v), ("steps", ex.warm_steps), (WARM_FROM, base)))
-        for v, name in ((base, continued), *names.items())
-    ]
+    # every row keeps its last step: validation by weight MSE would favour the variants with a weight loss
+    start = (("val_every", 0), (WARM_FROM, base))
+    steps = (("steps", ex.warm_steps), *start)
+    rows = [(_continued(preset), (("variant", base), *steps))]
+    if ex.warm_long_steps:
+        rows.append((_continued(preset, long=True), (("variant", base), ("steps", ex.warm_long_steps), *start)))
+    rows += [(_warm(v), (("variant", v), *steps)) for v in ex.cv_warm_variants]
+    if ex.cv_warm_ablations:
+        rows += [(_warm(name), (*ch, *steps)) for name, ch in ablations(ex)]
+    return rows
+
+
+def _continued(preset: Preset, long: bool = False) -> str:
+    base = baseline().name
+    return f"{base} (continued, {preset.experiment.warm_long_steps} steps)" if long else f"{base} (continued)"
+
+
+def _warm(name: str) -> str:
+    return f"{name} (from {baseline().name})"
+
+
+def _warm_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:
+    """The warm-started rows' cells on one fold's held-out tasks."""
+    n = preset.experiment.cv_warm_seeds
+    return [Cell(CV, name, GENERATOR, held, train, ch, n_seeds=n) for name, ch in _warm_rows(preset)]
 
 
 def _named(name: str, source: str) -> str:
@@ -121,16 +138,22 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     variant against each baseline but the oracle on held-out tasks; its prompt sensitivity (own prompts against
     other-family and random-text prompts) on held-out and seen tasks; its seen-task accuracy against the oracle's
     on the same items; and each warm-started variant against the baseline continued for as many steps and against
-    the baseline itself (on the warm folds' tasks)."""
+    the baseline itself (on the warm folds' tasks), also against the baseline continued for ``warm_long_steps``; the
+    ``cv_warm_pairs``; and each warm-started ablation against its variant's warm-started row."""
     rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
     out = []
     for v in preset.experiment.cv_variants:
         out += [(v, b) for b in rivals]
         out += [(v, _named(v, src)) for src in ("other", "random")]
         out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
-    continued, names = _warm_names(preset)
-    for name in names.values():
-        out += [(name, continued), (name, baseline().name)]
+    ex = preset.experiment
+    if ex.cv_warm_variants:
+        controls = [_continued(preset)] + ([_continued(preset, long=True)] if ex.warm_long_steps else [])
+        for v in ex.cv_warm_variants:
+            out += [(_warm(v), c) for c in controls] + [(_warm(v), baseline().name)]
+        out += [tuple(_warm(v) for v in pair.split(":")) for pair in ex.cv_warm_pairs]
+        if ex.cv_warm_ablations:
+            out += [(_warm(name), _warm(dict(ch)["variant"])) for name, ch in ablations(ex)]
     return out
 
 
@@ -161,6 +184,12 @@ def declare(preset: Preset, domains: dict[str, str], results_dir: Path) -> Path:
     new = json.loads(json.dumps(declaration(preset, domains)))
     if f.exists():
         old = read_json(f, "declaration")
+        # a config field added since the declaration, at its default, changes nothing the declaration fixed
+        for section, config in (("experiment", ExperimentConfig()), ("generator", GeneratorConfig())):
+            defaults = json.loads(json.dumps(dataclasses.asdict(config)))
+            for k in set(new[section]) - set(old.get(section, {})):
+                if new[section][k] == defaults[k]:
+                    del new[section][k]
         changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
         if changed:
             raise ConfigError(

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from deltalora.config import Preset
+from deltalora.config import ExperimentConfig, Preset
 from deltalora.generator.mixture import MIXTURE
 from deltalora.generator.retrieval import RETRIEVAL
 from deltalora.generator.variants import VARIANTS, baseline
@@ -193,16 +193,8 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         for v in ex.rq3_variants
         if v in ex.variants
     ]
-    shuffled = [
-        Cell(
-            "ablations",
-            f"{a}, δ shuffled across tasks (control)",
-            GENERATOR,
-            seen + held,
-            train,
-            (("variant", a), ("shuffle_delta", True)),
-        )
-    ]
+    control, *sweep_rows = ablations(ex)
+    shuffled = [Cell("ablations", control[0], GENERATOR, seen + held, train, control[1])]
     other = [
         Cell(
             "ablations",
@@ -239,17 +231,21 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     }
     cheap_rq3 = [c for v, cs in rq3.items() if not VARIANTS[v].needs_base for c in cs]
     costly_rq3 = [c for v, cs in rq3.items() if VARIANTS[v].needs_base for c in cs]
-    sweeps = [
-        Cell("ablations", f"{a}, |P|={p}", GENERATOR, seen + held, train, (("variant", a), ("n_probes", p)))
-        for p in ex.probe_sizes
-    ]
-    sweeps += [
-        Cell("ablations", f"{a}, λ_δ={lam:g}", GENERATOR, seen + held, train, (("variant", a), ("lambda_delta", lam)))
-        for lam in ex.lambdas
-    ]
+    sweeps = [Cell("ablations", name, GENERATOR, seen + held, train, ch) for name, ch in sweep_rows]
     # run order = priority: the negative control and every protocol before the costlier sweeps
     cells += main_rows + shuffled + lodo + cheap_rq3 + other + costly_rq3 + sweeps
     return [c for c in cells if c.tasks]  # a preset without seen or held-out tasks (families) runs --only cv
+
+
+def ablations(ex: ExperimentConfig) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """The ablation rows as (name, generator changes): first the negative control (``ablation_variant`` with δ
+    shuffled across tasks), then its probe-set sizes and λ_δ values, then C's λ_KL values."""
+    a = ex.ablation_variant
+    rows = [(f"{a}, δ shuffled across tasks (control)", (("variant", a), ("shuffle_delta", True)))]
+    rows += [(f"{a}, |P|={p}", (("variant", a), ("n_probes", p))) for p in ex.probe_sizes]
+    rows += [(f"{a}, λ_δ={lam:g}", (("variant", a), ("lambda_delta", lam))) for lam in ex.lambdas]
+    rows += [(f"C, λ_KL={lam:g}", (("variant", "C"), ("lambda_kl", lam))) for lam in ex.kl_lambdas]
+    return rows
 
 
 def baselines(rq: str, tasks: tuple[str, ...], train: tuple[str, ...]) -> list[Cell]:

@@ -202,7 +202,8 @@ def load_generator(gen_dir: str | Path, device: torch.device = CPU) -> LoadedGen
 
 def warm_start(model: Generator, gen_dir: str | Path, train_tasks: list[str]) -> None:
     """Start ``model`` from a trained generator's weights (``generator.init_from``): it must have the same head and
-    training tasks (a basis head's directions are the training targets' own), else an error names the folder."""
+    training tasks (a basis head's directions are the training targets' own), else an error names the folder. A1 may
+    start from a generator without its δ-head (a dnd): H starts fresh and is fitted alone first."""
     gen_dir = Path(gen_dir)
     card = GeneratorCard.from_file(gen_dir / "config.json")
     if sorted(card.train_tasks) != sorted(train_tasks):
@@ -211,8 +212,16 @@ def warm_start(model: Generator, gen_dir: str | Path, train_tasks: list[str]) ->
             f"{len(set(card.train_tasks) ^ set(train_tasks))} different); warm-start from one trained on these"
         )
     tensors = load_file(gen_dir / "generator.safetensors")
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    # A1's δ-head may be missing from the source (a dnd): its first stage fits H before the generator moves
+    may_lack = ("head.",) if model.spec.delta_head and model.spec.stage1 else ()
+    odd = [f"missing {k}" for k in own if k not in state and not k.startswith(may_lack)]
+    odd += [f"unexpected {k}" for k in state if k not in own]
     try:
-        model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+        if odd:
+            raise RuntimeError(", ".join(odd[:4]) + (" ..." if len(odd) > 4 else ""))
+        model.load_state_dict(state, strict=False)  # still raises on a shape mismatch
     except RuntimeError as e:
         raise GeneratorError(
             f"{gen_dir}: generator.init_from has another architecture (head, channels or variant modules): {e}"

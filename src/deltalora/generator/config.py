@@ -28,7 +28,7 @@ class GeneratorConfig:
     steps: int = 300
     """Optimizer steps (for B: of stage 2, the decoder G_θ)."""
     stage1_steps: int = 300
-    """Variant B only: steps training E_ψ (prompts -> δ) before G_θ."""
+    """Steps of a variant's first stage, before the generator trains: B's E_ψ (prompts -> δ), A1's δ-head H."""
     batch_size: int = 4
     """(prompt batch, checkpoint) samples per step."""
     lr: float = 1e-3

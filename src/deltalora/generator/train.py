@@ -236,7 +236,7 @@ def _train(
         loss, losses = train_step(step_fn, model, opt, sched, idx, seeds, mine, 1 if step < stage1 else 2)
         if info.is_main:
             record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
-            # B's first stage trains E_ψ alone: its generated adapters are not the ones being trained yet
+            # a first stage (B's E_ψ, A1's H) leaves the generator's adapters as they were: nothing to validate yet
             if val is not None and step >= stage1 and ((step + 1) % cfg.val_every == 0 or step + 1 == total):
                 record["val_loss"] = val.update(model, step + 1)
             with log_file.open("a") as f:

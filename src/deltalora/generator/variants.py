@@ -6,7 +6,8 @@ else about a variant: adding one means one ``Variant`` (and, if it needs one, a 
 
 - dnd: λ_w·MSE(tokens) (the Drag-and-Drop baseline)
 - A1:  + λ_δ·‖H(ΔŴ) − δ‖² with H frozen in that term; H is fitted on the reference tokens and on
-       perturbed adapters with their measured δ (``generator.head_pairs``).
+       perturbed adapters with their measured δ (``generator.head_pairs``), alone in a first stage, then
+       beside the generator.
 - A2:  + λ_δ·‖Delta(ΔŴ) − δ‖², δ computed exactly through the base model.
 - A2-lin: A2 with Delta(ΔŴ) to first order around each training checkpoint (``linear_delta.py``).
 - B:   stage 1 E_ψ: ‖E_ψ(prompts) − δ‖²; stage 2 G_θ: MSE(G_θ(δ)) + λ_cons·‖Delta(G_θ(δ)) − δ‖².
@@ -97,7 +98,7 @@ class Variant:
     terms: tuple[LossTerm, ...]
     """Loss terms of the main stage (the decoder G_θ)."""
     stage1: tuple[LossTerm, ...] = ()
-    """Terms of a first stage run for ``generator.stage1_steps`` steps before the main one (B: E_ψ)."""
+    """Terms of a first stage run for ``generator.stage1_steps`` steps before the main one (B: E_ψ, A1: H)."""
     decodes_delta: bool = False
     """The decoder reads a δ, not prompts: E_ψ maps prompts to δ, G_θ is trained on the true δ and can decode
     any δ vector (sums, interpolations)."""
@@ -214,7 +215,16 @@ register(
         baseline=True,
     )
 )
-register(Variant("A1", "+ a δ-head H(ΔŴ) predicting δ", (MSE, HEAD, HEAD_FIT), delta_head=True))
+register(
+    Variant(
+        "A1",
+        "+ a δ-head H(ΔŴ) predicting δ, H fitted on measured pairs first",
+        (MSE, HEAD, HEAD_FIT),
+        # H alone first: a random H would pull the generator (and a warm-started one off its optimum) toward noise
+        stage1=(HEAD_FIT,),
+        delta_head=True,
+    )
+)
 register(Variant("A2", "+ exact δ of base + ΔŴ on the probes", (MSE, EXACT_DELTA)))
 register(
     Variant(
