@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
-from deltalora.experiments.cv import cv_cells, declared_comparisons, family_folds
+from deltalora.experiments.cv import cv_cells, declared_comparisons, family_folds, task_subset
 from deltalora.experiments.grid import Cell
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
@@ -112,6 +112,31 @@ def test_declared_comparisons_are_written_before_the_run_and_cannot_change(tiny_
     assert CliRunner().invoke(app, [*args, *sets, "--declare-only"]).exit_code == 0
     r = CliRunner().invoke(app, [*args, *sets, "--set", "experiment.kl_lambdas=3", "--declare-only"])
     assert r.exit_code != 0 and "differs from the one declared in experiment" in str(r.exception)
+
+
+def test_rq3_rows_fewer_tasks_and_corrupted_weights_with_true_delta(tiny_zoo):
+    ex = dict(folds=2, seeds=(0, 1), cv_rq3=True, rq3_variants=("dnd", "A2-lin"), task_fractions=(0.5,))
+    ex |= dict(weight_noise=(1.0,), mislabel=(0.25,))
+    preset = tiny_zoo.preset.replace(experiment=dataclasses.replace(tiny_zoo.preset.experiment, **ex))
+    cells = {c.name: c for c in cv_cells(preset, {t: "d" for t in preset.pool})}
+    fold0 = cells["dnd [fold 0]"]
+    assert "A2-lin [fold 0]" in cells and "A2-lin [fold 1]" not in cells  # the first fold only, from scratch
+    half = cells["A2-lin, 50% of the training tasks [fold 0]"]
+    assert set(half.train) < set(fold0.train) and half.train == cells["dnd, 50% of the training tasks [fold 0]"].train
+    noisy = dict(cells["A2-lin, weight noise σ=1, true δ [fold 0]"].changes)
+    assert noisy["weight_noise"] == 1.0 and noisy["corrupt_delta"] is False and "warm_from" not in noisy
+    assert dict(cells["dnd, 25% mislabelled weights, true δ [fold 0]"].changes)["mislabel_fraction"] == 0.25
+    declared = declared_comparisons(preset)
+    assert ("A2-lin", "dnd") in declared
+    assert ("A2-lin, weight noise σ=1, true δ", "dnd, weight noise σ=1, true δ") in declared
+    assert not any(a.startswith("dnd,") and "%" in a for a, _ in declared)  # dnd is the reference, not a variant
+    domains = {f"{d}{i}": d for d in "abc" for i in range(d == "c" and 1 or 8)}  # families of 8, 8 and 1
+    train = tuple(sorted(domains))
+    quarter, half = (task_subset(train, domains, f) for f in (0.25, 0.5))
+    assert [sum(domains[t] == d for t in quarter) for d in "abc"] == [2, 2, 1]  # ceil(f·n), every family kept
+    assert set(quarter) < set(half) and list(half) == sorted(half)  # nested, in the order given
+    with pytest.raises(ConfigError, match="cv_rq3"):
+        dataclasses.replace(preset.experiment, rq3_variants=("A2-lin",))
 
 
 def test_warm_started_rows_ablations_and_their_comparisons(tiny_zoo):

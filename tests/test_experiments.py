@@ -222,6 +222,13 @@ def test_rq3_data_fraction_noise_and_mislabels(ws, tiny_preset):
             torch.equal(mis.tokens[i], clean.tokens[j]) and clean.ckpt_task[j] != clean.ckpt_task[i]
             for j in range(len(clean.paths))
         )
+    assert not torch.equal(mis.deltas, clean.deltas)
+    # the same corrupted weights with each checkpoint's true δ: what δ could restore
+    for corrupted, change in ((noisy, "weight_noise=1.0"), (mis, "mislabel_fraction=0.5")):
+        keep = apply_overrides(tiny_preset, [f"generator.{change}", "generator.corrupt_delta=false"])
+        true_delta, _ = training_set(keep, ws, train, None, enc, save_cache=False)
+        assert torch.equal(true_delta.tokens, corrupted.tokens)
+        assert torch.equal(true_delta.deltas * true_delta.delta_scale, clean.deltas * clean.delta_scale)
 
 
 def test_unknown_part_is_refused(ws, tmp_path):

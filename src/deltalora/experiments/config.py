@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltalora.errors import require as _check
-from deltalora.generator.variants import VARIANTS
+from deltalora.generator.variants import VARIANTS, baseline
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,18 @@ class ExperimentConfig:
     cv_warm_pairs: tuple[str, ...] = ()
     """Cross-validation: further declared comparisons between warm-started variants, each ``a:b`` (a minus b),
     e.g. ``E2E+delta:E2E`` (does δ change the end-to-end variant) or ``A1:A2`` (δ-head vs exact δ)."""
+    cv_rq3: bool = False
+    """Cross-validation: RQ3 on the first ``cv_warm_folds`` folds: each ``rq3_variants`` generator trained from
+    scratch on ``task_fractions`` of the training tasks, on weights with noise (``weight_noise``) and on
+    mislabelled weights (``mislabel``), both with every δ target kept true; each δ variant is compared with the
+    baseline under the same condition."""
+    task_fractions: tuple[float, ...] = (0.25, 0.5)
+    """RQ3 in cross-validation: fractions of the fold's training tasks (each family keeps ceil(f·n), nested)."""
     cv_warm_seeds: int = 0
-    """Cross-validation: generator seeds of the warm-started rows (the first this many of ``seeds``; 0: all)."""
+    """Cross-validation: generator seeds of the warm-started and RQ3 rows (the first this many of ``seeds``; 0: all)."""
     cv_warm_folds: int = 1
-    """Folds (the first ones) whose tasks score the warm-started variants: their steps run the base model."""
+    """Folds (the first ones) whose tasks score the warm-started variants and the RQ3 rows (their steps run the
+    base model)."""
     cv_control_seeds: int = 0
     """Cross-validation: generator seeds scored from other-family and random-text prompts (the first this many of
     ``seeds``; 0: all). Prompt sensitivity is tested across tasks, so one seed per task is a paired design; the
@@ -120,6 +128,14 @@ class ExperimentConfig:
                 f"{', '.join(sorted(need))} to experiment.cv_warm_variants",
             )
         _check(all(x > 0 for x in self.kl_lambdas), "experiment.kl_lambdas must be > 0")
+        _check(all(0 < f < 1 for f in self.task_fractions), "experiment.task_fractions must be in (0, 1)")
+        if self.cv_rq3:
+            base = baseline().name
+            _check(
+                base in self.rq3_variants and base in self.cv_variants,
+                f"experiment.cv_rq3 compares each δ variant with {base} under the same condition: {base} must be in "
+                "experiment.rq3_variants and experiment.cv_variants",
+            )
         for pair in self.cv_warm_pairs:
             _check(
                 len(pair.split(":")) == 2 and set(pair.split(":")) <= set(self.cv_warm_variants),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import statistics
 from pathlib import Path
@@ -24,7 +25,7 @@ from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, ablations, baselines
-from deltalora.generator.variants import baseline
+from deltalora.generator.variants import VARIANTS, baseline
 from deltalora.io import atomic_write_json, read_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
@@ -47,6 +48,18 @@ def family_folds(domains: dict[str, str], k: int, seed: int = 0) -> list[tuple[s
             folds[at % k].append(t)
             at += 1
     return [tuple(sorted(f)) for f in folds]
+
+
+def task_subset(train: tuple[str, ...], domains: dict[str, str], f: float, seed: int = 0) -> tuple[str, ...]:
+    """A fraction f of the training tasks, ceil(f·n) of each domain's n (at least one), in the order given; nested:
+    a smaller fraction keeps a subset of a larger one's tasks."""
+    rng = random.Random(stable_seed("task subset", seed))
+    keep = set()
+    for d in sorted({domains[t] for t in train}):
+        tasks = sorted(t for t in train if domains[t] == d)
+        rng.shuffle(tasks)
+        keep |= set(tasks[: max(1, math.ceil(f * len(tasks)))])
+    return tuple(t for t in train if t in keep)
 
 
 SEEN = "seen"
@@ -90,6 +103,10 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                 ]
         if i < ex.cv_warm_folds:
             rows += _warm_cells(preset, held, train)
+            rows += [
+                Cell(CV, name, GENERATOR, held, tasks, ch, n_seeds=ex.cv_warm_seeds)
+                for name, tasks, ch in _rq3_rows(preset, train, domains)
+            ]
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     return cells
 
@@ -110,6 +127,39 @@ def _warm_rows(preset: Preset) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
     rows += [(_warm(v), (("variant", v), *steps)) for v in ex.cv_warm_variants]
     if ex.cv_warm_ablations:
         rows += [(_warm(name), (*ch, *steps)) for name, ch in ablations(ex)]
+    return rows
+
+
+def _rq3_conditions(ex: ExperimentConfig) -> list[tuple[str, float | None, tuple[tuple[str, Any], ...]]]:
+    """RQ3's conditions as (label, fraction of the training tasks or None, generator changes): fewer training tasks,
+    and weights corrupted (noise, another task's) while every δ target stays the checkpoint's own."""
+    out = [(f"{f:.0%} of the training tasks", f, ()) for f in ex.task_fractions]
+    out += [
+        (f"weight noise σ={s:g}, true δ", None, (("weight_noise", s), ("corrupt_delta", False)))
+        for s in ex.weight_noise
+    ]
+    out += [
+        (f"{m:.0%} mislabelled weights, true δ", None, (("mislabel_fraction", m), ("corrupt_delta", False)))
+        for m in ex.mislabel
+    ]
+    return out
+
+
+def _rq3_rows(
+    preset: Preset, train: tuple[str, ...], domains: dict[str, str]
+) -> list[tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]]:
+    """With ``cv_rq3``: each ``rq3_variants`` generator, trained from scratch, under each RQ3 condition, and (when
+    it is not a cv variant) without one, as (name, training tasks, changes)."""
+    ex = preset.experiment
+    if not ex.cv_rq3:
+        return []
+    rows = []
+    for v in ex.rq3_variants:
+        if v not in ex.cv_variants:
+            rows.append((v, train, (("variant", v),)))
+        for label, f, ch in _rq3_conditions(ex):
+            tasks = train if f is None else task_subset(train, domains, f, ex.fold_seed)
+            rows.append((f"{v}, {label}", tasks, (("variant", v), *ch)))
     return rows
 
 
@@ -154,6 +204,11 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
         out += [tuple(_warm(v) for v in pair.split(":")) for pair in ex.cv_warm_pairs]
         if ex.cv_warm_ablations:
             out += [(_warm(name), _warm(dict(ch)["variant"])) for name, ch in ablations(ex)]
+    if ex.cv_rq3:  # under each condition (and without): does δ supervision beat the baseline trained the same way
+        base = baseline().name
+        for v in (v for v in ex.rq3_variants if VARIANTS[v].uses_delta):
+            out.append((v, base))
+            out += [(f"{v}, {label}", f"{base}, {label}") for label, _, _ in _rq3_conditions(ex)]
     return out
 
 

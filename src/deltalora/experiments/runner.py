@@ -37,6 +37,10 @@ from deltalora.generator.train import train_generator
 from deltalora.io import atomic_write_json, file_lock, read_json
 from deltalora.workspace import Workspace
 
+_KEYED_WHEN_SET = {"corrupt_delta": True}
+"""Generator fields added after experiment runs existed, with their defaults: they enter a generator's folder key
+only when set otherwise, so the generators trained before them keep their folders (and their cached scores)."""
+
 
 class Runner:
     """Holds the scorer, encoder and caches of one experiment invocation."""
@@ -65,9 +69,8 @@ class Runner:
     # ---------------------------------------------------------------- generators
     def generator_dir(self, preset: Preset, train: tuple[str, ...]) -> Path:
         """Folder of a generator run, named by a hash of its config and training tasks."""
-        key = json.dumps(
-            {"generator": dataclasses.asdict(preset.generator), "train": train}, sort_keys=True, default=str
-        )
+        gen = {k: v for k, v in dataclasses.asdict(preset.generator).items() if _KEYED_WHEN_SET.get(k, ...) != v}
+        key = json.dumps({"generator": gen, "train": train}, sort_keys=True, default=str)
         return self.root / "generators" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def trained_generator(self, cell: Cell, seed: int) -> Path:

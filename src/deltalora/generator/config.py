@@ -83,6 +83,10 @@ class GeneratorConfig:
     the δ targets are re-measured on the noisy adapters, as a real noisy zoo would give them."""
     mislabel_fraction: float = 0.0
     """RQ3: fraction of checkpoints whose weights and δ are replaced by another task's (a mislabelled zoo)."""
+    corrupt_delta: bool = True
+    """RQ3: ``weight_noise`` and ``mislabel_fraction`` corrupt the δ targets with the weights (re-measured on the
+    noisy adapters, taken from the same other task); False keeps each checkpoint's true δ, so δ carries what the
+    corrupted weights lost."""
     save_every: int = 50
     """Steps between resumable training checkpoints."""
     val_every: int = 0

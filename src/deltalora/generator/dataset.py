@@ -105,9 +105,12 @@ def training_set(
     # the base model is loaded once, and only when a perturbation's δ must be measured
     behaviour = functools.cache(lambda: ExactBehaviour(preset, adapter_cfg, cfg.n_probes, device))
     if cfg.weight_noise > 0:
-        tokens, deltas = _noisy(behaviour(), tokenizer, tokens, cfg, rng)
+        tokens = _noisy(tokenizer, tokens, cfg, rng)
+        if cfg.corrupt_delta:
+            deltas = _measured_deltas(behaviour(), tokenizer, tokens).cpu()
     if cfg.mislabel_fraction > 0:
-        tokens, deltas = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
+        tokens, mislabelled = _mislabelled(tokens, deltas, ckpt_task, cfg.mislabel_fraction, rng)
+        deltas = mislabelled if cfg.corrupt_delta else deltas
     scale = deltas.pow(2).mean().sqrt().item()
     if cfg.shuffle_delta:
         deltas = shuffled_deltas(deltas, ckpt_task, cfg.seed)
@@ -165,16 +168,11 @@ def _fraction(xs: list, f: float, rng: random.Random) -> list:
     return [xs[i] for i in keep]
 
 
-@torch.no_grad()
-def _noisy(
-    exact: ExactBehaviour, tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig, rng: random.Random
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy weight targets (on the CPU) and the δ of those noisy adapters, measured through the base model (on the
-    CPU)."""
+def _noisy(tokenizer: LoraTokenizer, tokens: torch.Tensor, cfg: GeneratorConfig, rng: random.Random) -> torch.Tensor:
+    """Noisy weight targets, on the CPU."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     # device: cpu - fixed noise from a seeded CPU generator: the same noisy zoo on every device
-    noisy = tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
-    return noisy, _measured_deltas(exact, tokenizer, noisy).cpu()
+    return tokens + cfg.weight_noise * torch.randn(tokens.shape, generator=g) * tokenizer.valid_mask()
 
 
 @torch.no_grad()
