@@ -175,6 +175,24 @@ def test_a1_head_learns_from_measured_pairs_only_and_the_generator_from_the_head
     assert all(p.grad is None for p in model.decoder.parameters())  # H's fit never moves the generator
 
 
+@pytest.mark.parametrize(("variant", "first"), [("A1", "head"), ("B", "e_psi")])
+def test_a_first_stage_trains_its_module_alone_and_b_decodes_true_delta_after(ws, encoder, variant, first):
+    preset = _preset(ws, variant=variant, head_pairs=1)
+    data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
+    model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
+    exact = ExactBehaviour(preset, data.adapter_config, 5) if VARIANTS[variant].needs_base else None
+    loss_fn = GeneratorLoss(model, data, tokenizer, exact, preset.generator)
+    batch = (torch.tensor([0, 3]), torch.tensor([5, 6]), torch.tensor([0, 1]))
+    sum(loss_fn(*batch, stage=1).values()).backward()
+    moved = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved == {first}  # the generator stays where it started (a warm start keeps its optimum)
+    if variant == "B":  # G_θ then learns from the true δ: E_ψ's stage-1 fit is not pulled by the decoder's losses
+        model.zero_grad(set_to_none=True)
+        sum(loss_fn(*batch, stage=2).values()).backward()
+        assert all(p.grad is None for p in model.e_psi.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
 def test_perturbations_share_one_base_model(ws, encoder, monkeypatch):
     built = []
     real = dataset_module.ExactBehaviour
