@@ -252,11 +252,12 @@ def test_claimed_lock_is_exclusive_between_holders(tmp_path):
         assert again
 
 
-def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, tiny_preset, monkeypatch):
+def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, tiny_preset, monkeypatch, tmp_path):
     """The base and oracle rows take the hits ``ref()`` measured; a copy of the oracle's tensors (another object)
-    is scored afresh and agrees."""
+    is scored afresh and agrees; another scorer (another process) reads the references from the workspace."""
     from deltalora.experiments.scoring import Scorer
 
+    ws = Workspace(shutil.copytree(ws.root, tmp_path / "ws"))  # a cache of its own: nothing scored before
     scorer = Scorer(tiny_preset, ws, n_test=6)
     task = tiny_preset.pool[0]
     calls = []
@@ -271,3 +272,10 @@ def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, 
     assert len(calls) == n_ref + 1
     assert fresh["hits"] == oracle["hits"] == ref.ref_hits[0] and base["hits"] == ref.base_hits
     scorer.close()
+    again = Scorer(tiny_preset, ws, n_test=6)
+    cached = again.ref(task)
+    assert len(calls) == n_ref + 1  # nothing rescored
+    assert cached.ref_hits == ref.ref_hits and cached.base_hits == ref.base_hits
+    assert torch.equal(cached.ref_logprobs, ref.ref_logprobs)
+    assert again.ref(tiny_preset.pool[1]) and len(calls) > n_ref + 1  # another task is scored, then cached
+    again.close()

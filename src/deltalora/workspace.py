@@ -13,6 +13,7 @@
       delta/timing_p<n>.json, config.json
       cache/prompt_embeddings.safetensors sentence-encoder cache
       cache/linear_delta/<key>.safetensors  first-order δ at training checkpoints (variant A2-lin)
+      cache/references/<key>.safetensors    a task's reference and base-model scores on its test items
       generators/<name>/                  generators trained by ``train-generator``
       experiments/                        the research grid's cells, scores and generators
 """
@@ -109,6 +110,11 @@ class Workspace:
     def prompt_cache(self) -> Path:
         """Cache of sentence embeddings of prompts."""
         return self.root / "cache" / "prompt_embeddings.safetensors"
+
+    @property
+    def reference_cache(self) -> Path:
+        """Cache of each task's reference and base-model scores on its test items, one file per task and setting."""
+        return self.root / "cache" / "references"
 
     @property
     def linear_delta_cache(self) -> Path:

@@ -6,12 +6,15 @@ its test split, so no scored item ever conditions a generator.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from deltalora.config import Preset
 from deltalora.data.items import Item
@@ -22,6 +25,7 @@ from deltalora.delta.compute import load_deltas
 from deltalora.delta.probes import DeltaProbe
 from deltalora.device import runtime
 from deltalora.errors import ArtifactError
+from deltalora.io import atomic_write_bytes
 from deltalora.lm.evaluate import answer_token_logprobs, hits
 from deltalora.lm.models import load_base
 from deltalora.workspace import Workspace
@@ -116,14 +120,7 @@ class Scorer:
                 raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
             tensors = [self.tensors(c) for c in refs]
             kl_items = items[: self.n_kl]
-            ref_hits = []
-            for t in tensors:
-                self.swapper.set_tensors(t)
-                ref_hits.append(self._hits(items))
-            self.swapper.set_tensors(tensors[0])
-            ref_lp = self._logprobs(kl_items)
-            with self.model.disable_adapter():
-                base_hits = self._hits(items)
+            ref_hits, base_hits, ref_lp = self._reference_scores(name, refs, tensors, items, kl_items)
             self._refs[name] = TaskRef(
                 items,
                 tensors,
@@ -134,6 +131,39 @@ class Scorer:
                 base_hits,
             )
         return self._refs[name]
+
+    def _reference_scores(
+        self, name: str, refs: list[Checkpoint], tensors: list[dict[str, torch.Tensor]], items, kl_items
+    ) -> tuple[list[list[int]], list[int], torch.Tensor]:
+        """Each reference's and the base model's hits and the first reference's answer log-probabilities, read from
+        the workspace's cache when this task, these checkpoints and this scoring setting were scored before (every
+        experiment process, and every restart of one, would otherwise rescore them)."""
+        z = self.preset.zoo
+        key = {
+            "task": name,
+            "items": [[it.prompt, it.answer] for it in items],
+            "n_kl": len(kl_items),
+            "refs": [c.sha256 for c in refs],
+            "base": self.preset.base,
+            "scoring": [z.eval_batch_size, z.max_length, str(self.device)],
+        }
+        f = self.ws.reference_cache / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.safetensors"
+        if f.exists():
+            with safe_open(f, "pt", device="cpu") as cached:
+                hits_of = json.loads(cached.metadata()["hits"])
+                return hits_of["ref"], hits_of["base"], cached.get_tensor("ref_logprobs").to(self.device)
+        ref_hits = []
+        for t in tensors:
+            self.swapper.set_tensors(t)
+            ref_hits.append(self._hits(items))
+        self.swapper.set_tensors(tensors[0])
+        ref_lp = self._logprobs(kl_items)
+        with self.model.disable_adapter():
+            base_hits = self._hits(items)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        hits_of = json.dumps({"ref": ref_hits, "base": base_hits})
+        atomic_write_bytes(f, save({"ref_logprobs": ref_lp.detach().cpu().contiguous()}, metadata={"hits": hits_of}))
+        return ref_hits, base_hits, ref_lp
 
     def _hits(self, items) -> list[int]:
         z = self.preset.zoo
