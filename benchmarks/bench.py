@@ -12,7 +12,8 @@ Sections (each printed as a ratio with the two absolute medians beside it):
   eval        multiple-choice scoring with a shared prompt cache vs one pass per choice
 
 Model loading is excluded from every timing. Writes results/bench_<preset>.json (each
-section as it finishes; sections already there are kept) and docs/performance.md.
+section as it finishes; sections already there are kept) and docs/performance.md (another
+preset: docs/performance_<preset>.md).
 """
 
 from __future__ import annotations
@@ -350,10 +351,11 @@ from deltalora.generator.train import train_generator
 from deltalora.presets import apply_overrides, get_preset
 from deltalora.workspace import Workspace
 preset, ws, out, variant, steps, overrides = sys.argv[1:7]
+# the main stage only: a first stage (B's E_ψ, A1's H) fits a small module and would dilute the per-step cost
 p = apply_overrides(get_preset(preset), json.loads(overrides) + [f"generator.variant={variant}", f"generator.steps={steps}",
-                    f"generator.stage1_steps={steps}", f"generator.save_every={10**6}"])
+                    "generator.stage1_steps=0", f"generator.save_every={10**6}"])
 card = train_generator(p, Workspace(Path(ws)), Path(out), list(p.pool), progress=False)
-total = int(steps) * (2 if variant == "B" else 1)
+total = int(steps)
 # VmHWM is this process image's own peak; ru_maxrss carries the parent's peak across fork + exec on Linux
 status = Path("/proc/self/status")
 hwm = [int(ln.split()[1]) / 1024 for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")] if status.exists() else []
@@ -407,8 +409,9 @@ def bench_generator(preset, ws, repeats: int, overrides: list[str], steps: int =
         "steps_per_run": steps,
         "exact_samples": preset.generator.exact_samples,
         "batch_size": preset.generator.batch_size,
-        "note": "train loop only (setup excluded: loading, and for A2-lin measuring its Jacobians once per "
-        "training set, cached in the workspace); peak RSS of the whole process",
+        "note": "train loop only, the main stage only (setup excluded: loading, a first stage's fit of E_ψ or H, "
+        "and for A2-lin measuring its Jacobians once per training set, cached in the workspace); peak RSS of the "
+        "whole process",
     }
 
 
@@ -642,7 +645,9 @@ def main() -> None:
         res[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(out, res)
         print(json.dumps({k: v for k, v in res[name].items() if not isinstance(v, (dict, list))}), flush=True)
-    doc = Path("docs/performance.md") if args.out is None else out.with_suffix(".md")
+    # the small preset's page is docs/performance.md; another preset's goes beside it, never over it
+    page = "performance" if preset.name == "small" else f"performance_{preset.name}"
+    doc = Path(f"docs/{page}.md") if args.out is None else out.with_suffix(".md")
     write_markdown(res, out, doc)
     print(f"wrote {out} and {doc}")
 
