@@ -72,6 +72,10 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert len(steps) == 2 and all(1 <= b <= cv["experiment"]["steps"] for b in steps)
     assert all(c["val_loss"] for c in cv["methods"]["dnd"]["curves"].values())
     assert all(f"| {k} |" in text for k in cv["comparisons"]) and "RQ1" not in text
+    # the answers lead the section: one line per compared method, naming each rival of its comparisons
+    answers = text.split("Answers", 1)[1].split("| method |", 1)[0]
+    assert text.index("Answers") < text.index("| method |") and "- **dnd**" in answers
+    assert all(f"vs {k.split(' - ', 1)[1]} (" in answers for k in cv["comparisons"])
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():
         assert c["across_tasks"]["n_tasks"] in (len(cv["fold_tasks"][0]), 4) and 0 <= c["p_holm"] <= 1

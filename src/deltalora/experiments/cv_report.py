@@ -18,6 +18,7 @@ def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
     L = [
         "## Cross-validation over tasks",
         "",
+        *_answers(cv),
         f"{len(doms)} tasks in {len(families)} families dealt into {cv['folds']} folds stratified by family; each "
         "fold's generators and baselines are built without its tasks, which are then scored (held out). Rows marked "
         "*seen* score the next fold's tasks with this fold's generators, which trained on them. "
@@ -49,17 +50,9 @@ def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
     ]
     for key, c in cv["comparisons"].items():
         t, it = c["across_tasks"], c["across_items"]
-        ci = t["diff_ci"]
-        word = c["verdict"]
-        if word == "not detected" and t["wins"] + t["losses"] == 0:
-            word += " (equal on every task)"
-        elif word == "not detected" and t.get("min_detectable") is not None:
-            word += f" (could see ≥ {t['min_detectable']:.3f})"
         L.append(
-            f"| {key} | {t['diff_mean']:+.3f} "
-            + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-            + f" | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | {t['p_wilcoxon']:.2g} | "
-            f"{c['p_holm']:.2g} | {word} | {c['ratio_of_means']:.2f} |"
+            f"| {key} | {_difference(t)} | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | "
+            f"{t['p_wilcoxon']:.2g} | {c['p_holm']:.2g} | {_word(c)} | {c['ratio_of_means']:.2f} |"
         )
     missing = [k for k in cv["declared_comparisons"] if k not in cv["comparisons"]]
     if missing:
@@ -133,3 +126,46 @@ def _save(fig, path: Path) -> str:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path.name
+
+
+def _difference(t: dict) -> str:
+    """Mean difference across tasks with its t-interval."""
+    ci = t["diff_ci"]
+    return f"{t['diff_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def _caveat(c: dict) -> str | None:
+    """Where nothing was detected: equal on every task, or the smallest difference the design could see."""
+    t = c["across_tasks"]
+    if c["verdict"] != "not detected":
+        return None
+    if t["wins"] + t["losses"] == 0:
+        return "equal on every task"
+    return f"could see ≥ {t['min_detectable']:.3f}" if t.get("min_detectable") is not None else None
+
+
+def _word(c: dict) -> str:
+    """The verdict with its caveat."""
+    caveat = _caveat(c)
+    return c["verdict"] + (f" ({caveat})" if caveat else "")
+
+
+def _answers(cv: dict) -> list[str]:
+    """One sentence per compared method, first in the section: its mean and each declared comparison's verdict,
+    difference, interval and Holm-corrected p (the reader's answer before the tables)."""
+    by_method: dict[str, list[str]] = {}
+    for key, c in cv["comparisons"].items():
+        a, b = key.split(" - ", 1)
+        caveat = _caveat(c)
+        by_method.setdefault(a, []).append(
+            f"{c['verdict']} vs {b} ({_difference(c['across_tasks'])}, p_Holm {c['p_holm']:.2g}"
+            + (f"; {caveat})" if caveat else ")")
+        )
+    if not by_method:
+        return []
+    L = ["Answers (each declared comparison, corrected over the whole declared list):", ""]
+    for a, parts in by_method.items():
+        m = cv["methods"].get(a)
+        mean = f" (mean {m['mean']:.3f} over {len(m['per_task'])} tasks)" if m else ""
+        L.append(f"- **{a}**{mean}: " + "; ".join(parts) + ".")
+    return [*L, ""]
