@@ -75,6 +75,7 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     # the answers lead the section: one line per compared method, naming each rival of its comparisons
     answers = text.split("Answers", 1)[1].split("| method |", 1)[0]
     assert text.index("Answers") < text.index("| method |") and "- **dnd**" in answers
+    assert cv["cell_seconds"] > 0 and "h of wall time" in text  # the run's CPU time is stated
     assert all(f"vs {k.split(' - ', 1)[1]} (" in answers for k in cv["comparisons"])
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():

@@ -327,6 +327,8 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
             if acc
         },
         "comparisons": comparisons,
+        # wall time of every finished cell and seed (generator training and scoring), summed: the run's CPU budget
+        "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in cells if c.rq == CV for rec in store.records(c))),
     }
     f = results_dir / f"{CV}.json"
     atomic_write_json(f, out)

@@ -24,7 +24,13 @@ def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
         "*seen* score the next fold's tasks with this fold's generators, which trained on them. "
         f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test items "
         "per task, the same items for every method. Accuracy is the mean over tasks of each task's mean over "
-        "seeds and draws.",
+        "seeds and draws."
+        + (
+            f" The finished cells took {cv['cell_seconds'] / 3600:.1f} h of wall time, summed over cells and seeds "
+            "(generator training, baselines and scoring; processes ran side by side)."
+            if cv.get("cell_seconds")
+            else ""
+        ),
         "",
         "| method | mean accuracy | tasks | train s (mean per adapter source) | " + " | ".join(families) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(families),
