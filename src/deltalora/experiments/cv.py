@@ -102,11 +102,7 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                     for src in sources
                 ]
         if i < ex.cv_warm_folds:
-            rows += _warm_cells(preset, held, train)
-            rows += [
-                Cell(CV, name, GENERATOR, held, tasks, ch, n_seeds=ex.cv_warm_seeds)
-                for name, tasks, ch in _rq3_rows(preset, train, domains)
-            ]
+            rows += _warm_cells(preset, held, train) + _rq3_cells(preset, held, train, domains)
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     return cells
 
@@ -145,22 +141,22 @@ def _rq3_conditions(ex: ExperimentConfig) -> list[tuple[str, float | None, tuple
     return out
 
 
-def _rq3_rows(
-    preset: Preset, train: tuple[str, ...], domains: dict[str, str]
-) -> list[tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]]:
+def _rq3_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...], domains: dict[str, str]) -> list[Cell]:
     """With ``cv_rq3``: each ``rq3_variants`` generator, trained from scratch, under each RQ3 condition, and (when
-    it is not a cv variant) without one, as (name, training tasks, changes)."""
+    it is not a cv variant) without one, on one fold's held-out tasks."""
     ex = preset.experiment
     if not ex.cv_rq3:
         return []
-    rows = []
+    cells = []
     for v in ex.rq3_variants:
         if v not in ex.cv_variants:
-            rows.append((v, train, (("variant", v),)))
+            cells.append(Cell(CV, v, GENERATOR, held, train, (("variant", v),), n_seeds=ex.cv_warm_seeds))
         for label, f, ch in _rq3_conditions(ex):
             tasks = train if f is None else task_subset(train, domains, f, ex.fold_seed)
-            rows.append((f"{v}, {label}", tasks, (("variant", v), *ch)))
-    return rows
+            cells.append(
+                Cell(CV, f"{v}, {label}", GENERATOR, held, tasks, (("variant", v), *ch), n_seeds=ex.cv_warm_seeds)
+            )
+    return cells
 
 
 def _continued(preset: Preset, long: bool = False) -> str:
