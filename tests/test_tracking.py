@@ -54,6 +54,8 @@ def test_zoo_build_and_generator_write_their_curves(tiny_zoo, tmp_path):
             "A1",
             "--set",
             "generator.steps=5",
+            "--set",
+            "generator.stage1_steps=2",
             "--out",
             str(tmp_path / "g"),
             "--tensorboard",
@@ -63,4 +65,5 @@ def test_zoo_build_and_generator_write_their_curves(tiny_zoo, tmp_path):
     assert res.exit_code == 0, res.output
     gen = scalars(tb / "generator" / "g")
     assert {"loss", "lr", "loss/mse", "loss/delta_head", "loss/head_fit"} <= set(gen)
-    assert [s for s, _ in gen["loss"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in gen["loss"]] == [1, 2, 3, 4, 5, 6, 7]  # A1's 2 head-only steps, then 5
+    assert [s for s, _ in gen["loss/mse"]] == [3, 4, 5, 6, 7]
