@@ -17,7 +17,7 @@ from deltalora.experiments.grid import plan
 from deltalora.generator.artifact import load_generator
 from deltalora.generator.generate import generate
 from deltalora.generator.train import train_generator
-from deltalora.generator.variants import VARIANTS, LossTerm, Variant, baseline
+from deltalora.generator.variants import VARIANTS, LossTerm, Variant, baseline, weighted_by
 from deltalora.lm.models import load_base
 from deltalora.presets import apply_overrides
 
@@ -48,6 +48,7 @@ def test_builtin_table():
     assert [t.name for t in VARIANTS["C"].terms] == ["mse", "delta_exact", "kl"]
     assert VARIANTS["B"].terms[1].weight == "lambda_cons" and VARIANTS["A2"].terms[1].weight == "lambda_delta"
     assert VARIANTS["C"].terms[0].weight == "lambda_reg" and GeneratorConfig().lambda_reg < GeneratorConfig().lambda_kl
+    assert weighted_by("lambda_kl").name == "C" and weighted_by("lambda_cons").name == "B"
 
 
 def test_unknown_variant_is_a_config_error():

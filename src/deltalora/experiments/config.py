@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltalora.errors import require as _check
-from deltalora.generator.variants import VARIANTS, baseline
+from deltalora.generator.variants import VARIANTS, baseline, weighted_by
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ class ExperimentConfig:
             "experiment.warm_long_steps and cv_warm_seeds must be >= 0",
         )
         if self.cv_warm_ablations:
-            need = {self.ablation_variant, *(("C",) if self.kl_lambdas else ())} - set(self.cv_warm_variants)
+            kl = (weighted_by("lambda_kl").name,) if self.kl_lambdas else ()
+            need = {self.ablation_variant, *kl} - set(self.cv_warm_variants)
             _check(
                 not need,
                 f"experiment.cv_warm_ablations compares each ablation with its variant's warm-started row: add "

@@ -16,7 +16,7 @@ from typing import Any
 from deltalora.config import ExperimentConfig, Preset
 from deltalora.generator.mixture import MIXTURE
 from deltalora.generator.retrieval import RETRIEVAL
-from deltalora.generator.variants import VARIANTS, baseline
+from deltalora.generator.variants import VARIANTS, baseline, weighted_by
 
 RQS = ("rq1", "rq2", "rq2_lodo", "rq3", "rq4", "ablations", "cv")
 METRICS = ("acc", "param_mse", "delta_dist", "delta_cos", "kl")
@@ -239,12 +239,13 @@ def plan(preset: Preset, domains: dict[str, str]) -> list[Cell]:
 
 def ablations(ex: ExperimentConfig) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
     """The ablation rows as (name, generator changes): first the negative control (``ablation_variant`` with δ
-    shuffled across tasks), then its probe-set sizes and λ_δ values, then C's λ_KL values."""
+    shuffled across tasks), then its probe-set sizes and λ_δ values, then the KL variant's (C's) λ_KL values."""
     a = ex.ablation_variant
     rows = [(f"{a}, δ shuffled across tasks (control)", (("variant", a), ("shuffle_delta", True)))]
     rows += [(f"{a}, |P|={p}", (("variant", a), ("n_probes", p))) for p in ex.probe_sizes]
     rows += [(f"{a}, λ_δ={lam:g}", (("variant", a), ("lambda_delta", lam))) for lam in ex.lambdas]
-    rows += [(f"C, λ_KL={lam:g}", (("variant", "C"), ("lambda_kl", lam))) for lam in ex.kl_lambdas]
+    kl = weighted_by("lambda_kl").name
+    rows += [(f"{kl}, λ_KL={lam:g}", (("variant", kl), ("lambda_kl", lam))) for lam in ex.kl_lambdas]
     return rows
 
 

@@ -213,16 +213,14 @@ def warm_start(model: Generator, gen_dir: str | Path, train_tasks: list[str]) ->
         )
     tensors = load_file(gen_dir / "generator.safetensors")
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    own = model.state_dict()
+    wrong = f"{gen_dir}: generator.init_from has another architecture (head, channels or variant modules)"
+    try:
+        loaded = model.load_state_dict(state, strict=False)  # raises on a shape mismatch, reports the keys
+    except RuntimeError as e:
+        raise GeneratorError(f"{wrong}: {e}") from e
     # A1's δ-head may be missing from the source (a dnd): its first stage fits H before the generator moves
     may_lack = ("head.",) if model.spec.delta_head and model.spec.stage1 else ()
-    odd = [f"missing {k}" for k in own if k not in state and not k.startswith(may_lack)]
-    odd += [f"unexpected {k}" for k in state if k not in own]
-    try:
-        if odd:
-            raise RuntimeError(", ".join(odd[:4]) + (" ..." if len(odd) > 4 else ""))
-        model.load_state_dict(state, strict=False)  # still raises on a shape mismatch
-    except RuntimeError as e:
-        raise GeneratorError(
-            f"{gen_dir}: generator.init_from has another architecture (head, channels or variant modules): {e}"
-        ) from e
+    odd = [f"missing {k}" for k in loaded.missing_keys if not k.startswith(may_lack)]
+    odd += [f"unexpected {k}" for k in loaded.unexpected_keys]
+    if odd:
+        raise GeneratorError(f"{wrong}: {', '.join(odd[:4])}" + (" ..." if len(odd) > 4 else ""))

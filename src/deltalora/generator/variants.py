@@ -262,6 +262,12 @@ register(
 register(Variant("E2E+delta", "end to end with the exact-δ term", (SFT, EXACT_DELTA), in_grid=False))
 
 
+def weighted_by(weight: str) -> Variant:
+    """The variant with a loss term scaled by this ``GeneratorConfig`` field (e.g. ``lambda_kl``: C), for sweeps of
+    that weight."""
+    return next(v for v in VARIANTS.values() if any(t.weight == weight for t in (*v.terms, *v.stage1)))
+
+
 def baseline() -> Variant:
     """The variant the δ variants are compared with."""
     return next(v for v in VARIANTS.values() if v.baseline)
