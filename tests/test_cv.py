@@ -82,6 +82,30 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
         assert c["across_tasks"]["n_tasks"] in (len(cv["fold_tasks"][0]), 4) and 0 <= c["p_holm"] <= 1
         assert c["p_holm"] >= c["across_tasks"]["p_wilcoxon"] - 1e-12  # Holm never lowers a p-value
         assert c["verdict"] in ("better", "worse", "not detected")
+    # a headline run and a warm-variants run sharing its cells: one report, the second adds only what it compares
+    head = tmp_path / "headline"
+    head.mkdir()
+    warm_names = {n for n in cv["methods"] if "(from" in n or "(continued" in n}
+    (head / "cv.json").write_text(
+        json.dumps(
+            {
+                **cv,
+                "experiment": {**cv["experiment"], "cv_warm_variants": []},
+                "methods": {n: m for n, m in cv["methods"].items() if n not in warm_names},
+                "comparisons": {k: c for k, c in cv["comparisons"].items() if k.split(" - ")[0] not in warm_names},
+            }
+        )
+    )
+    r = CliRunner().invoke(app, ["report", str(head), str(out), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    text = doc.read_text()
+    answers, body = text.split("## Answers", 1)[1].split("## Setup", 1)
+    assert "**Cross-validation over tasks**" in answers and "**δ and end-to-end variants" in answers
+    warm = body.split("## δ and end-to-end variants", 1)[1]
+    assert "| dnd - mean of training adapters |" not in warm and "| E2E (from dnd) - dnd (continued) |" in warm
+    fold0 = [cv["methods"]["dnd"]["per_task"][t] for t in cv["fold_tasks"][0]]
+    assert f"| dnd | {sum(fold0) / len(fold0):.3f} | {len(fold0)} |" in warm  # the rival on the section's tasks
+    assert "| dnd, seen |" not in warm and (doc.parent / "report_cv1.png").exists()
 
 
 def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():

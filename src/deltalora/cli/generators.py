@@ -234,11 +234,18 @@ def experiment_cmd(
 
 @app.command("report")
 def report_cmd(
-    results_dir: Annotated[Path, typer.Argument(help="Folder of experiment results (rq1.json ...).")],
+    results_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Folder of experiment results (rq1.json ... or cv.json), then any further cross-validation runs "
+            "(cv.json) to report beside it, e.g. a variants or RQ3 run that shares its cells."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Markdown report; plots go next to it.")] = Path("docs/report.md"),
 ) -> None:
-    """Write the report (Markdown + PNG plots) from the experiment result files alone."""
+    """Write the report (Markdown + PNG plots) from the experiment result files alone; it opens with the answer
+    to every declared comparison."""
     from deltalora.experiments.report import write_report
 
     check_outputs(None, (out,))
-    typer.echo(str(write_report(results_dir, out)))
+    typer.echo(str(write_report(results_dirs[0], out, results_dirs[1:])))

@@ -317,6 +317,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
                 "per_task": acc,
                 "mean": statistics.fmean(acc.values()),
                 "train_seconds": _seconds(store, groups[name]),
+                "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in groups[name] for rec in store.records(c))),
                 **_curves(store, groups[name]),
             }
             for name, (acc, _) in methods.items()

@@ -9,28 +9,73 @@ import numpy as np
 from deltalora.io import atomic_write_bytes
 
 
-def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
+def cv_title(cv: dict) -> str:
+    """A cross-validation run's section title, from what its declaration adds to the headline comparison."""
+    ex = cv["experiment"]
+    if ex.get("cv_rq3"):
+        return "RQ3: δ supervision with fewer training tasks and corrupted weights (cross-validation)"
+    if ex.get("cv_warm_variants"):
+        return "δ and end-to-end variants warm-started from dnd (cross-validation)"
+    return "Cross-validation over tasks"
+
+
+def only_new(cv: dict, methods: set[str], comparisons: set[str]) -> dict:
+    """``cv`` without the comparisons an earlier section showed, and without the methods it showed unless a
+    remaining comparison names them (runs that share cells repeat the headline rows); those are kept on the
+    tasks the new methods scored, so every row of the section averages the same tasks."""
+    comps = {k: c for k, c in cv["comparisons"].items() if k not in comparisons}
+    named = {n for k in comps for n in k.split(" - ", 1)}
+    new = {n: m for n, m in cv["methods"].items() if n not in methods}
+    tasks = {t for m in new.values() for t in m["per_task"]}
+    rivals = {}
+    for n, m in cv["methods"].items():
+        if n in methods and n in named:
+            per = {t: a for t, a in m["per_task"].items() if t in tasks}
+            if per:
+                rivals[n] = {"per_task": per, "mean": float(np.mean(list(per.values())))}
+    return {
+        **cv,
+        "methods": {**rivals, **new},
+        "comparisons": comps,
+        "declared_comparisons": [k for k in cv["declared_comparisons"] if k not in comparisons],
+        "cell_seconds": sum(m.get("cell_seconds", 0) for m in new.values()) or cv.get("cell_seconds"),
+        "later": True,
+    }
+
+
+def cv_section(
+    cv: dict, plots: dict[str, str], title: str = "Cross-validation over tasks", stem: str = "report_cv"
+) -> list[str]:
     """Cross-validation: each method's mean accuracy over tasks (each scored where its fold held it out, or, for
     the rows marked seen, by the previous fold's generators that trained on it), per family, and the declared
-    comparisons with their paired tests and Holm-corrected verdicts."""
+    comparisons with their paired tests and Holm-corrected verdicts (their one-line answers: ``cv_answers``)."""
     ex, methods, doms = cv["experiment"], cv["methods"], cv["domains"]
     families = sorted(set(doms.values()))
+    seconds = (
+        f" The finished cells of this section took {cv['cell_seconds'] / 3600:.1f} h of wall time, summed over "
+        "cells and seeds (generator training, baselines and scoring; processes ran side by side)."
+        if cv.get("cell_seconds")
+        else ""
+    )
+    if cv.get("later"):
+        setup = (
+            f"Scored on the held-out tasks of the first {ex['cv_warm_folds']} fold(s), generator seeds "
+            f"{ex['seeds'][: ex['cv_warm_seeds'] or None]}, the same items as above; rows from an earlier section "
+            "are shown on these tasks only." + seconds
+        )
+    else:
+        setup = (
+            f"{len(doms)} tasks in {len(families)} families dealt into {cv['folds']} folds stratified by family; "
+            "each fold's generators and baselines are built without its tasks, which are then scored (held out). "
+            "Rows marked *seen* score the next fold's tasks with this fold's generators, which trained on them. "
+            f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test "
+            "items per task, the same items for every method. Accuracy is the mean over tasks of each task's mean "
+            "over seeds and draws." + seconds
+        )
     L = [
-        "## Cross-validation over tasks",
+        f"## {title}",
         "",
-        *_answers(cv),
-        f"{len(doms)} tasks in {len(families)} families dealt into {cv['folds']} folds stratified by family; each "
-        "fold's generators and baselines are built without its tasks, which are then scored (held out). Rows marked "
-        "*seen* score the next fold's tasks with this fold's generators, which trained on them. "
-        f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test items "
-        "per task, the same items for every method. Accuracy is the mean over tasks of each task's mean over "
-        "seeds and draws."
-        + (
-            f" The finished cells took {cv['cell_seconds'] / 3600:.1f} h of wall time, summed over cells and seeds "
-            "(generator training, baselines and scoring; processes ran side by side)."
-            if cv.get("cell_seconds")
-            else ""
-        ),
+        setup,
         "",
         "| method | mean accuracy | tasks | train s (mean per adapter source) | " + " | ".join(families) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(families),
@@ -64,22 +109,22 @@ def cv_section(cv: dict, plots: dict[str, str]) -> list[str]:
     if missing:
         L += ["", f"Not run yet: {', '.join(missing)}."]
     L.append("")
-    if "report_cv.png" in plots:
-        L += ["![cross-validation by family](report_cv.png)", ""]
-    if "report_cv_losses.png" in plots:
-        best = {n: m["best_steps"] for n, m in methods.items() if m.get("best_steps")}
-        L += [
-            "Kept generator steps (lowest validation loss), per fold: "
-            + "; ".join(f"{n}: {', '.join(map(str, b))}" for n, b in best.items() if "seen" not in n)
-            + ".",
-            "",
-            "![generator training and validation loss](report_cv_losses.png)",
-            "",
-        ]
+    if f"{stem}.png" in plots:
+        L += [f"![cross-validation by family]({stem}.png)", ""]
+    if f"{stem}_losses.png" in plots:
+        best = {
+            n: m["best_steps"]
+            for n, m in methods.items()
+            if "seen" not in n and any(x is not None for x in m.get("best_steps", []))
+        }
+        if best:  # rows that keep their last step (warm starts) have none to name
+            steps = "; ".join(f"{n}: {', '.join(map(str, b))}" for n, b in best.items())
+            L += [f"Kept generator steps (lowest validation loss), per fold: {steps}.", ""]
+        L += [f"![generator training and validation loss]({stem}_losses.png)", ""]
     return L
 
 
-def cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
+def cv_plot(cv: dict, out_dir: Path, stem: str = "report_cv") -> dict[str, str]:
     """Mean accuracy per family of every method that scored held-out tasks (the seen rows and prompt controls
     aside), as grouped bars; and each fold's generator training and validation curves."""
     import matplotlib
@@ -102,7 +147,7 @@ def cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
     ax.set_ylabel("accuracy on held-out tasks (mean over the family)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Cross-validation: every task scored while held out", fontsize=9)
-    made = {"report_cv.png": _save(fig, out_dir / "report_cv.png")}
+    made = {f"{stem}.png": _save(fig, out_dir / f"{stem}.png")}
     curves = {(n, fold): c for n, m in cv["methods"].items() for fold, c in m.get("curves", {}).items()}
     curves = {k: c for k, c in curves.items() if "seen" not in k[0]}
     if curves:
@@ -117,7 +162,7 @@ def cv_plot(cv: dict, out_dir: Path) -> dict[str, str]:
         ax.set_ylabel("token MSE (seed 0)")
         ax.legend(fontsize=6)
         ax.set_title("Generator training per fold: the weights of the lowest validation loss are kept", fontsize=9)
-        made["report_cv_losses.png"] = _save(fig, out_dir / "report_cv_losses.png")
+        made[f"{stem}_losses.png"] = _save(fig, out_dir / f"{stem}_losses.png")
     return made
 
 
@@ -156,9 +201,9 @@ def _word(c: dict) -> str:
     return c["verdict"] + (f" ({caveat})" if caveat else "")
 
 
-def _answers(cv: dict) -> list[str]:
-    """One sentence per compared method, first in the section: its mean and each declared comparison's verdict,
-    difference, interval and Holm-corrected p (the reader's answer before the tables)."""
+def cv_answers(cv: dict) -> list[str]:
+    """One sentence per compared method: its mean and each declared comparison's verdict, difference, interval
+    and Holm-corrected p (the reader's answer before the tables)."""
     by_method: dict[str, list[str]] = {}
     for key, c in cv["comparisons"].items():
         a, b = key.split(" - ", 1)
@@ -167,11 +212,9 @@ def _answers(cv: dict) -> list[str]:
             f"{c['verdict']} vs {b} ({_difference(c['across_tasks'])}, p_Holm {c['p_holm']:.2g}"
             + (f"; {caveat})" if caveat else ")")
         )
-    if not by_method:
-        return []
-    L = ["Answers (each declared comparison, corrected over the whole declared list):", ""]
+    L = []
     for a, parts in by_method.items():
         m = cv["methods"].get(a)
         mean = f" (mean {m['mean']:.3f} over {len(m['per_task'])} tasks)" if m else ""
         L.append(f"- **{a}**{mean}: " + "; ".join(parts) + ".")
-    return [*L, ""]
+    return L
