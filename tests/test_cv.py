@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
-from deltalora.experiments.cv import cv_cells, declared_comparisons, family_folds, task_subset
+from deltalora.experiments.cv import ORACLE, cv_cells, declared_comparisons, family_folds, task_subset
 from deltalora.experiments.grid import Cell
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
@@ -82,6 +82,10 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
         assert c["across_tasks"]["n_tasks"] in (len(cv["fold_tasks"][0]), 4) and 0 <= c["p_holm"] <= 1
         assert c["p_holm"] >= c["across_tasks"]["p_wilcoxon"] - 1e-12  # Holm never lowers a p-value
         assert c["verdict"] in ("better", "worse", "not detected")
+    # behaviour space: the generated adapters and the own LoRAs, by family, on the same tasks
+    sep = cv["delta_separation"]["dnd"]
+    assert sep["n_tasks"] == len(pool) and sep["own_loras"] == cv["delta_separation"][ORACLE]["method"]
+    assert -1 <= sep["method"]["silhouette"]["value"] <= 1 and "| dnd | 4 |" in text.split("Behaviour space")[1]
     # a headline run and a warm-variants run sharing its cells: one report, the second adds only what it compares
     head = tmp_path / "headline"
     head.mkdir()

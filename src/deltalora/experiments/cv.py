@@ -11,6 +11,7 @@ difference) and across items (bootstrap within tasks), with Holm's correction ov
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -22,6 +23,8 @@ import numpy as np
 
 from deltalora.config import ExperimentConfig, GeneratorConfig, Preset
 from deltalora.data.items import stable_seed
+from deltalora.delta.analysis import cosine_distance
+from deltalora.delta.separation import separation
 from deltalora.errors import ConfigError
 from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, ablations, baselines
@@ -271,6 +274,50 @@ def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
     return round(statistics.fmean(xs), 1) if xs else None
 
 
+def _task_deltas(store: CellStore, cells: list[Cell]) -> dict[str, np.ndarray]:
+    """A method's δ per task, the mean over its seeds and draws (the workspace's records carry δ; a task without
+    one, or whose δ is zero, as the base model's is, is left out)."""
+    out = {}
+    for cell in cells:
+        rows = [rec["tasks"] for rec in store.records(cell)]
+        for t in cell.tasks:
+            ds = [r["delta"] for rec in rows for r in rec.get(t, []) if r.get("delta")]
+            if ds and np.linalg.norm(m := np.mean(ds, 0)) > 0:
+                out[t] = m
+    return out
+
+
+def _delta_separation(
+    store: CellStore, groups: dict[str, list[Cell]], domains: dict[str, str], permutations: int = 200
+) -> dict:
+    """Silhouette and 1-NN retrieval by family of each method's adapters in δ space (one per task), beside the
+    same statistics of the tasks' own LoRAs (the oracle) on the same tasks: whether the adapters a method hands
+    out keep the families apart in behaviour as the true ones do (permutation p-values)."""
+    deltas = {name: _task_deltas(store, cs) for name, cs in groups.items()}
+    ref = deltas.get(ORACLE, {})
+    out = {}
+    for name, d in deltas.items():
+        tasks = sorted(set(d) & set(ref))
+        labels = [domains[t] for t in tasks]
+        if not 2 <= len(set(labels)) < len(tasks):
+            continue  # a silhouette needs two families and a family with two tasks
+
+        def sep(x: dict[str, np.ndarray], tasks=tasks, labels=labels) -> dict:
+            m = np.stack([x[t] for t in tasks]).astype(np.float64)
+            return _separation(m.tobytes(), m.shape, tuple(labels), permutations)
+
+        out[name] = {"n_tasks": len(tasks), "method": sep(d), "own_loras": sep(ref)}
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _separation(x: bytes, shape: tuple[int, int], labels: tuple[str, ...], permutations: int) -> dict:
+    """``separation`` of the rows of an array given as bytes, remembered: ``cv.json`` is rewritten after every
+    cell, and most methods' δ have not changed since the last time."""
+    rows = np.frombuffer(x, dtype=np.float64).reshape(shape)
+    return separation(cosine_distance(rows), labels, permutations)
+
+
 def _curves(store: CellStore, cells: list[Cell]) -> dict:
     """A generator method's training and validation curves (first seed of each fold) and its kept steps."""
     recs = [(c, store.records(c)) for c in cells if c.method == GENERATOR and c.prompts == "own"]
@@ -324,6 +371,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
             if acc
         },
         "comparisons": comparisons,
+        "delta_separation": _delta_separation(store, groups, domains),
         # wall time of every finished cell and seed (generator training and scoring), summed: the run's CPU budget
         "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in cells if c.rq == CV for rec in store.records(c))),
     }

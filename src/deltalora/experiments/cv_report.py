@@ -37,6 +37,7 @@ def only_new(cv: dict, methods: set[str], comparisons: set[str]) -> dict:
         **cv,
         "methods": {**rivals, **new},
         "comparisons": comps,
+        "delta_separation": {n: x for n, x in cv.get("delta_separation", {}).items() if n in new},
         "declared_comparisons": [k for k in cv["declared_comparisons"] if k not in comparisons],
         "cell_seconds": sum(m.get("cell_seconds", 0) for m in new.values()) or cv.get("cell_seconds"),
         "later": True,
@@ -109,6 +110,7 @@ def cv_section(
     if missing:
         L += ["", f"Not run yet: {', '.join(missing)}."]
     L.append("")
+    L += _separation_table(cv.get("delta_separation", {}))
     if f"{stem}.png" in plots:
         L += [f"![cross-validation by family]({stem}.png)", ""]
     if f"{stem}_losses.png" in plots:
@@ -122,6 +124,34 @@ def cv_section(
             L += [f"Kept generator steps (lowest validation loss), per fold: {steps}.", ""]
         L += [f"![generator training and validation loss]({stem}_losses.png)", ""]
     return L
+
+
+def _separation_table(sep: dict) -> list[str]:
+    """Each method's adapters in δ space: silhouette and 1-NN retrieval by family, beside the tasks' own LoRAs."""
+    if not sep:
+        return []
+
+    def stat(x: dict, k: str) -> str:
+        return f"{x[k]['value']:+.3f} (p {x[k]['p']:.3f})"
+
+    L = [
+        "Behaviour space: each method's adapters (one per task, the mean δ over seeds) by family, against the "
+        "tasks' own LoRAs on the same tasks; silhouette and leave-one-out 1-NN family retrieval on the cosine "
+        "distance, permutation p-values. Adapters that ignore their prompts (the mean adapter, the multi-task "
+        "LoRA) are one point per fold: their negative silhouette is the floor.",
+        "",
+        "| method | tasks | silhouette | own LoRAs' silhouette | 1-NN family | own LoRAs' 1-NN |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, x in sep.items():
+        m, o = x["method"], x["own_loras"]
+        if m == o:
+            continue  # the oracle: the own LoRAs themselves
+        L.append(
+            f"| {name} | {x['n_tasks']} | {stat(m, 'silhouette')} | {o['silhouette']['value']:+.3f} | "
+            f"{stat(m, 'nn_accuracy')} | {o['nn_accuracy']['value']:.3f} |"
+        )
+    return [*L, ""]
 
 
 def cv_plot(cv: dict, out_dir: Path, stem: str = "report_cv") -> dict[str, str]:
