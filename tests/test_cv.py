@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
-from deltalora.experiments.cv import ORACLE, cv_cells, declared_comparisons, family_folds, task_subset
+from deltalora.experiments.cv import LOFO, ORACLE, cv_cells, declared_comparisons, family_folds, task_subset
 from deltalora.experiments.grid import Cell
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
@@ -41,16 +41,29 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     sets = ["--set", "experiment.folds=2", "--set", "experiment.seeds=0", "--set", "experiment.draws=1"]
     sets += ["--set", "tasks.n_val=4", "--set", "generator.val_every=1"]  # each fold's generator keeps its best step
     sets += ["--set", "experiment.cv_warm_variants=E2E", "--set", "experiment.warm_steps=2"]
+    sets += ["--set", "experiment.cv_lofo=math"]  # leave-one-family-out: the math family, built from strings alone
     r = CliRunner().invoke(app, [*args, *sets])
     assert r.exit_code == 0, r.output
     cv = json.loads((out / "cv.json").read_text())
     pool = set(tiny_zoo.preset.pool)
     assert {"dnd", "dnd, other-family prompts", "dnd, random-text prompts", "dnd, seen"} <= set(cv["methods"])
     for name, m in cv["methods"].items():
-        if "(" not in name or "task's own" in name:  # the warm-started rows score the first fold only (below)
+        if LOFO in name:  # the held-out family's tasks only, every method on them
+            assert set(m["per_task"]) == {"syn.add", "syn.parity"}, name
+        elif "(" not in name or "task's own" in name:  # the warm-started rows score the first fold only (below)
             assert set(m["per_task"]) == pool, name  # every task scored once held out, once seen (generators)
     assert "dnd, seen - oracle (the task's own LoRA)" in cv["declared_comparisons"]
     # the warm-started variant and the continued baseline: fold 0's tasks only, each from fold 0's dnd generator
+    assert f"dnd, {LOFO} - multi-task LoRA, {LOFO}" in cv["comparisons"]
+
+    def lofo(*families: str) -> list[Cell]:
+        ex = dataclasses.replace(tiny_zoo.preset.experiment, folds=2, cv_lofo=families)
+        return cv_cells(tiny_zoo.preset.replace(experiment=ex), cv["domains"])
+
+    assert lofo("math")[-1].name == f"dnd, {LOFO} [family math]"
+    assert set(lofo("math")[-1].train) == {"syn.copy", "syn.first"}
+    with pytest.raises(ConfigError, match="no pool task in family 'maths'"):
+        lofo("maths")
     warm = cv["comparisons"]["E2E (from dnd) - dnd (continued)"]["across_tasks"]
     assert warm["n_tasks"] == len(cv["fold_tasks"][0]) == len(cv["methods"]["E2E (from dnd)"]["per_task"])
     cards = [json.loads(f.read_text()) for f in (ws.experiments / "generators").glob("*/config.json")]

@@ -103,6 +103,10 @@ class ExperimentConfig:
     cv_warm_folds: int = 1
     """Folds (the first ones) whose tasks score the warm-started variants and the RQ3 rows (their steps run the
     base model)."""
+    cv_lofo: tuple[str, ...] = ()
+    """Cross-validation: families held out entirely, one at a time (leave-one-family-out): every baseline and
+    each ``cv_variants`` generator is built from all other families and scores the family's tasks (rows named
+    ``<method>, held-out family``); each variant is compared with each baseline but the oracle on them."""
     cv_control_seeds: int = 0
     """Cross-validation: generator seeds scored from other-family and random-text prompts (the first this many of
     ``seeds``; 0: all). Prompt sensitivity is tested across tasks, so one seed per task is a paired design; the
@@ -129,6 +133,7 @@ class ExperimentConfig:
                 f"{', '.join(sorted(need))} to experiment.cv_warm_variants",
             )
         _check(all(x > 0 for x in self.kl_lambdas), "experiment.kl_lambdas must be > 0")
+        _check(len(set(self.cv_lofo)) == len(self.cv_lofo), "experiment.cv_lofo must name each family once")
         _check(all(0 < f < 1 for f in self.task_fractions), "experiment.task_fractions must be in (0, 1)")
         if self.cv_rq3:
             base = baseline().name

@@ -65,6 +65,8 @@ def task_subset(train: tuple[str, ...], domains: dict[str, str], f: float, seed:
     return tuple(t for t in train if t in keep)
 
 
+LOFO = "held-out family"
+"""Name part of the leave-one-family-out rows (``experiment.cv_lofo``)."""
 SEEN = "seen"
 """Name part of the cells that score a fold's generators on training tasks (the next fold's held-out tasks)."""
 ORACLE = METHODS["oracle"].label
@@ -75,7 +77,7 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
     every baseline and every ``cv_variants`` generator on the held-out tasks, the generators also from other-family
     and random-text prompts (prompt sensitivity), and the same generators on the next fold's tasks, which they were
     trained on (seen), from their own and from other-family prompts; every task is scored once held out and once
-    seen."""
+    seen. Then, per ``cv_lofo`` family, every baseline and cv variant built without the family, on its tasks."""
     ex = preset.experiment
     if not ex.folds:
         return []
@@ -107,6 +109,15 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
         if i < ex.cv_warm_folds:
             rows += _warm_cells(preset, held, train) + _rq3_cells(preset, held, train, domains)
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
+    for fam in ex.cv_lofo:
+        held = tuple(t for t in preset.pool if domains[t] == fam)
+        if not held:
+            known = ", ".join(sorted({domains[t] for t in preset.pool}))
+            raise ConfigError(f"experiment.cv_lofo: no pool task in family {fam!r}; the pool's families: {known}")
+        train = tuple(t for t in preset.pool if domains[t] != fam)
+        rows = baselines(CV, held, train)
+        rows += [Cell(CV, v, GENERATOR, held, train, (("variant", v),)) for v in ex.cv_variants]
+        cells += [dataclasses.replace(c, name=f"{c.name}, {LOFO} [family {fam}]") for c in rows]
     return cells
 
 
@@ -188,7 +199,8 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     other-family and random-text prompts) on held-out and seen tasks; its seen-task accuracy against the oracle's
     on the same items; and each warm-started variant against the baseline continued for as many steps and against
     the baseline itself (on the warm folds' tasks), also against the baseline continued for ``warm_long_steps``; the
-    ``cv_warm_pairs``; and each warm-started ablation against its variant's warm-started row."""
+    ``cv_warm_pairs``; each warm-started ablation against its variant's warm-started row; with ``cv_lofo``, each
+    cv variant against each baseline but the oracle on the held-out families; with ``cv_rq3``, RQ3's pairs."""
     rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
     out = []
     for v in preset.experiment.cv_variants:
@@ -196,6 +208,8 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
         out += [(v, _named(v, src)) for src in ("other", "random")]
         out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
     ex = preset.experiment
+    if ex.cv_lofo:
+        out += [(f"{v}, {LOFO}", f"{b}, {LOFO}") for v in ex.cv_variants for b in rivals]
     if ex.cv_warm_variants:
         controls = [_continued(preset)] + ([_continued(preset, long=True)] if ex.warm_long_steps else [])
         for v in ex.cv_warm_variants:
@@ -336,7 +350,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
     groups: dict[str, list[Cell]] = {}
     for c in cells:
         if c.rq == CV:
-            groups.setdefault(c.name.rsplit(" [fold ", 1)[0], []).append(c)
+            groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
     methods = {name: _per_task(store, cs) for name, cs in groups.items()}
     declared = declared_comparisons(preset)
     comparisons, p_values = {}, {}

@@ -60,16 +60,28 @@ def cv_section(
     )
     if cv.get("later"):
         setup = (
-            f"Scored on the held-out tasks of the first {ex['cv_warm_folds']} fold(s), generator seeds "
-            f"{ex['seeds'][: ex['cv_warm_seeds'] or None]}, the same items as above; rows from an earlier section "
-            "are shown on these tasks only." + seconds
+            "This run shares the folds, items and cells above; its own rows are listed with the earlier rows they "
+            "are compared with, on the same tasks."
+            + (
+                f" Warm-started and RQ3 rows score the first {ex['cv_warm_folds']} fold(s) with generator seeds "
+                f"{ex['seeds'][: ex['cv_warm_seeds'] or None]}."
+                if ex.get("cv_warm_variants") or ex.get("cv_rq3")
+                else ""
+            )
+            + seconds
         )
     else:
         setup = (
             f"{len(doms)} tasks in {len(families)} families dealt into {cv['folds']} folds stratified by family; "
             "each fold's generators and baselines are built without its tasks, which are then scored (held out). "
-            "Rows marked *seen* score the next fold's tasks with this fold's generators, which trained on them. "
-            f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test "
+            "Rows marked *seen* score the next fold's tasks with this fold's generators, which trained on them"
+            + (
+                f"; rows marked *held-out family* score each of {', '.join(ex['cv_lofo'])} with everything built "
+                "from the other families. "
+                if ex.get("cv_lofo")
+                else ". "
+            )
+            + f"Generator seeds {ex['seeds']}, {ex['draws']} prompt draw(s) per task and seed, {ex['n_test']} test "
             "items per task, the same items for every method. Accuracy is the mean over tasks of each task's mean "
             "over seeds and draws." + seconds
         )
