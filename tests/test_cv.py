@@ -185,6 +185,16 @@ def test_rq3_rows_fewer_tasks_and_corrupted_weights_with_true_delta(tiny_zoo):
         dataclasses.replace(preset.experiment, rq3_variants=("A2-lin",))
 
 
+def test_every_cv_variant_is_compared_with_the_baseline_variant_held_out_seen_and_by_family(tiny_zoo):
+    ex = dict(folds=2, cv_variants=("dnd", "A2-lin"), cv_lofo=("math",))
+    preset = tiny_zoo.preset.replace(experiment=dataclasses.replace(tiny_zoo.preset.experiment, **ex))
+    declared = declared_comparisons(preset)
+    for a, b in (("A2-lin", "dnd"), ("A2-lin, seen", "dnd, seen"), (f"A2-lin, {LOFO}", f"dnd, {LOFO}")):
+        assert (a, b) in declared
+    assert (f"A2-lin, {LOFO}", f"retrieval, {LOFO}") in declared and ("dnd", "A2-lin") not in declared
+    assert len(declared) == len(set(declared))
+
+
 def test_warm_started_rows_ablations_and_their_comparisons(tiny_zoo):
     ex = dict(folds=2, seeds=(0, 1, 2), cv_warm_variants=("A2", "C"), warm_steps=7, warm_long_steps=70)
     ex |= dict(cv_warm_ablations=True, probe_sizes=(1,), lambdas=(3.0,), kl_lambdas=(0.3,), cv_warm_seeds=2)

@@ -197,7 +197,8 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     """The comparisons ``cv.json`` tests, fixed by the config before any cell runs (one Holm family): each cv
     variant against each baseline but the oracle on held-out tasks; its prompt sensitivity (own prompts against
     other-family and random-text prompts) on held-out and seen tasks; its seen-task accuracy against the oracle's
-    on the same items; and each warm-started variant against the baseline continued for as many steps and against
+    on the same items; each cv variant against the baseline variant (held out and seen); and each warm-started
+    variant against the baseline continued for as many steps and against
     the baseline itself (on the warm folds' tasks), also against the baseline continued for ``warm_long_steps``; the
     ``cv_warm_pairs``; each warm-started ablation against its variant's warm-started row; with ``cv_lofo``, each
     cv variant against each baseline but the oracle on the held-out families; with ``cv_rq3``, RQ3's pairs."""
@@ -207,9 +208,12 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
         out += [(v, b) for b in rivals]
         out += [(v, _named(v, src)) for src in ("other", "random")]
         out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
-    ex = preset.experiment
+    ex, base = preset.experiment, baseline().name
+    others = [v for v in ex.cv_variants if v != base] if base in ex.cv_variants else []
+    out += [(f"{v}{part}", f"{base}{part}") for v in others for part in ("", f", {SEEN}")]  # does δ change it
     if ex.cv_lofo:
         out += [(f"{v}, {LOFO}", f"{b}, {LOFO}") for v in ex.cv_variants for b in rivals]
+        out += [(f"{v}, {LOFO}", f"{base}, {LOFO}") for v in others]
     if ex.cv_warm_variants:
         controls = [_continued(preset)] + ([_continued(preset, long=True)] if ex.warm_long_steps else [])
         for v in ex.cv_warm_variants:
@@ -218,7 +222,6 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
         if ex.cv_warm_ablations:
             out += [(_warm(name), _warm(dict(ch)["variant"])) for name, ch in ablations(ex)]
     if ex.cv_rq3:  # under each condition (and without): does δ supervision beat the baseline trained the same way
-        base = baseline().name
         for v in (v for v in ex.rq3_variants if VARIANTS[v].uses_delta):
             out.append((v, base))
             out += [(f"{v}, {label}", f"{base}, {label}") for label, _, _ in _rq3_conditions(ex)]
