@@ -102,6 +102,24 @@ def test_every_rq_file_and_cell_is_written(run, ws, tiny_preset):
         "dnd on mixed prompts",
     } <= set(pair["methods"])
     assert pair["methods"]["B: G(δa + δb)"]["acc_a"]["n"] == len(ex.seeds)
+    # paired over the (pair, task) units with Holm: each composition against the union LoRA, δ sums against cat
+    comps = rq4["comparisons"]
+    for key in (
+        "LoRA sum (PEFT cat, rank 2r) - union LoRA (trained on both tasks)",
+        "B: G(δa + δb) - LoRA sum (PEFT cat, rank 2r)",
+        "the scored task's own LoRA - union LoRA (trained on both tasks)",
+    ):
+        assert (
+            comps[key]["across_tasks"]["n_tasks"] == 2
+            and comps[key]["p_holm"] >= comps[key]["across_tasks"]["p_wilcoxon"]
+        )
+    assert not any("0.25·δa" in k for k in comps)  # a lopsided interpolation is not one method across units
+    cat = pair["methods"]["LoRA sum (PEFT cat, rank 2r)"]
+    union = pair["methods"]["union LoRA (trained on both tasks)"]
+    want = (cat["acc_a"]["mean"] + cat["acc_b"]["mean"] - union["acc_a"]["mean"] - union["acc_b"]["mean"]) / 2
+    assert comps["LoRA sum (PEFT cat, rank 2r) - union LoRA (trained on both tasks)"]["across_tasks"][
+        "diff_mean"
+    ] == pytest.approx(want)
 
 
 def test_no_conditioning_prompt_is_a_scored_item(run, tiny_zoo):
@@ -179,6 +197,9 @@ def test_report_is_built_from_the_results(run, tmp_path):
     assert f"| dnd | {dnd['mean']:.3f} ± {dnd['std']:.3f} |" in text
     for png in ("report_accuracy.png", "report_losses.png", "report_delta_map.png", "report_composition.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    rq4 = _load(results, "rq4")["comparisons"]
+    assert "**RQ4: composition" in text.split("## Setup")[0]  # RQ4's answers lead the report too
+    assert all(f"| {k} |" in text.split("## RQ4")[1] for k in rq4)
 
 
 def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deltalora.data.items import stable_seed
@@ -22,6 +23,7 @@ from deltalora.generator.artifact import load_generator
 from deltalora.generator.generate import choose_prompts, generate_tensors
 from deltalora.generator.variants import VARIANTS
 from deltalora.io import atomic_write_json, file_lock, read_json
+from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
 
 _PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)": "svd"}
 
@@ -31,6 +33,7 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     pre, ex = runner.preset, runner.preset.experiment
     main = {c.name: c for c in cells if c.rq == "rq1" and c.method == "generator"}
     pairs = {f"{a}+{b}": _pair(runner, main, a, b) for a, b in pre.pairs}
+    units = {f"{k}|{t}": per for k, p in pairs.items() for t, per in p.pop("units").items()}
     out = {
         "rq": "rq4",
         "preset": pre.name,
@@ -42,6 +45,7 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
             "interpolations": list(ex.interpolations),
         },
         "pairs": pairs,
+        "comparisons": _paired(units),
         "base_acc": {t: runner.scorer.ref(t).base_acc for p in pre.pairs for t in p},
     }
     f = runner.results_dir / "rq4.json"
@@ -129,12 +133,13 @@ def _mixed(runner: Runner, cell: Cell, seed: int, a: str, b: str, both) -> list[
 
 
 def _summary(cache: Path, a: str, b: str) -> dict:
-    """One row per method: accuracy on each task and their mean, over all its adapters (and seeds)."""
+    """One row per method: accuracy on each task and their mean, over all its adapters (and seeds); and, under
+    ``units``, each method's accuracy and per-item hit rate on each task (the own LoRAs named by their role)."""
     groups: dict[str, list[dict]] = {}
     for f in sorted(cache.glob("*.json")):
         rec = read_json(f, "composition result")
         groups.setdefault(rec["method"].rsplit(" seed", 1)[0], []).extend(rec["adapters"])
-    rows = {}
+    rows, units = {}, {a: {}, b: {}}
     for method, adapters in groups.items():
         rows[method] = {
             "acc_a": mean_std([x[a]["acc"] for x in adapters]),
@@ -143,4 +148,45 @@ def _summary(cache: Path, a: str, b: str) -> dict:
             "delta_cos_a": mean_std([x[a]["delta_cos"] for x in adapters]),
             "delta_cos_b": mean_std([x[b]["delta_cos"] for x in adapters]),
         }
-    return {"tasks": [a, b], "methods": rows}
+        for t in (a, b):
+            role = OWN if method == f"{t} LoRA" else OTHER if method in (f"{a} LoRA", f"{b} LoRA") else method
+            hits = np.mean([x[t]["hits"] for x in adapters], 0)
+            units[t][role] = (float(hits.mean()), hits.tolist())
+    return {"tasks": [a, b], "methods": rows, "units": units}
+
+
+UNION = "union LoRA (trained on both tasks)"
+OWN, OTHER = "the scored task's own LoRA", "the other task's LoRA"
+
+
+def declared_rq4(methods: set[str]) -> list[tuple[str, str]]:
+    """RQ4's comparisons, fixed by the method list: every composition (interpolations at α = 0.5 only), and each
+    task's own LoRA, against the LoRA trained on the union; each decoded δ sum against the exact LoRA sum (PEFT
+    ``cat``)."""
+    fixed = {UNION, OWN, OTHER}
+    # an interpolation other than α = 0.5 weighs the scored task differently in a pair's two units: left out
+    lopsided = {m for m in methods if "·δa" in m and "G(0.5·δa" not in m}
+    out = [(m, UNION) for m in sorted(methods - fixed - lopsided)] + [(OWN, UNION)]
+    out += [(m, "LoRA sum (PEFT cat, rank 2r)") for m in sorted(methods) if m.endswith("G(δa + δb)")]
+    return [(a, b) for a, b in out if {a, b} <= methods]
+
+
+def _paired(units: dict[str, dict[str, tuple[float, list[float]]]]) -> dict:
+    """Each declared RQ4 comparison, paired over (pair, task) units scored by both methods: the t-interval and
+    Wilcoxon across units, the item bootstrap, Holm over the list and a verdict."""
+    methods = {m for per in units.values() for m in per}
+    out, p_values = {}, {}
+    for a, b in declared_rq4(methods):
+        both = [u for u, per in units.items() if a in per and b in per]
+        if len(both) < 2:
+            continue
+        key = f"{a} - {b}"
+        out[key] = {
+            "across_tasks": across_tasks({u: units[u][a][0] for u in both}, {u: units[u][b][0] for u in both}),
+            "across_items": bootstrap_items({u: units[u][a][1] for u in both}, {u: units[u][b][1] for u in both}),
+        }
+        p_values[key] = out[key]["across_tasks"]["p_wilcoxon"]
+    for key, p in holm(p_values).items():
+        out[key]["p_holm"] = p
+        out[key]["verdict"] = verdict(out[key]["across_tasks"]["diff_ci"], p)
+    return out

@@ -108,16 +108,8 @@ def cv_section(
         "p before and after Holm; a verdict only where the corrected test rejects and the interval excludes 0, "
         "otherwise the smallest difference the design could detect (80% power).",
         "",
-        "| a − b | difference [95% CI, tasks] | [95% CI, items] | wins/losses | p Wilcoxon | p Holm | verdict | "
-        "a / b |",
-        "|---|---|---|---|---:|---:|---|---:|",
+        *comparison_table(cv["comparisons"]),
     ]
-    for key, c in cv["comparisons"].items():
-        t, it = c["across_tasks"], c["across_items"]
-        L.append(
-            f"| {key} | {_difference(t)} | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | "
-            f"{t['p_wilcoxon']:.2g} | {c['p_holm']:.2g} | {_word(c)} | {c['ratio_of_means']:.2f} |"
-        )
     missing = [k for k in cv["declared_comparisons"] if k not in cv["comparisons"]]
     if missing:
         L += ["", f"Not run yet: {', '.join(missing)}."]
@@ -221,6 +213,26 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def comparison_table(comparisons: dict, unit: str = "tasks") -> list[str]:
+    """Paired comparisons as a Markdown table: difference with its t-interval across ``unit`` and the item
+    bootstrap's interval, wins/losses, p before and after Holm, the verdict (or what the design could see), and
+    the ratio of means where it was computed."""
+    ratio = all("ratio_of_means" in c for c in comparisons.values())
+    L = [
+        f"| a − b | difference [95% CI, {unit}] | [95% CI, items] | wins/losses | p Wilcoxon | p Holm | verdict |"
+        + (" a / b |" if ratio else ""),
+        "|---|---|---|---|---:|---:|---|" + ("---:|" if ratio else ""),
+    ]
+    for key, c in comparisons.items():
+        t, it = c["across_tasks"], c["across_items"]
+        L.append(
+            f"| {key} | {_difference(t)} | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | "
+            f"{t['p_wilcoxon']:.2g} | {c['p_holm']:.2g} | {_word(c)} |"
+            + (f" {c['ratio_of_means']:.2f} |" if ratio else "")
+        )
+    return L
+
+
 def _difference(t: dict) -> str:
     """Mean difference across tasks with its t-interval."""
     ci = t["diff_ci"]
@@ -244,10 +256,19 @@ def _word(c: dict) -> str:
 
 
 def cv_answers(cv: dict) -> list[str]:
-    """One sentence per compared method: its mean and each declared comparison's verdict, difference, interval
-    and Holm-corrected p (the reader's answer before the tables)."""
+    """One sentence per compared method of a cross-validation: its mean over tasks and each comparison's verdict
+    (``answers``)."""
+    return answers(
+        cv["comparisons"],
+        {n: f"mean {m['mean']:.3f} over {len(m['per_task'])} tasks" for n, m in cv["methods"].items()},
+    )
+
+
+def answers(comparisons: dict, about: dict[str, str] | None = None) -> list[str]:
+    """One sentence per compared method: what ``about`` says of it, then each declared comparison's verdict,
+    difference, interval and Holm-corrected p (the reader's answer before the tables)."""
     by_method: dict[str, list[str]] = {}
-    for key, c in cv["comparisons"].items():
+    for key, c in comparisons.items():
         a, b = key.split(" - ", 1)
         caveat = _caveat(c)
         by_method.setdefault(a, []).append(
@@ -256,7 +277,6 @@ def cv_answers(cv: dict) -> list[str]:
         )
     L = []
     for a, parts in by_method.items():
-        m = cv["methods"].get(a)
-        mean = f" (mean {m['mean']:.3f} over {len(m['per_task'])} tasks)" if m else ""
-        L.append(f"- **{a}**{mean}: " + "; ".join(parts) + ".")
+        note = f" ({(about or {})[a]})" if a in (about or {}) else ""
+        L.append(f"- **{a}**{note}: " + "; ".join(parts) + ".")
     return L

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
-from deltalora.experiments.cv_report import cv_answers, cv_plot, cv_section, cv_title, only_new
+from deltalora.experiments.cv_report import (
+    answers,
+    comparison_table,
+    cv_answers,
+    cv_plot,
+    cv_section,
+    cv_title,
+    only_new,
+)
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.results import read_results
 from deltalora.generator.variants import VARIANTS, baseline
@@ -231,10 +239,12 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         f"The experiment ran with `deltalora experiment --preset {any_rq['preset']}`.",
         "",
     ]
-    answers = [(title, cv_answers(c)) for title, c in parts]
-    if any(lines for _, lines in answers):
+    found = [(title, cv_answers(c)) for title, c in parts]
+    if rqs.get("rq4", {}).get("comparisons"):
+        found.append(("RQ4: composition, paired over each pair's two tasks", answers(rqs["rq4"]["comparisons"])))
+    if any(lines for _, lines in found):
         L += ["## Answers", "", "Each declared comparison, corrected (Holm) over its run's whole declared list.", ""]
-        for title, lines in answers:
+        for title, lines in found:
             L += [f"**{title}**", "", *lines, ""] if lines else []
     L += [
         "## Setup",
@@ -322,6 +332,14 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
                 f"{row['acc_mean']['n']} |"
                 for m, row in p["methods"].items()
             ] + [""]
+        if rqs["rq4"].get("comparisons"):
+            L += [
+                "Paired over the (pair, task) units both methods scored (Holm over this list; interpolations other "
+                "than α = 0.5 weigh a pair's two tasks unequally and are not tested):",
+                "",
+                *comparison_table(rqs["rq4"]["comparisons"], unit="pair × task units"),
+                "",
+            ]
         if "report_composition.png" in plots:
             L += ["![composition](report_composition.png)", ""]
     disc = results / "discussion.md"
