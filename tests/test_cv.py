@@ -195,6 +195,22 @@ def test_every_cv_variant_is_compared_with_the_baseline_variant_held_out_seen_an
     assert len(declared) == len(set(declared))
 
 
+def test_variants_from_scratch_on_the_first_fold(tiny_zoo):
+    ex = dict(folds=2, seeds=(0, 1, 2), cv_warm_seeds=2, cv_scratch_variants=("B",))
+    ex |= dict(cv_rq3=True, rq3_variants=("dnd", "B"), task_fractions=(0.5,), weight_noise=(), mislabel=())
+    preset = tiny_zoo.preset.replace(experiment=dataclasses.replace(tiny_zoo.preset.experiment, **ex))
+    cells = [c for c in cv_cells(preset, {t: t.split(".")[0] for t in preset.pool}) if c.name.startswith("B")]
+    assert [c.name for c in cells] == ["B [fold 0]", "B, 50% of the training tasks [fold 0]"]  # one plain row
+    assert "warm_from" not in dict(cells[0].changes) and cells[0].seeds(ex["seeds"]) == (0, 1)
+    declared = declared_comparisons(preset)
+    assert (
+        declared.count(("B", "dnd")) == 1
+        and ("B, 50% of the training tasks", "dnd, 50% of the training tasks") in declared
+    )
+    with pytest.raises(ConfigError, match="cv_scratch_variants"):
+        dataclasses.replace(preset.experiment, cv_scratch_variants=("dnd",))
+
+
 def test_warm_started_rows_ablations_and_their_comparisons(tiny_zoo):
     ex = dict(folds=2, seeds=(0, 1, 2), cv_warm_variants=("A2", "C"), warm_steps=7, warm_long_steps=70)
     ex |= dict(cv_warm_ablations=True, probe_sizes=(1,), lambdas=(3.0,), kl_lambdas=(0.3,), cv_warm_seeds=2)

@@ -91,6 +91,9 @@ class ExperimentConfig:
     cv_warm_pairs: tuple[str, ...] = ()
     """Cross-validation: further declared comparisons between warm-started variants, each ``a:b`` (a minus b),
     e.g. ``E2E+delta:E2E`` (does δ change the end-to-end variant) or ``A1:A2`` (δ-head vs exact δ)."""
+    cv_scratch_variants: tuple[str, ...] = ()
+    """Cross-validation: variants trained from scratch on the first ``cv_warm_folds`` folds (with ``cv_warm_seeds``
+    seeds), each compared with the baseline variant: those that cannot start from it (B, whose G_θ reads δ)."""
     cv_rq3: bool = False
     """Cross-validation: RQ3 on the first ``cv_warm_folds`` folds: each ``rq3_variants`` generator trained from
     scratch on ``task_fractions`` of the training tasks, on weights with noise (``weight_noise``) and on
@@ -134,6 +137,11 @@ class ExperimentConfig:
             )
         _check(all(x > 0 for x in self.kl_lambdas), "experiment.kl_lambdas must be > 0")
         _check(len(set(self.cv_lofo)) == len(self.cv_lofo), "experiment.cv_lofo must name each family once")
+        _check(
+            not set(self.cv_scratch_variants) & {*self.cv_variants, baseline().name},
+            "experiment.cv_scratch_variants: a variant trained on every fold (cv_variants), or the baseline variant, "
+            "has its rows already",
+        )
         _check(all(0 < f < 1 for f in self.task_fractions), "experiment.task_fractions must be in (0, 1)")
         if self.cv_rq3:
             base = baseline().name
@@ -150,6 +158,7 @@ class ExperimentConfig:
         for v in (
             *self.cv_variants,
             *self.cv_warm_variants,
+            *self.cv_scratch_variants,
             *self.variants,
             *self.lodo_variants,
             *self.rq3_variants,

@@ -107,7 +107,12 @@ def cv_cells(preset: Preset, domains: dict[str, str]) -> list[Cell]:
                     for src in sources
                 ]
         if i < ex.cv_warm_folds:
-            rows += _warm_cells(preset, held, train) + _rq3_cells(preset, held, train, domains)
+            rows += _warm_cells(preset, held, train)
+            rows += [
+                Cell(CV, v, GENERATOR, held, train, (("variant", v),), n_seeds=ex.cv_warm_seeds)
+                for v in ex.cv_scratch_variants
+            ]
+            rows += _rq3_cells(preset, held, train, domains)
         cells += [dataclasses.replace(c, name=f"{c.name} [fold {i}]") for c in rows]
     for fam in ex.cv_lofo:
         held = tuple(t for t in preset.pool if domains[t] == fam)
@@ -163,7 +168,7 @@ def _rq3_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...], do
         return []
     cells = []
     for v in ex.rq3_variants:
-        if v not in ex.cv_variants:
+        if v not in (*ex.cv_variants, *ex.cv_scratch_variants):  # else its row is there already
             cells.append(Cell(CV, v, GENERATOR, held, train, (("variant", v),), n_seeds=ex.cv_warm_seeds))
         for label, f, ch in _rq3_conditions(ex):
             tasks = train if f is None else task_subset(train, domains, f, ex.fold_seed)
@@ -201,7 +206,8 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     variant against the baseline continued for as many steps and against
     the baseline itself (on the warm folds' tasks), also against the baseline continued for ``warm_long_steps``; the
     ``cv_warm_pairs``; each warm-started ablation against its variant's warm-started row; with ``cv_lofo``, each
-    cv variant against each baseline but the oracle on the held-out families; with ``cv_rq3``, RQ3's pairs."""
+    cv variant against each baseline but the oracle on the held-out families; each ``cv_scratch_variants`` against
+    the baseline; with ``cv_rq3``, RQ3's pairs."""
     rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
     out = []
     for v in preset.experiment.cv_variants:
@@ -221,11 +227,12 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
         out += [tuple(_warm(v) for v in pair.split(":")) for pair in ex.cv_warm_pairs]
         if ex.cv_warm_ablations:
             out += [(_warm(name), _warm(dict(ch)["variant"])) for name, ch in ablations(ex)]
+    out += [(v, base) for v in ex.cv_scratch_variants]
     if ex.cv_rq3:  # under each condition (and without): does δ supervision beat the baseline trained the same way
         for v in (v for v in ex.rq3_variants if VARIANTS[v].uses_delta):
             out.append((v, base))
             out += [(f"{v}, {label}", f"{base}, {label}") for label, _, _ in _rq3_conditions(ex)]
-    return out
+    return list(dict.fromkeys(out))  # a variant both from scratch and in RQ3 is compared with the baseline once
 
 
 def declaration(preset: Preset, domains: dict[str, str]) -> dict:

@@ -16,6 +16,8 @@ def cv_title(cv: dict) -> str:
         return "RQ3: δ supervision with fewer training tasks and corrupted weights (cross-validation)"
     if ex.get("cv_warm_variants"):
         return "δ and end-to-end variants warm-started from dnd (cross-validation)"
+    if ex.get("cv_scratch_variants"):
+        return f"{', '.join(ex['cv_scratch_variants'])} trained from scratch (cross-validation)"
     return "Cross-validation over tasks"
 
 
@@ -63,9 +65,9 @@ def cv_section(
             "This run shares the folds, items and cells above; its own rows are listed with the earlier rows they "
             "are compared with, on the same tasks."
             + (
-                f" Warm-started and RQ3 rows score the first {ex['cv_warm_folds']} fold(s) with generator seeds "
-                f"{ex['seeds'][: ex['cv_warm_seeds'] or None]}."
-                if ex.get("cv_warm_variants") or ex.get("cv_rq3")
+                f" Warm-started, from-scratch and RQ3 rows score the first {ex['cv_warm_folds']} fold(s) with "
+                f"generator seeds {ex['seeds'][: ex['cv_warm_seeds'] or None]}."
+                if ex.get("cv_warm_variants") or ex.get("cv_rq3") or ex.get("cv_scratch_variants")
                 else ""
             )
             + seconds
