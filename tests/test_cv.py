@@ -99,6 +99,13 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     sep = cv["delta_separation"]["dnd"]
     assert sep["n_tasks"] == len(pool) and sep["own_loras"] == cv["delta_separation"][ORACLE]["method"]
     assert -1 <= sep["method"]["silhouette"]["value"] <= 1 and "| dnd | 4 |" in text.split("Behaviour space")[1]
+    sim = cv["delta_similarity"]["dnd"]
+    assert set(sim) == {ORACLE, "mean of training adapters", "retrieval", "top-k retrieval mixture", "multi-task LoRA"}
+    assert (
+        all(-1 <= x["mean"] <= 1 and x["n"] == len(pool) for x in sim.values())
+        and "dnd, seen" not in cv["delta_similarity"]
+    )
+    assert f"dnd, {LOFO}" in cv["delta_similarity"] and "Whose behaviour" in text
     # a headline run and a warm-variants run sharing its cells: one report, the second adds only what it compares
     head = tmp_path / "headline"
     head.mkdir()

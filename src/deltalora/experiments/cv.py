@@ -30,7 +30,7 @@ from deltalora.experiments.cells import CellStore
 from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, ablations, baselines
 from deltalora.generator.variants import VARIANTS, baseline
 from deltalora.io import atomic_write_json, read_json
-from deltalora.stats import across_tasks, bootstrap_items, holm, verdict
+from deltalora.stats import across_tasks, bootstrap_items, holm, t_interval, verdict
 
 CV = "cv"
 
@@ -311,13 +311,32 @@ def _task_deltas(store: CellStore, cells: list[Cell]) -> dict[str, np.ndarray]:
     return out
 
 
+def _delta_similarity(deltas: dict[str, dict[str, np.ndarray]], generators: list[str]) -> dict:
+    """For each generator method, the cosine of its adapters' δ to each baseline's on the same tasks (mean over
+    tasks with its t-interval): is a generated adapter nearer the task's own LoRA or the neighbours that
+    retrieval and the mixture hand out."""
+    out = {}
+    for g in (g for g in generators if deltas.get(g) and f", {SEEN}" not in g):  # seen rows have no held-out rival
+        part = f", {LOFO}" if g.endswith(f", {LOFO}") else ""
+        row = {}
+        for r in (f"{m.label}{part}" for m in METHODS.values() if m.baseline and f"{m.label}{part}" in deltas):
+            tasks = sorted(set(deltas[g]) & set(deltas[r]))
+            if len(tasks) >= 2:
+                row[r] = t_interval([_cos(deltas[g][t], deltas[r][t]) for t in tasks])
+        out[g] = row
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def _delta_separation(
-    store: CellStore, groups: dict[str, list[Cell]], domains: dict[str, str], permutations: int = 200
+    deltas: dict[str, dict[str, np.ndarray]], domains: dict[str, str], permutations: int = 200
 ) -> dict:
     """Silhouette and 1-NN retrieval by family of each method's adapters in δ space (one per task), beside the
     same statistics of the tasks' own LoRAs (the oracle) on the same tasks: whether the adapters a method hands
     out keep the families apart in behaviour as the true ones do (permutation p-values)."""
-    deltas = {name: _task_deltas(store, cs) for name, cs in groups.items()}
     ref = deltas.get(ORACLE, {})
     out = {}
     for name, d in deltas.items():
@@ -362,6 +381,8 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         if c.rq == CV:
             groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
     methods = {name: _per_task(store, cs) for name, cs in groups.items()}
+    deltas = {name: _task_deltas(store, cs) for name, cs in groups.items()}
+    generators = [n for n, cs in groups.items() if all(c.method == GENERATOR and c.prompts == "own" for c in cs)]
     declared = declared_comparisons(preset)
     comparisons, p_values = {}, {}
     for a, b in declared:
@@ -395,7 +416,8 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
             if acc
         },
         "comparisons": comparisons,
-        "delta_separation": _delta_separation(store, groups, domains),
+        "delta_separation": _delta_separation(deltas, domains),
+        "delta_similarity": _delta_similarity(deltas, generators),
         # wall time of every finished cell and seed (generator training and scoring), summed: the run's CPU budget
         "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in cells if c.rq == CV for rec in store.records(c))),
     }

@@ -40,6 +40,7 @@ def only_new(cv: dict, methods: set[str], comparisons: set[str]) -> dict:
         "methods": {**rivals, **new},
         "comparisons": comps,
         "delta_separation": {n: x for n, x in cv.get("delta_separation", {}).items() if n in new},
+        "delta_similarity": {n: x for n, x in cv.get("delta_similarity", {}).items() if n in new},
         "declared_comparisons": [k for k in cv["declared_comparisons"] if k not in comparisons],
         "cell_seconds": sum(m.get("cell_seconds", 0) for m in new.values()) or cv.get("cell_seconds"),
         "later": True,
@@ -116,7 +117,7 @@ def cv_section(
     if missing:
         L += ["", f"Not run yet: {', '.join(missing)}."]
     L.append("")
-    L += _separation_table(cv.get("delta_separation", {}))
+    L += _separation_table(cv.get("delta_separation", {})) + _similarity_table(cv.get("delta_similarity", {}))
     if f"{stem}.png" in plots:
         L += [f"![cross-validation by family]({stem}.png)", ""]
     if f"{stem}_losses.png" in plots:
@@ -157,6 +158,27 @@ def _separation_table(sep: dict) -> list[str]:
             f"| {name} | {x['n_tasks']} | {stat(m, 'silhouette')} | {o['silhouette']['value']:+.3f} | "
             f"{stat(m, 'nn_accuracy')} | {o['nn_accuracy']['value']:.3f} |"
         )
+    return [*L, ""]
+
+
+def _similarity_table(sim: dict) -> list[str]:
+    """Each generator's δ against each baseline's on the same tasks: mean cosine over tasks with its t-interval."""
+    rivals = list(dict.fromkeys(r for row in sim.values() for r in row))
+    if not rivals:
+        return []
+    L = [
+        "Whose behaviour a generated adapter has: the cosine of its δ (mean over seeds) to each baseline's on the "
+        "same tasks, mean over tasks with its 95% t-interval.",
+        "",
+        "| generator | " + " | ".join(rivals) + " |",
+        "|---|" + "---:|" * len(rivals),
+    ]
+    for g, row in sim.items():
+        cells = [
+            f"{row[r]['mean']:.3f} [{row[r]['ci'][0]:.3f}, {row[r]['ci'][1]:.3f}]" if r in row and row[r]["ci"] else "—"
+            for r in rivals
+        ]
+        L.append(f"| {g} | " + " | ".join(cells) + " |")
     return [*L, ""]
 
 
