@@ -279,9 +279,13 @@ def declare(preset: Preset, domains: dict[str, str], results_dir: Path) -> Path:
     return f
 
 
-def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """A method's accuracy per task and its hit rate per item (averaged over seeds and prompt draws)."""
-    acc, item_hits = {}, {}
+def _per_task(
+    store: CellStore, cells: list[Cell]
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, np.ndarray]]:
+    """A method's accuracy per task, its hit rate per item, and its δ per task (all averaged over seeds and prompt
+    draws; the workspace's records carry δ, and a task whose δ is missing or zero, as the base model's is, has
+    none), from one read of its records."""
+    acc, item_hits, deltas = {}, {}, {}
     for cell in cells:
         rows = [rec["tasks"] for rec in store.records(cell)]
         for t in cell.tasks:
@@ -289,26 +293,16 @@ def _per_task(store: CellStore, cells: list[Cell]) -> tuple[dict[str, float], di
             if runs:
                 acc[t] = statistics.fmean(r["acc"] for r in runs)
                 item_hits[t] = np.mean([r["hits"] for r in runs], 0).tolist()
-    return acc, item_hits
+            ds = [r["delta"] for r in runs if r.get("delta")]
+            if ds and np.linalg.norm(m := np.mean(ds, 0)) > 0:
+                deltas[t] = m
+    return acc, item_hits, deltas
 
 
 def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
     """Mean training wall time of the adapters a method's cells used (generators, the multi-task LoRA), else None."""
     xs = [rec["train_seconds"] for c in cells for rec in store.records(c) if "train_seconds" in rec]
     return round(statistics.fmean(xs), 1) if xs else None
-
-
-def _task_deltas(store: CellStore, cells: list[Cell]) -> dict[str, np.ndarray]:
-    """A method's δ per task, the mean over its seeds and draws (the workspace's records carry δ; a task without
-    one, or whose δ is zero, as the base model's is, is left out)."""
-    out = {}
-    for cell in cells:
-        rows = [rec["tasks"] for rec in store.records(cell)]
-        for t in cell.tasks:
-            ds = [r["delta"] for rec in rows for r in rec.get(t, []) if r.get("delta")]
-            if ds and np.linalg.norm(m := np.mean(ds, 0)) > 0:
-                out[t] = m
-    return out
 
 
 def _delta_similarity(deltas: dict[str, dict[str, np.ndarray]], generators: list[str]) -> dict:
@@ -381,13 +375,13 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         if c.rq == CV:
             groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
     methods = {name: _per_task(store, cs) for name, cs in groups.items()}
-    deltas = {name: _task_deltas(store, cs) for name, cs in groups.items()}
+    deltas = {name: d for name, (_, _, d) in methods.items()}
     generators = [n for n, cs in groups.items() if all(c.method == GENERATOR and c.prompts == "own" for c in cs)]
     declared = declared_comparisons(preset)
     comparisons, p_values = {}, {}
     for a, b in declared:
-        a_acc, a_hits = methods.get(a, ({}, {}))
-        b_acc, b_hits = methods.get(b, ({}, {}))
+        a_acc, a_hits, _ = methods.get(a, ({}, {}, {}))
+        b_acc, b_hits, _ = methods.get(b, ({}, {}, {}))
         common = sorted(set(a_acc) & set(b_acc))
         if len(common) < 2:
             continue  # not run yet
@@ -412,7 +406,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
                 "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in groups[name] for rec in store.records(c))),
                 **_curves(store, groups[name]),
             }
-            for name, (acc, _) in methods.items()
+            for name, (acc, _, _) in methods.items()
             if acc
         },
         "comparisons": comparisons,
