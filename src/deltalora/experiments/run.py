@@ -14,7 +14,8 @@ from deltalora.config import Preset
 from deltalora.data.registry import TaskSpec
 from deltalora.errors import ConfigError, UsageError
 from deltalora.experiments.composition import run_composition
-from deltalora.experiments.cv import CV, cv_cells, declare, write_cv
+from deltalora.experiments.cv import CV, cv_cells, declare
+from deltalora.experiments.cv_results import write_cv
 from deltalora.experiments.grid import RQS, Cell, plan
 from deltalora.experiments.results import write_results
 from deltalora.experiments.runner import Runner
