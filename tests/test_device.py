@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +18,13 @@ from typer.testing import CliRunner
 
 from deltalora.cli import app, main
 from deltalora.config import DeltaConfig, RuntimeConfig
+from deltalora.data.registry import FAMILY_CANDIDATES
 from deltalora.delta.compute import delta_stage
 from deltalora.delta.probes import DeltaProbe
 from deltalora.device import resolve_device, runtime
 from deltalora.distributed import init_distributed
 from deltalora.errors import ConfigError, UsageError
+from deltalora.experiments.cv import declared_comparisons
 from deltalora.generator.artifact import GeneratorCard
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.loss import draw_batch
@@ -33,6 +37,8 @@ from deltalora.zoo.build import _check_same_preset
 META = torch.device("meta")
 # random draws come from seeded CPU generators on purpose (the same samples on every device) and are then moved
 RNG_OPS = {"randn", "normal", "normal_", "rand", "uniform_", "randint", "randperm", "bernoulli_"}
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DeviceSpy(TorchDispatchMode):
@@ -197,6 +203,19 @@ def test_gpu_preset_is_the_full_grid_on_cuda():
     ex = gpu.experiment
     assert len(ex.seeds) >= 3 and ex.n_test >= 100 and ex.steps > small.experiment.steps
     assert all(len(getattr(ex, f)) >= len(getattr(small.experiment, f)) for f in ("fractions", "weight_noise"))
+
+
+def test_families_gpu_preset_is_the_cross_validation_the_cpu_cannot_give():
+    gpu, fam = get_preset("families-gpu"), get_preset("families")
+    assert gpu.runtime.device == "cuda" and (gpu.pool, gpu.zoo, gpu.generator) == (fam.pool, fam.zoo, fam.generator)
+    ex = gpu.experiment
+    assert {"dnd", "E2E", "E2E+delta"} <= set(ex.cv_variants) and len(ex.seeds) >= 3
+    assert set(ex.cv_lofo) <= {s.domain for s in FAMILY_CANDIDATES}
+    declared = [f"{a} - {b}" for a, b in declared_comparisons(gpu)]
+    assert "E2E+delta, held-out family - retrieval, held-out family" in declared and "B - dnd" in declared
+    # the committed declaration is this preset's: changing the preset means a new declaration, before any cell
+    committed = json.loads((ROOT / "results/experiments_families_gpu/declared.json").read_text())
+    assert committed["declared_comparisons"] == declared
 
 
 # ---------------------------------------------------------------- the device is speed only for a workspace

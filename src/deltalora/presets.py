@@ -3,7 +3,8 @@
 ``tiny`` runs the whole pipeline on a random in-memory llama in seconds (tests); ``small``
 is the CPU default on SmolLM2-135M; ``families`` grows the zoo to families of sibling BIG-bench
 subtasks, selected on a validation split; ``gpu`` is ``small`` with the research grid a CPU
-cannot afford, on one CUDA GPU.
+cannot afford, on one CUDA GPU; ``families-gpu`` is the cross-validation on the families zoo that the CPU
+cannot afford (every variant from scratch on every fold, every family held out), on one CUDA GPU.
 """
 
 from __future__ import annotations
@@ -140,6 +141,37 @@ PRESETS["gpu"] = PRESETS["small"].replace(
         fractions=(0.1, 0.25, 0.5),
         weight_noise=(0.5, 1.0),
         mislabel=(0.1, 0.25),
+    ),
+)
+
+
+# The families cross-validation with the cells the CPU cannot give (E2E and E2E+delta from scratch are 22x and 37x a
+# dnd step here, about 85 h of CPU for 4 folds x 3 seeds; results/bench_families.json): every δ and end-to-end
+# variant from scratch on all 4 folds (3 seeds), every family the zoo selected held out in turn, B from scratch and
+# RQ3 on fold 0 (3 seeds). Its zoo is `families`' (`--workspace runs/families` reuses a zoo built on the CPU).
+PRESETS["families-gpu"] = PRESETS["families"].replace(
+    name="families-gpu",
+    runtime=RuntimeConfig(device="cuda"),
+    experiment=dataclasses.replace(
+        PRESETS["families"].experiment,
+        cv_variants=("dnd", "A2", "A2-lin", "E2E", "E2E+delta"),
+        cv_lofo=(  # the 11 families with selected tasks (results/zoo_families.json)
+            "arithmetic",
+            "bbq_lite_json",
+            "color",
+            "elementary_math_qa",
+            "intersect_geometry",
+            "linguistic_mappings",
+            "list_functions",
+            "modified_arithmetic",
+            "multiemo",
+            "unit_conversion",
+            "unnatural_in_context_learning",
+        ),
+        cv_scratch_variants=("B",),
+        cv_rq3=True,
+        rq3_variants=("dnd", "A2", "A2-lin"),  # the variants with weight targets, which the conditions corrupt
+        cv_warm_seeds=3,
     ),
 )
 

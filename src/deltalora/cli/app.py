@@ -20,8 +20,8 @@ HELP = """Behaviour-aware data-to-LoRA generation.
 The verbs are the pipeline stages, in order: tasks -> zoo -> delta -> train-generator -> generate ->
 evaluate / assess -> experiment -> report. `deltalora run --preset small` is the main job (zoo, Delta
 Activations with 1/5/20 probes, results and plots). Every stage verb takes --preset (tiny | small | families |
-gpu), --workspace, --tasks and --set section.field=value overrides; every verb that runs a model takes --device
-(cpu by default; auto | cuda | cuda:N), and the training verbs --dtype (fp32 | bf16)."""
+gpu | families-gpu), --workspace, --tasks and --set section.field=value overrides; every verb that runs a model
+takes --device (cpu by default; auto | cuda | cuda:N), and the training verbs --dtype (fp32 | bf16)."""
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 tasks_app = typer.Typer(
@@ -38,8 +38,9 @@ PresetOpt = Annotated[
     typer.Option(
         "--preset",
         "-p",
-        help="Named preset: tiny (tests), small (CPU default), families (families of BIG-bench subtasks) or gpu "
-        "(the full grid, for one CUDA GPU).",
+        help="Named preset: tiny (tests), small (CPU default), families (families of BIG-bench subtasks), gpu "
+        "(the full grid, for one CUDA GPU) or families-gpu (the families cross-validation with every variant from "
+        "scratch and every family held out, for one CUDA GPU).",
     ),
 ]
 WorkspaceOpt = Annotated[
