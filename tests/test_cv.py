@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
-from deltalora.errors import ConfigError
+from deltalora.errors import ArtifactError, ConfigError
 from deltalora.experiments.cv import LOFO, ORACLE, cv_cells, declared_comparisons, family_folds, task_subset
 from deltalora.experiments.grid import Cell
 from deltalora.experiments.runner import word_salad
@@ -130,6 +130,22 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     fold0 = [cv["methods"]["dnd"]["per_task"][t] for t in cv["fold_tasks"][0]]
     assert f"| dnd | {sum(fold0) / len(fold0):.3f} | {len(fold0)} |" in warm  # the rival on the section's tasks
     assert "| dnd, seen |" not in warm and (doc.parent / "report_cv1.png").exists()
+    # a run declared but not started is listed with what it adds, and why (its discussion.md); an empty folder is refused
+    pending = tmp_path / "pending"
+    pending.mkdir()
+    dec = json.loads((out / "declared.json").read_text())
+    dec["declared_comparisons"] += ["B - dnd"]
+    dec["experiment"] = {**dec["experiment"], "cv_warm_variants": [], "cv_scratch_variants": ["B"], "cv_lofo": []}
+    (pending / "declared.json").write_text(json.dumps(dec))
+    (pending / "discussion.md").write_text("Needs a GPU.")
+    r = CliRunner().invoke(app, ["report", str(head), str(out), str(pending), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    listed = doc.read_text().split("## Declared, not run", 1)[1]
+    assert "**B trained from scratch (cross-validation)**" in listed and "1 comparisons not in an earlier" in listed
+    assert "Needs a GPU." in listed
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["report", str(head), str(tmp_path / "empty"), "--out", str(doc)])
+    assert isinstance(r.exception, ArtifactError) and "empty/cv.json: not found" in str(r.exception)
 
 
 def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():

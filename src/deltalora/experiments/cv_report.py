@@ -2,23 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from deltalora.io import atomic_write_bytes
+from deltalora.errors import ArtifactError
+from deltalora.experiments.cv import DECLARED
+from deltalora.io import atomic_write_bytes, read_json
 
 
 def cv_title(cv: dict) -> str:
     """A cross-validation run's section title, from what its declaration adds to the headline comparison."""
     ex = cv["experiment"]
-    if ex.get("cv_rq3"):
-        return "RQ3: δ supervision with fewer training tasks and corrupted weights (cross-validation)"
+    parts = []
     if ex.get("cv_warm_variants"):
-        return "δ and end-to-end variants warm-started from dnd (cross-validation)"
+        parts.append("δ and end-to-end variants warm-started from dnd")
     if ex.get("cv_scratch_variants"):
-        return f"{', '.join(ex['cv_scratch_variants'])} trained from scratch (cross-validation)"
-    return "Cross-validation over tasks"
+        parts.append(f"{', '.join(ex['cv_scratch_variants'])} trained from scratch")
+    if ex.get("cv_rq3"):
+        parts.append("RQ3: δ supervision with fewer training tasks and corrupted weights")
+    if len(ex.get("cv_variants", ())) > 1:
+        parts.append(f"{', '.join(ex['cv_variants'])} on every fold")
+    if n := len(ex.get("cv_lofo", ())):
+        parts.append(f"{n} famil{'y' if n == 1 else 'ies'} held out")
+    return f"{'; '.join(parts)} (cross-validation)" if parts else "Cross-validation over tasks"
+
+
+def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The report's cross-validation sections: the first run's, then each further run's (``only_new``), as
+    (title, cv) pairs; and the lines of a section on the further runs declared whose cells have not run yet (a
+    folder with ``declared.json`` and no ``cv.json``), with their ``discussion.md`` if present."""
+    parts = [("Cross-validation over tasks", cv)] if cv is not None else []
+    methods = {n for _, c in parts for n in c["methods"]}
+    comparisons = {k for _, c in parts for k in c["comparisons"]}
+    pending = []
+    for d in more:
+        f = d / "cv.json"
+        if not f.exists() and (d / DECLARED).exists():
+            dec = read_json(d / DECLARED, "declaration")
+            new = [k for k in dec["declared_comparisons"] if k not in comparisons]
+            pending += [
+                f"**{cv_title(dec)}**: `{d / DECLARED}`, `{dec['preset']}` preset, {len(new)} comparisons "
+                f"not in an earlier section ({len(dec['declared_comparisons'])} declared); no results yet "
+                "(no cv.json).",
+                "",
+            ]
+            if (d / "discussion.md").exists():
+                pending += [(d / "discussion.md").read_text().strip(), ""]
+            continue
+        if not f.exists():
+            raise ArtifactError(
+                f"{f}: not found; each further results folder is a cross-validation run (cv.json) or a declared one "
+                f"({DECLARED})"
+            )
+        extra = read_json(f, "cross-validation results")
+        parts.append((cv_title(extra), only_new(extra, methods, comparisons)))
+        methods |= set(extra["methods"])
+        comparisons |= set(extra["comparisons"])
+    return parts, (["## Declared, not run", "", *pending] if pending else [])
 
 
 def only_new(cv: dict, methods: set[str], comparisons: set[str]) -> dict:

@@ -18,10 +18,9 @@ from deltalora.experiments.cv_report import (
     answers,
     comparison_table,
     cv_answers,
+    cv_parts,
     cv_plot,
     cv_section,
-    cv_title,
-    only_new,
 )
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.results import read_results
@@ -212,19 +211,7 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         raise ArtifactError(
             f"{results}: no experiment results (rq1.json ... or cv.json); run `deltalora experiment` first"
         )
-    parts = [(cv_title(cv) if more else "Cross-validation over tasks", cv)] if cv is not None else []
-    shown_methods, shown_comparisons = set(), set()
-    for _, c in parts:
-        shown_methods |= set(c["methods"])
-        shown_comparisons |= set(c["comparisons"])
-    for d in map(Path, more):
-        f = d / "cv.json"
-        if not f.exists():
-            raise ArtifactError(f"{f}: not found; each further results folder is a cross-validation run (cv.json)")
-        extra = read_json(f, "cross-validation results")
-        parts.append((cv_title(extra), only_new(extra, shown_methods, shown_comparisons)))
-        shown_methods |= set(extra["methods"])
-        shown_comparisons |= set(extra["comparisons"])
+    parts, pending = cv_parts(cv, list(map(Path, more)))
     any_rq = next(iter(rqs.values())) if rqs else cv
     ex = any_rq.get("experiment", {})
     plots = _plots(results, out.parent, rqs)
@@ -281,6 +268,7 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         L.append("")
     for (title, c), stem in zip(parts, stems):
         L += cv_section(c, plots, title, stem)
+    L += pending
     sections = [
         ("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
         ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),
