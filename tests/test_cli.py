@@ -142,7 +142,7 @@ def test_evaluate_base_matches_the_zoo_record(tiny_zoo):
     [
         (["run", "--preset", "tiny", "--set", "zoo.nope=1"], ConfigError, "zoo has no field 'nope'"),
         (["zoo", "build", "--preset", "tiny", "--set", "zoo.steps=zero"], ConfigError, "'zero' is not a valid"),
-        (["tasks", "list", "--preset", "huge"], ConfigError, "known presets: families, gpu, small, tiny"),
+        (["tasks", "list", "--preset", "huge"], ConfigError, "known presets: families, families-gpu, gpu, small, tiny"),
         (["tasks", "show", "no.such", "--preset", "tiny"], TaskError, "known tasks: .*syn.add"),
         (["run", "--preset", "tiny", "--tasks", "syn.add,no.such"], TaskError, "unknown task 'no.such'"),
         (

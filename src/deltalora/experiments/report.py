@@ -14,14 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
-from deltalora.experiments.cv_report import (
-    answers,
-    comparison_table,
-    cv_answers,
-    cv_parts,
-    cv_plot,
-    cv_section,
-)
+from deltalora.experiments.answers import answers, comparison_table
+from deltalora.experiments.cv_report import cv_answers, cv_parts, cv_plot, cv_section
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.results import read_results
 from deltalora.generator.variants import VARIANTS, baseline
