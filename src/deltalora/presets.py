@@ -145,7 +145,7 @@ PRESETS["gpu"] = PRESETS["small"].replace(
 )
 
 
-# The families cross-validation with the cells the CPU cannot give (E2E and E2E+delta from scratch are 22x and 37x a
+# The families cross-validation with the cells the CPU cannot give (E2E and E2E+delta from scratch are 22x and 36.5x a
 # dnd step here, about 85 h of CPU for 4 folds x 3 seeds; results/bench_families.json): every δ and end-to-end
 # variant from scratch on all 4 folds (3 seeds), every family the zoo selected held out in turn, B from scratch and
 # RQ3 on fold 0 (3 seeds). Its zoo is `families`' (`--workspace runs/families` reuses a zoo built on the CPU).
