@@ -13,8 +13,18 @@ from typer.testing import CliRunner
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ArtifactError, ConfigError
-from deltalora.experiments.cv import LOFO, ORACLE, cv_cells, declared_comparisons, family_folds, task_subset
+from deltalora.experiments.cv import (
+    LOFO,
+    ORACLE,
+    cv_cells,
+    declared_comparisons,
+    family_folds,
+    question_of,
+    task_subset,
+)
+from deltalora.experiments.cv_report import cv_questions
 from deltalora.experiments.grid import Cell
+from deltalora.experiments.questions import LIST_ALL, QUESTIONS
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
 
@@ -84,12 +94,19 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     steps = cv["methods"]["dnd"]["best_steps"]
     assert len(steps) == 2 and all(1 <= b <= cv["experiment"]["steps"] for b in steps)
     assert all(c["val_loss"] for c in cv["methods"]["dnd"]["curves"].values())
-    assert all(f"| {k} |" in text for k in cv["comparisons"]) and "RQ1" not in text
-    # the answers lead the section: one line per compared method, naming each rival of its comparisons
-    answers = text.split("Answers", 1)[1].split("| method |", 1)[0]
-    assert text.index("Answers") < text.index("| method |") and "- **dnd**" in answers
+    assert all(f"| {k} |" in text for k in cv["comparisons"]) and "## RQ1" not in text
+    # the report opens with one line per research question, composed from the comparisons that answer it
+    lines = _question_lines(text)
+    tags = question_of(cv["experiment"])
+    for q in QUESTIONS:
+        mine = {k: c for k, c in cv["comparisons"].items() if tags[k] == q.id}
+        named = mine if len(mine) <= LIST_ALL else {k: c for k, c in mine.items() if c["verdict"] != "not detected"}
+        assert all(f"{k} (" in lines[q.id] for k in named) and ("Not asked" in lines[q.id]) == (not mine)
+    assert lines["RQ4"].endswith("Not asked by any run in this report.") and "E2E (from dnd) - dnd (" in lines["δ"]
+    dnd, mean = (cv["methods"][n]["per_task"] for n in ("dnd", "mean of training adapters"))
+    paired = cv_questions([("", cv)])["RQ2"]["dnd - mean of training adapters"]["means"]
+    assert paired == pytest.approx((sum(dnd.values()) / len(dnd), sum(mean.values()) / len(mean)))
     assert cv["cell_seconds"] > 0 and "h of wall time" in text  # the run's CPU time is stated
-    assert all(f"vs {k.split(' - ', 1)[1]} (" in answers for k in cv["comparisons"])
     assert set(cv["comparisons"]) == set(cv["declared_comparisons"])
     for c in cv["comparisons"].values():
         assert c["across_tasks"]["n_tasks"] in (len(cv["fold_tasks"][0]), 4) and 0 <= c["p_holm"] <= 1
@@ -117,14 +134,15 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
                 "experiment": {**cv["experiment"], "cv_warm_variants": []},
                 "methods": {n: m for n, m in cv["methods"].items() if n not in warm_names},
                 "comparisons": {k: c for k, c in cv["comparisons"].items() if k.split(" - ")[0] not in warm_names},
+                "declared_comparisons": [k for k in cv["declared_comparisons"] if k.split(" - ")[0] not in warm_names],
             }
         )
     )
     r = CliRunner().invoke(app, ["report", str(head), str(out), "--out", str(doc)])
     assert r.exit_code == 0, r.output
     text = doc.read_text()
-    answers, body = text.split("## Answers", 1)[1].split("## Setup", 1)
-    assert "**Cross-validation over tasks**" in answers and "**δ and end-to-end variants" in answers
+    lines, body = _question_lines(text), text.split("## Setup", 1)[1]
+    assert "E2E (from dnd) - dnd (continued) (" in lines["δ"] and "E2E" not in lines["RQ2"]
     warm = body.split("## δ and end-to-end variants", 1)[1]
     assert "| dnd - mean of training adapters |" not in warm and "| E2E (from dnd) - dnd (continued) |" in warm
     fold0 = [cv["methods"]["dnd"]["per_task"][t] for t in cv["fold_tasks"][0]]
@@ -134,18 +152,31 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     pending = tmp_path / "pending"
     pending.mkdir()
     dec = json.loads((out / "declared.json").read_text())
-    dec["declared_comparisons"] += ["B - dnd"]
+    kept = [k for k in dec["declared_comparisons"] if not any(w in k for w in ("(from", "(continued", LOFO))]
+    dec["declared_comparisons"] = [*kept, "B - dnd"]
     dec["experiment"] = {**dec["experiment"], "cv_warm_variants": [], "cv_scratch_variants": ["B"], "cv_lofo": []}
     (pending / "declared.json").write_text(json.dumps(dec))
     (pending / "discussion.md").write_text("Needs a GPU.")
     r = CliRunner().invoke(app, ["report", str(head), str(out), str(pending), "--out", str(doc)])
     assert r.exit_code == 0, r.output
     listed = doc.read_text().split("## Declared, not run", 1)[1]
+    assert "declared in" not in _question_lines(doc.read_text())["δ"]  # δ has results from the warm run
+    r = CliRunner().invoke(app, ["report", str(head), str(pending), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    assert _question_lines(doc.read_text())["δ"].endswith(
+        f"Not answered yet: declared in `{pending}`, no results (below)."
+    )
     assert "**B trained from scratch (cross-validation)**" in listed and "1 comparisons not in an earlier" in listed
     assert "Needs a GPU." in listed
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(app, ["report", str(head), str(tmp_path / "empty"), "--out", str(doc)])
     assert isinstance(r.exception, ArtifactError) and "empty/cv.json: not found" in str(r.exception)
+
+
+def _question_lines(text: str) -> dict[str, str]:
+    """The report's opening answers, by question id."""
+    lead = text.split("## The questions, answered", 1)[1].split("## Setup", 1)[0]
+    return {q.id: next(x for x in lead.splitlines() if x.startswith(f"- **{q.id}** — ")) for q in QUESTIONS}
 
 
 def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():

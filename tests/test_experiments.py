@@ -198,7 +198,14 @@ def test_report_is_built_from_the_results(run, tmp_path):
     for png in ("report_accuracy.png", "report_losses.png", "report_delta_map.png", "report_composition.png"):
         assert (tmp_path / png).stat().st_size > 1000
     rq4 = _load(results, "rq4")["comparisons"]
-    assert "**RQ4: composition" in text.split("## Setup")[0]  # RQ4's answers lead the report too
+    lead = text.split("## The questions, answered", 1)[1].split("## Setup", 1)[0].splitlines()
+    line = next(x for x in lead if x.startswith("- **RQ4** — "))  # RQ4's answer leads the report too
+    assert any(f"{k} (" in line for k in rq4) and "Not asked" not in line
+    rq2 = next(x for x in lead if x.startswith("- **RQ2** — "))  # answered by the grid's sections, named
+    assert rq2.endswith(
+        "answered with seed intervals in 'RQ2: zero-shot generalisation to held-out tasks of seen "
+        "domains', 'RQ2: leave-one-domain-out'."
+    )
     assert all(f"| {k} |" in text.split("## RQ4")[1] for k in rq4)
 
 

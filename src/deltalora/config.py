@@ -237,14 +237,16 @@ class Preset:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preset:
         """The inverse of ``to_dict`` (lists back to tuples, sections back to their configs), validated."""
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> Preset:
         """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A config dataclass from its ``dataclasses.asdict`` (lists back to tuples, nested sections back to configs),
+    validated; fields it lacks take their defaults."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -252,7 +254,7 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
             continue
         v, typ = d[f.name], hints[f.name]
         if dataclasses.is_dataclass(typ):
-            v = _from_dict(typ, v)
+            v = config_from_dict(typ, v)
         elif typing.get_origin(typ) is tuple:
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         kwargs[f.name] = v

@@ -1,8 +1,8 @@
-"""Declared paired comparisons as the reader sees them: a Markdown table, and one sentence per compared method.
+"""Declared paired comparisons as the reader sees them: a Markdown table, and the parts of a sentence.
 
-Shared by the cross-validation sections and RQ4: each comparison carries its difference across units with a
-t-interval, the item bootstrap's interval, Wilcoxon p before and after Holm, and a verdict; where nothing was
-detected, the smallest difference the design could see.
+Shared by the cross-validation sections, RQ4 and the answers that open the report (``questions``): each
+comparison carries its difference across units with a t-interval, the item bootstrap's interval, Wilcoxon p
+before and after Holm, and a verdict; where nothing was detected, the smallest difference the design could see.
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ def comparison_table(comparisons: dict, unit: str = "tasks") -> list[str]:
     for key, c in comparisons.items():
         t, it = c["across_tasks"], c["across_items"]
         L.append(
-            f"| {key} | {_difference(t)} | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | "
+            f"| {key} | {difference(t)} | [{it['ci'][0]:+.3f}, {it['ci'][1]:+.3f}] | {t['wins']}/{t['losses']} | "
             f"{t['p_wilcoxon']:.2g} | {c['p_holm']:.2g} | {_word(c)} |"
             + (f" {c['ratio_of_means']:.2f} |" if ratio else "")
         )
     return L
 
 
-def _difference(t: dict) -> str:
+def difference(t: dict) -> str:
     """Mean difference across tasks with its t-interval."""
     ci = t["diff_ci"]
     return f"{t['diff_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
-def _caveat(c: dict) -> str | None:
+def caveat(c: dict) -> str | None:
     """Where nothing was detected: equal on every task, or the smallest difference the design could see."""
     t = c["across_tasks"]
     if c["verdict"] != "not detected":
@@ -46,23 +46,5 @@ def _caveat(c: dict) -> str | None:
 
 def _word(c: dict) -> str:
     """The verdict with its caveat."""
-    caveat = _caveat(c)
-    return c["verdict"] + (f" ({caveat})" if caveat else "")
-
-
-def answers(comparisons: dict, about: dict[str, str] | None = None) -> list[str]:
-    """One sentence per compared method: what ``about`` says of it, then each declared comparison's verdict,
-    difference, interval and Holm-corrected p (the reader's answer before the tables)."""
-    by_method: dict[str, list[str]] = {}
-    for key, c in comparisons.items():
-        a, b = key.split(" - ", 1)
-        caveat = _caveat(c)
-        by_method.setdefault(a, []).append(
-            f"{c['verdict']} vs {b} ({_difference(c['across_tasks'])}, p_Holm {c['p_holm']:.2g}"
-            + (f"; {caveat})" if caveat else ")")
-        )
-    L = []
-    for a, parts in by_method.items():
-        note = f" ({(about or {})[a]})" if a in (about or {}) else ""
-        L.append(f"- **{a}**{note}: " + "; ".join(parts) + ".")
-    return L
+    why = caveat(c)
+    return c["verdict"] + (f" ({why})" if why else "")

@@ -18,10 +18,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from deltalora.config import ExperimentConfig, GeneratorConfig, Preset
+from deltalora.config import ExperimentConfig, GeneratorConfig, Preset, config_from_dict
 from deltalora.data.items import stable_seed
 from deltalora.errors import ConfigError
 from deltalora.experiments.grid import GENERATOR, METHODS, PROMPT_SOURCES, WARM_FROM, Cell, ablations, baselines
+from deltalora.experiments.questions import CONTROLS, DELTA, RQ1, RQ2, RQ3, Question
 from deltalora.generator.variants import VARIANTS, baseline
 from deltalora.io import atomic_write_json, read_json
 
@@ -129,9 +130,9 @@ def _warm_rows(preset: Preset) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
     # every row keeps its last step: validation by weight MSE would favour the variants with a weight loss
     start = (("val_every", 0), (WARM_FROM, base))
     steps = (("steps", ex.warm_steps), *start)
-    rows = [(_continued(preset), (("variant", base), *steps))]
+    rows = [(_continued(ex), (("variant", base), *steps))]
     if ex.warm_long_steps:
-        rows.append((_continued(preset, long=True), (("variant", base), ("steps", ex.warm_long_steps), *start)))
+        rows.append((_continued(ex, long=True), (("variant", base), ("steps", ex.warm_long_steps), *start)))
     rows += [(_warm(v), (("variant", v), *steps)) for v in ex.cv_warm_variants]
     if ex.cv_warm_ablations:
         rows += [(_warm(name), (*ch, *steps)) for name, ch in ablations(ex)]
@@ -171,9 +172,9 @@ def _rq3_cells(preset: Preset, held: tuple[str, ...], train: tuple[str, ...], do
     return cells
 
 
-def _continued(preset: Preset, long: bool = False) -> str:
+def _continued(ex: ExperimentConfig, long: bool = False) -> str:
     base = baseline().name
-    return f"{base} (continued, {preset.experiment.warm_long_steps} steps)" if long else f"{base} (continued)"
+    return f"{base} (continued, {ex.warm_long_steps} steps)" if long else f"{base} (continued)"
 
 
 def _warm(name: str) -> str:
@@ -201,31 +202,44 @@ def declared_comparisons(preset: Preset) -> list[tuple[str, str]]:
     ``cv_warm_pairs``; each warm-started ablation against its variant's warm-started row; with ``cv_lofo``, each
     cv variant against each baseline but the oracle on the held-out families; each ``cv_scratch_variants`` against
     the baseline; with ``cv_rq3``, RQ3's pairs."""
+    return [(a, b) for a, b, _ in _tagged(preset.experiment)]
+
+
+def question_of(experiment: dict[str, Any]) -> dict[str, str]:
+    """Which research question (``questions.QUESTIONS``) each comparison declared by a run with this ``experiment``
+    config answers, keyed ``"a - b"`` as in ``cv.json``."""
+    return {f"{a} - {b}": q.id for a, b, q in _tagged(config_from_dict(ExperimentConfig, experiment))}
+
+
+def _tagged(ex: ExperimentConfig) -> list[tuple[str, str, Question]]:
     rivals = [m.label for m in METHODS.values() if m.baseline and m.name != "oracle"]
     out = []
-    for v in preset.experiment.cv_variants:
-        out += [(v, b) for b in rivals]
-        out += [(v, _named(v, src)) for src in ("other", "random")]
-        out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other")), (f"{v}, {SEEN}", ORACLE)]
-    ex, base = preset.experiment, baseline().name
+    for v in ex.cv_variants:
+        out += [(v, b, RQ2) for b in rivals]
+        out += [(v, _named(v, src), CONTROLS) for src in ("other", "random")]
+        out += [(f"{v}, {SEEN}", _named(f"{v}, {SEEN}", "other"), CONTROLS), (f"{v}, {SEEN}", ORACLE, RQ1)]
+    base = baseline().name
     others = [v for v in ex.cv_variants if v != base] if base in ex.cv_variants else []
-    out += [(f"{v}{part}", f"{base}{part}") for v in others for part in ("", f", {SEEN}")]  # does δ change it
+    out += [(f"{v}{part}", f"{base}{part}", q) for v in others for part, q in (("", DELTA), (f", {SEEN}", RQ1))]
     if ex.cv_lofo:
-        out += [(f"{v}, {LOFO}", f"{b}, {LOFO}") for v in ex.cv_variants for b in rivals]
-        out += [(f"{v}, {LOFO}", f"{base}, {LOFO}") for v in others]
+        out += [(f"{v}, {LOFO}", f"{b}, {LOFO}", RQ2) for v in ex.cv_variants for b in rivals]
+        out += [(f"{v}, {LOFO}", f"{base}, {LOFO}", DELTA) for v in others]
     if ex.cv_warm_variants:
-        controls = [_continued(preset)] + ([_continued(preset, long=True)] if ex.warm_long_steps else [])
+        controls = [_continued(ex)] + ([_continued(ex, long=True)] if ex.warm_long_steps else [])
         for v in ex.cv_warm_variants:
-            out += [(_warm(v), c) for c in controls] + [(_warm(v), baseline().name)]
-        out += [tuple(_warm(v) for v in pair.split(":")) for pair in ex.cv_warm_pairs]
+            out += [(_warm(v), c, DELTA) for c in controls] + [(_warm(v), base, DELTA)]
+        out += [(*(_warm(v) for v in pair.split(":")), DELTA) for pair in ex.cv_warm_pairs]
         if ex.cv_warm_ablations:
-            out += [(_warm(name), _warm(dict(ch)["variant"])) for name, ch in ablations(ex)]
-    out += [(v, base) for v in ex.cv_scratch_variants]
+            out += [(_warm(name), _warm(dict(ch)["variant"]), CONTROLS) for name, ch in ablations(ex)]
+    out += [(v, base, DELTA) for v in ex.cv_scratch_variants]
     if ex.cv_rq3:  # under each condition (and without): does δ supervision beat the baseline trained the same way
         for v in (v for v in ex.rq3_variants if VARIANTS[v].uses_delta):
-            out.append((v, base))
-            out += [(f"{v}, {label}", f"{base}, {label}") for label, _, _ in _rq3_conditions(ex)]
-    return list(dict.fromkeys(out))  # a variant both from scratch and in RQ3 is compared with the baseline once
+            out.append((v, base, DELTA))
+            out += [(f"{v}, {label}", f"{base}, {label}", RQ3) for label, _, _ in _rq3_conditions(ex)]
+    first: dict[tuple[str, str], Question] = {}  # a variant both from scratch and in RQ3 is compared once
+    for a, b, q in out:
+        first.setdefault((a, b), q)
+    return [(a, b, q) for (a, b), q in first.items()]
 
 
 def declaration(preset: Preset, domains: dict[str, str]) -> dict:

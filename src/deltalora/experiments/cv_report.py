@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
-from deltalora.experiments.answers import answers, comparison_table
-from deltalora.experiments.cv import DECLARED
+from deltalora.experiments.answers import comparison_table
+from deltalora.experiments.cv import DECLARED, question_of
 from deltalora.io import atomic_write_bytes, read_json
 
 
@@ -30,19 +30,24 @@ def cv_title(cv: dict) -> str:
     return f"{'; '.join(parts)} (cross-validation)" if parts else "Cross-validation over tasks"
 
 
-def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dict]], list[str]]:
+def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dict]], list[str], dict[str, list[str]]]:
     """The report's cross-validation sections: the first run's, then each further run's (``only_new``), as
-    (title, cv) pairs; and the lines of a section on the further runs declared whose cells have not run yet (a
-    folder with ``declared.json`` and no ``cv.json``), with their ``discussion.md`` if present."""
+    (title, cv) pairs; the lines of a section on the further runs declared whose cells have not run yet (a
+    folder with ``declared.json`` and no ``cv.json``), with their ``discussion.md`` if present; and, per research
+    question, the folders of those runs that declare comparisons for it."""
     parts = [("Cross-validation over tasks", cv)] if cv is not None else []
     methods = {n for _, c in parts for n in c["methods"]}
     comparisons = {k for _, c in parts for k in c["comparisons"]}
-    pending = []
+    pending: list[str] = []
+    waiting: dict[str, list[str]] = {}
     for d in more:
         f = d / "cv.json"
         if not f.exists() and (d / DECLARED).exists():
             dec = read_json(d / DECLARED, "declaration")
             new = [k for k in dec["declared_comparisons"] if k not in comparisons]
+            tags = _questions(dec, d / DECLARED)
+            for q in dict.fromkeys(tags[k] for k in new):
+                waiting.setdefault(q, []).append(f"`{d}`")
             pending += [
                 f"**{cv_title(dec)}**: `{d / DECLARED}`, `{dec['preset']}` preset, {len(new)} comparisons "
                 f"not in an earlier section ({len(dec['declared_comparisons'])} declared); no results yet "
@@ -61,7 +66,35 @@ def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dic
         parts.append((cv_title(extra), only_new(extra, methods, comparisons)))
         methods |= set(extra["methods"])
         comparisons |= set(extra["comparisons"])
-    return parts, (["## Declared, not run", "", *pending] if pending else [])
+    return parts, (["## Declared, not run", "", *pending] if pending else []), waiting
+
+
+def cv_questions(parts: list[tuple[str, dict]]) -> dict[str, dict[str, dict]]:
+    """The sections' comparisons by the research question each answers (``cv.question_of``), each with both
+    methods' means over the tasks both scored (``means``)."""
+    asked: dict[str, dict[str, dict]] = {}
+    for title, c in parts:
+        tags = _questions(c, f"cv.json of '{title}'")
+        for key, comp in c["comparisons"].items():
+            asked.setdefault(tags[key], {})[key] = {**comp, "means": _paired_means(c["methods"], *key.split(" - ", 1))}
+    return asked
+
+
+def _questions(doc: dict, where: object) -> dict[str, str]:
+    """``cv.question_of`` for a declaration or cv.json, which must declare exactly what its config declares."""
+    tags = question_of(doc["experiment"])
+    if odd := [k for k in doc["declared_comparisons"] if k not in tags]:
+        raise ArtifactError(f"{where}: declared_comparisons {odd} are not what its experiment config declares")
+    return tags
+
+
+def _paired_means(methods: dict, a: str, b: str) -> tuple[float, float] | None:
+    """Both methods' mean accuracy over the tasks both scored (what their paired comparison compares)."""
+    if a not in methods or b not in methods:
+        return None
+    pa, pb = methods[a]["per_task"], methods[b]["per_task"]
+    common = [t for t in pa if t in pb]
+    return (float(np.mean([pa[t] for t in common])), float(np.mean([pb[t] for t in common]))) if common else None
 
 
 def only_new(cv: dict, methods: set[str], comparisons: set[str]) -> dict:
@@ -95,7 +128,7 @@ def cv_section(
 ) -> list[str]:
     """Cross-validation: each method's mean accuracy over tasks (each scored where its fold held it out, or, for
     the rows marked seen, by the previous fold's generators that trained on it), per family, and the declared
-    comparisons with their paired tests and Holm-corrected verdicts (their one-line answers: ``cv_answers``)."""
+    comparisons with their paired tests and Holm-corrected verdicts."""
     ex, methods, doms = cv["experiment"], cv["methods"], cv["domains"]
     families = sorted(set(doms.values()))
     seconds = (
@@ -278,12 +311,3 @@ def _save(fig, path: Path) -> str:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path.name
-
-
-def cv_answers(cv: dict) -> list[str]:
-    """One sentence per compared method of a cross-validation: its mean over tasks and each comparison's verdict
-    (``answers``)."""
-    return answers(
-        cv["comparisons"],
-        {n: f"mean {m['mean']:.3f} over {len(m['per_task'])} tasks" for n, m in cv["methods"].items()},
-    )

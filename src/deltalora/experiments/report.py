@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
-from deltalora.experiments.answers import answers, comparison_table
-from deltalora.experiments.cv_report import cv_answers, cv_parts, cv_plot, cv_section
+from deltalora.experiments.answers import comparison_table
+from deltalora.experiments.cv_report import cv_parts, cv_plot, cv_questions, cv_section
 from deltalora.experiments.grid import GENERATOR, METHODS
+from deltalora.experiments.questions import CONTROLS, DELTA, RQ1, RQ2, RQ3, RQ4, question_lines
 from deltalora.experiments.results import read_results
 from deltalora.generator.variants import VARIANTS, baseline
 from deltalora.io import atomic_write_bytes, read_json
@@ -194,6 +195,16 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
     return made
 
 
+# the grid's result files, each with its section title and the research questions (``questions``) it answers
+_SECTIONS = {
+    "rq1": ("RQ1: in-domain reconstruction (tasks seen in training)", (RQ1, DELTA)),
+    "rq2": ("RQ2: zero-shot generalisation to held-out tasks of seen domains", (RQ2, DELTA)),
+    "rq2_lodo": ("RQ2: leave-one-domain-out", (RQ2,)),
+    "rq3": ("RQ3: robustness and sample efficiency (seen tasks)", (RQ3,)),
+    "ablations": ("Ablations and negative controls (seen + held-out tasks)", (CONTROLS,)),
+}
+
+
 def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | Path] = ()) -> Path:
     """``out`` (Markdown) and its PNG plots beside it, from the result files of ``results_dir`` and the
     cross-validation runs in ``more`` (each a folder with ``cv.json``; runs that share cells with an earlier one,
@@ -205,7 +216,7 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         raise ArtifactError(
             f"{results}: no experiment results (rq1.json ... or cv.json); run `deltalora experiment` first"
         )
-    parts, pending = cv_parts(cv, list(map(Path, more)))
+    parts, pending, waiting = cv_parts(cv, list(map(Path, more)))
     any_rq = next(iter(rqs.values())) if rqs else cv
     ex = any_rq.get("experiment", {})
     plots = _plots(results, out.parent, rqs)
@@ -220,13 +231,27 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         f"The experiment ran with `deltalora experiment --preset {any_rq['preset']}`.",
         "",
     ]
-    found = [(title, cv_answers(c)) for title, c in parts]
+    asked = cv_questions(parts)
     if rqs.get("rq4", {}).get("comparisons"):
-        found.append(("RQ4: composition, paired over each pair's two tasks", answers(rqs["rq4"]["comparisons"])))
-    if any(lines for _, lines in found):
-        L += ["## Answers", "", "Each declared comparison, corrected (Holm) over its run's whole declared list.", ""]
-        for title, lines in found:
-            L += [f"**{title}**", "", *lines, ""] if lines else []
+        asked[RQ4.id] = rqs["rq4"]["comparisons"]
+    shown: dict[str, list[str]] = {}
+    for rq, (title, qs) in _SECTIONS.items():
+        for q in qs if rq in rqs else ():
+            shown.setdefault(q.id, []).append(f"'{title}'")
+    if "rq4" in rqs:  # its section's tables answer RQ4 even where an older run declared no comparison
+        shown[RQ4.id] = ["'RQ4: composition'"]
+    if asked or shown:
+        L += [
+            "## The questions, answered",
+            "",
+            "Composed from the declared comparisons in the sections below: difference a − b of per-task accuracy "
+            "(paired over tasks; RQ4 over pair × task units) with its 95% t-interval, Wilcoxon p after Holm over "
+            "its run's declared list; better or worse only where the corrected test rejects and the interval "
+            "excludes 0, otherwise the smallest difference the design could see.",
+            "",
+            *question_lines(asked, waiting, shown),
+            "",
+        ]
     L += [
         "## Setup",
         "",
@@ -263,14 +288,7 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
     for (title, c), stem in zip(parts, stems):
         L += cv_section(c, plots, title, stem)
     L += pending
-    sections = [
-        ("rq1", "RQ1: in-domain reconstruction (tasks seen in training)"),
-        ("rq2", "RQ2: zero-shot generalisation to held-out tasks of seen domains"),
-        ("rq2_lodo", "RQ2: leave-one-domain-out"),
-        ("rq3", "RQ3: robustness and sample efficiency (seen tasks)"),
-        ("ablations", "Ablations and negative controls (seen + held-out tasks)"),
-    ]
-    for rq, title in sections:
+    for rq, (title, _) in _SECTIONS.items():
         if rq not in rqs:
             L += [] if cv is not None else [f"## {title}", "", "Not run.", ""]
             continue
