@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dic
     """The report's cross-validation sections: the first run's, then each further run's (``only_new``), as
     (title, cv) pairs; the lines of a section on the further runs declared whose cells have not run yet (a
     folder with ``declared.json`` and no ``cv.json``), with their ``discussion.md`` if present; and, per research
-    question, the folders of those runs that declare comparisons for it."""
+    question, the folders of those runs, and of runs still going, that declare comparisons for it."""
     parts = [("Cross-validation over tasks", cv)] if cv is not None else []
     methods = {n for _, c in parts for n in c["methods"]}
     comparisons = {k for _, c in parts for k in c["comparisons"]}
@@ -63,6 +64,10 @@ def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dic
                 f"({DECLARED})"
             )
         extra = read_json(f, "cross-validation results")
+        tags, todo = _questions(extra, f), Counter()
+        todo.update(tags[k] for k in extra["declared_comparisons"] if k not in extra["comparisons"])
+        for q, n in todo.items():  # a run still going: its declared comparisons without results
+            waiting.setdefault(q, []).append(f"`{d}` ({n} still to run)")
         parts.append((cv_title(extra), only_new(extra, methods, comparisons)))
         methods |= set(extra["methods"])
         comparisons |= set(extra["comparisons"])

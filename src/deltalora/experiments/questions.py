@@ -76,7 +76,8 @@ def question_lines(
     for q in QUESTIONS:
         head = f"- **{q.id}** — {q.asks} "
         if found.get(q.id):
-            L.append(head + sentence(found[q.id]))
+            more = f" More declared in {', '.join(declared[q.id])}, no results yet." if declared.get(q.id) else ""
+            L.append(head + sentence(found[q.id]) + more)
         elif q.id in (sections or {}):
             L.append(head + f"No declared comparison; answered with seed intervals in {', '.join(sections[q.id])}.")
         elif declared.get(q.id):
