@@ -123,6 +123,36 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
         and "dnd, seen" not in cv["delta_similarity"]
     )
     assert f"dnd, {LOFO}" in cv["delta_similarity"] and "Whose behaviour" in text
+    # RQ4 without a main grid (as in `families`): fold 0's generators from scratch (dnd's is the one trained above)
+    out4 = tmp_path / "rq4"
+    trained = set((ws.experiments / "generators").glob("*/generator.safetensors"))
+    r = CliRunner().invoke(
+        app,
+        [
+            *args[:-3],
+            str(out4),
+            "--only",
+            "rq4",
+            *sets,
+            "--set",
+            "experiment.cv_scratch_variants=B",
+            "--set",
+            "experiment.seen_eval=",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rq4 = json.loads((out4 / "rq4.json").read_text())
+    paired = {t for p in tiny_zoo.preset.pairs for t in p}
+    assert {n: g["cell"] for n, g in rq4["generators"].items()} == {"dnd": "dnd [fold 0]", "B": "B [fold 0]"}
+    assert set(rq4["generators"]["dnd"]["not_trained_on"]) == paired & set(cv["fold_tasks"][0])
+    assert len(set((ws.experiments / "generators").glob("*/generator.safetensors")) - trained) == 1  # B's alone
+    pair = next(iter(rq4["pairs"].values()))
+    assert {"B: G(δa + δb)", "dnd on mixed prompts", "union LoRA (trained on both tasks)"} <= set(pair["methods"])
+    r = CliRunner().invoke(app, ["report", str(out), str(out4), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    text4 = doc.read_text()
+    assert "Not asked" not in _question_lines(text4)["RQ4"] and "Generators: dnd = `dnd [fold 0]`" in text4
+    assert "## Cross-validation over tasks" in text4 and (doc.parent / "report_composition.png").exists()
     # a headline run and a warm-variants run sharing its cells: one report, the second adds only what it compares
     head = tmp_path / "headline"
     head.mkdir()

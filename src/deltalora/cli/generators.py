@@ -238,7 +238,8 @@ def report_cmd(
         list[Path],
         typer.Argument(
             help="Folder of experiment results (rq1.json ... or cv.json), then any further cross-validation runs "
-            "(cv.json) to report beside it, e.g. a variants or RQ3 run that shares its cells."
+            "(cv.json) to report beside it, e.g. a variants or RQ3 run that shares its cells, or a composition run "
+            "(rq4.json, from --only rq4)."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Markdown report; plots go next to it.")] = Path("docs/report.md"),

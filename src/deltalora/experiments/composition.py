@@ -3,7 +3,9 @@
 Methods per zoo pair (a, b): each task's own LoRA; the LoRA trained on the union (the
 zoo's pair adapter); exact LoRA addition (PEFT ``cat``: Σ B·A at rank 2r); PEFT's ``svd``
 merge back to rank r; variant B's G_θ decoding δ_a + δ_b and α·δ_a + (1-α)·δ_b; and the
-main generators given half their prompts from each task.
+generators given half their prompts from each task. The generators are the main grid's (RQ1's); a preset without
+that grid (cross-validation only) composes with its first fold's generators trained from scratch on their own
+prompts, which were trained on some of the pairs' tasks and not on the others (``rq4.json`` says which).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 
 from deltalora.data.items import stable_seed
-from deltalora.experiments.grid import Cell
+from deltalora.experiments.cv import CV
+from deltalora.experiments.grid import GENERATOR, Cell
 from deltalora.experiments.runner import Runner
 from deltalora.experiments.scoring import mean_std
 from deltalora.generator.artifact import load_generator
@@ -31,7 +34,8 @@ _PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)"
 def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     """Every method on every zoo pair, cached per method; writes and returns ``rq4.json``."""
     pre, ex = runner.preset, runner.preset.experiment
-    main = {c.name: c for c in cells if c.rq == "rq1" and c.method == "generator"}
+    main = composition_generators(cells)
+    paired = {t for p in pre.pairs for t in p}
     pairs = {f"{a}+{b}": _pair(runner, main, a, b) for a, b in pre.pairs}
     units = {f"{k}|{t}": per for k, p in pairs.items() for t, per in p.pop("units").items()}
     out = {
@@ -44,6 +48,10 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
             "n_test": ex.n_test,
             "interpolations": list(ex.interpolations),
         },
+        "generators": {
+            name: {"cell": c.name, "n_train": len(c.train), "not_trained_on": sorted(paired - set(c.train))}
+            for name, c in main.items()
+        },
         "pairs": pairs,
         "comparisons": _paired(units),
         "base_acc": {t: runner.scorer.ref(t).base_acc for p in pre.pairs for t in p},
@@ -51,6 +59,18 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     f = runner.results_dir / "rq4.json"
     atomic_write_json(f, out)
     return f
+
+
+def composition_generators(cells: list[Cell]) -> dict[str, Cell]:
+    """The generators RQ4 composes with, by name: the main grid's RQ1 generators, or else the first
+    cross-validation fold's generators trained from scratch and conditioned on the scored task's prompts (named by
+    their variant)."""
+    main = {c.name: c for c in cells if c.rq == "rq1" and c.method == GENERATOR}
+    if main:
+        return main
+    plain = [c for c in cells if c.rq == CV and c.method == GENERATOR and c.prompts == "own"]
+    # the rows named by their variant alone (not a warm start, an RQ3 condition or the seen-task scoring)
+    return {v: c for c in plain if (v := c.name.removesuffix(" [fold 0]")) in VARIANTS}
 
 
 def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, Any]:
@@ -80,7 +100,7 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
     for label, kind in _PEFT_MERGES.items():
         cached(label, lambda kind=kind: [_peft_merge(runner, a, b, kind, both)])
     for name in (n for n, c in main.items() if VARIANTS[dict(c.changes)["variant"]].decodes_delta):
-        for seed in ex.seeds:
+        for seed in main[name].seeds(ex.seeds):
             gen = runner.trained_generator(main[name], seed)
             for alpha in (1.0, *ex.interpolations):
                 label = f"{name}: G(δa + δb)" if alpha == 1.0 else f"{name}: G({alpha:g}·δa + {1 - alpha:g}·δb)"
@@ -90,7 +110,7 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
     for v in ex.mixed_variants:
         if v not in main:
             continue
-        for seed in ex.seeds:
+        for seed in main[v].seeds(ex.seeds):
             cached(f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both))
     return _summary(cache, a, b)
 

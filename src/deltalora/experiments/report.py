@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.errors import ArtifactError
-from deltalora.experiments.answers import comparison_table
+from deltalora.experiments.composition_report import composition_plot, find_rq4, rq4_section
 from deltalora.experiments.cv_report import cv_parts, cv_plot, cv_questions, cv_section
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.questions import CONTROLS, DELTA, RQ1, RQ2, RQ3, RQ4, question_lines
@@ -158,40 +158,6 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
                 kinds=["reference" if k.startswith("ref|") else k.split("|")[1] for k in keys],
             )
             made["report_delta_map.png"] = "report_delta_map.png"
-    # composition heat-map
-    if "rq4" in rqs:
-        pairs = rqs["rq4"]["pairs"]
-        methods = list(
-            dict.fromkeys(
-                m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b")
-                for p in pairs.values()
-                for m in p["methods"]
-            )
-        )
-        cols = [(pk, t) for pk, p in pairs.items() for t in ("a", "b")]
-        grid = np.full((len(methods), len(cols)), np.nan)
-        for j, (pk, t) in enumerate(cols):
-            p = pairs[pk]
-            for m, row in p["methods"].items():
-                i = methods.index(m.replace(p["tasks"][0], "task a").replace(p["tasks"][1], "task b"))
-                grid[i, j] = row[f"acc_{t}"]["mean"]
-        fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 3, 0.42 * len(methods) + 1.5))
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_yticks(range(len(methods)), methods, fontsize=7)
-        ax.set_xticks(
-            range(len(cols)),
-            [pairs[pk]["tasks"][0 if t == "a" else 1].rsplit(".", 1)[-1] for pk, t in cols],
-            rotation=45,
-            ha="right",
-            fontsize=7,
-        )
-        for i in range(len(methods)):
-            for j in range(len(cols)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
-        fig.colorbar(im, ax=ax, label="accuracy")
-        ax.set_title("RQ4: composition (columns: each pair's two tasks)", fontsize=9)
-        save(fig, "report_composition.png")
     return made
 
 
@@ -216,10 +182,13 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         raise ArtifactError(
             f"{results}: no experiment results (rq1.json ... or cv.json); run `deltalora experiment` first"
         )
-    parts, pending, waiting = cv_parts(cv, list(map(Path, more)))
+    rq4, rq4_only = find_rq4(rqs, [Path(d) for d in more])
+    parts, pending, waiting = cv_parts(cv, [Path(d) for d in more if Path(d) not in rq4_only])
     any_rq = next(iter(rqs.values())) if rqs else cv
     ex = any_rq.get("experiment", {})
     plots = _plots(results, out.parent, rqs)
+    if rq4:
+        plots.update(composition_plot(rq4, out.parent))
     stems = ["report_cv" if i == 0 else f"report_cv{i}" for i in range(len(parts))]
     for (_, c), stem in zip(parts, stems):
         plots.update(cv_plot(c, out.parent, stem))
@@ -232,13 +201,13 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
         "",
     ]
     asked = cv_questions(parts)
-    if rqs.get("rq4", {}).get("comparisons"):
-        asked[RQ4.id] = rqs["rq4"]["comparisons"]
+    if rq4 and rq4.get("comparisons"):
+        asked[RQ4.id] = rq4["comparisons"]
     shown: dict[str, list[str]] = {}
     for rq, (title, qs) in _SECTIONS.items():
         for q in qs if rq in rqs else ():
             shown.setdefault(q.id, []).append(f"'{title}'")
-    if "rq4" in rqs:  # its section's tables answer RQ4 even where an older run declared no comparison
+    if rq4:  # its section's tables answer RQ4 even where an older run declared no comparison
         shown[RQ4.id] = ["'RQ4: composition'"]
     if asked or shown:
         L += [
@@ -310,38 +279,8 @@ def write_report(results_dir: str | Path, out: str | Path, more: Sequence[str | 
             L += ["![losses](report_losses.png)", ""]
         if rq == "rq2" and "report_delta_map.png" in plots:
             L += ["![delta map](report_delta_map.png)", ""]
-    if "rq4" in rqs:
-        L += [
-            "## RQ4: composition",
-            "",
-            "Base-model accuracy: "
-            + ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rqs["rq4"]["base_acc"].items())
-            + ".",
-            "",
-        ]
-        for p in rqs["rq4"]["pairs"].values():
-            a, b = p["tasks"]
-            L += [
-                f"**{a} + {b}**",
-                "",
-                f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | n |",
-                "|---|---|---|---|---|",
-            ]
-            L += [
-                f"| {m} | {_fmt(row['acc_a'])} | {_fmt(row['acc_b'])} | {_fmt(row['acc_mean'])} | "
-                f"{row['acc_mean']['n']} |"
-                for m, row in p["methods"].items()
-            ] + [""]
-        if rqs["rq4"].get("comparisons"):
-            L += [
-                "Paired over the (pair, task) units both methods scored (Holm over this list; interpolations other "
-                "than α = 0.5 weigh a pair's two tasks unequally and are not tested):",
-                "",
-                *comparison_table(rqs["rq4"]["comparisons"], unit="pair × task units"),
-                "",
-            ]
-        if "report_composition.png" in plots:
-            L += ["![composition](report_composition.png)", ""]
+    if rq4:
+        L += rq4_section(rq4, plots, _fmt)
     disc = results / "discussion.md"
     if disc.exists():
         L += ["## Discussion", "", disc.read_text().strip(), ""]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from deltalora.config import Preset
 from deltalora.data.registry import TaskSpec
 from deltalora.errors import ConfigError, UsageError
-from deltalora.experiments.composition import run_composition
+from deltalora.experiments.composition import composition_generators, run_composition
 from deltalora.experiments.cv import CV, cv_cells, declare
 from deltalora.experiments.cv_results import write_cv
 from deltalora.experiments.grid import RQS, Cell, plan
@@ -81,10 +81,10 @@ def run_experiment(
         for cell in main:
             run(cell)
         log.info("experiment stage main grid (%s): %d cells, %.0f s", preset.runtime.device, len(main), _since(t0))
-        if "rq4" in wanted and not any(c.rq == "rq1" for c in main):
-            log.info("experiment: rq4 skipped, it decodes with the rq1 generators and this preset has no rq1 tasks")
+        if "rq4" in wanted and not (preset.pairs and composition_generators(cells)):
+            log.info("experiment: rq4 skipped, the preset has no pairs or no rq1 or cross-validation generators")
             wanted.discard("rq4")
-        if "rq4" in wanted:  # right after the main grid: it reuses the main generators
+        if "rq4" in wanted:  # right after the main grid: it reuses its generators
             bar.set_postfix_str("rq4 composition")
             files["rq4"] = run_composition(runner, cells)
             bar.update()
