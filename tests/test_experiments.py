@@ -102,6 +102,11 @@ def test_every_rq_file_and_cell_is_written(run, ws, tiny_preset):
         "dnd on mixed prompts",
     } <= set(pair["methods"])
     assert pair["methods"]["B: G(δa + δb)"]["acc_a"]["n"] == len(ex.seeds)
+    # behaviour: the union LoRA's δ, measured while scoring, is the zoo's δ of it; the others' cosines are cosines
+    assert pair["methods"]["union LoRA (trained on both tasks)"]["delta_cos_union"]["mean"] == pytest.approx(
+        1, abs=1e-4
+    )
+    assert all(-1 <= m["delta_cos_union"]["mean"] <= 1 for m in pair["methods"].values())
     # paired over the (pair, task) units with Holm: each composition against the union LoRA, δ sums against cat
     comps = rq4["comparisons"]
     for key in (

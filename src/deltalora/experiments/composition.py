@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from deltalora.data.items import stable_seed
+from deltalora.delta.analysis import cos
 from deltalora.experiments.cv import CV
 from deltalora.experiments.grid import GENERATOR, Cell
 from deltalora.experiments.runner import Runner
@@ -79,10 +80,19 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
     cache = runner.root / "composition" / f"{a}+{b}"
     ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
 
+    union = runner.scorer.manifest.union(a, b)
+    union_delta = runner.scorer.deltas.get(union[0].path) if union else None
+
     def both(tensors: dict[str, torch.Tensor] | None) -> dict:
+        """The adapter's metrics on each task and, when the union LoRA has δ, its δ's cosine to that δ."""
         if tensors is None:  # the PEFT model's active adapter is what is scored
-            return {t: runner.scorer.score_active(t)[0] for t in (a, b)}
-        return {t: {k: v for k, v in runner.score(t, tensors).items() if k != "delta"} for t in (a, b)}
+            scored = {t: runner.scorer.score_active(t) for t in (a, b)}
+        else:
+            scored = {t: (r, torch.tensor(r.pop("delta"))) for t, r in ((t, runner.score(t, tensors)) for t in (a, b))}
+        out: dict[str, Any] = {t: m for t, (m, _) in scored.items()}
+        if union_delta is not None:  # δ reads the adapter alone, not the task: either task's is the same
+            out[UNION_COS] = cos(scored[a][1], union_delta)
+        return out
 
     def cached(name: str, make) -> None:
         f = cache / ("".join(c if c.isalnum() else "_" for c in name) + ".json")
@@ -92,7 +102,6 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
             if mine and not f.exists():
                 atomic_write_json(f, {"method": name, "adapters": make()})
 
-    union = runner.scorer.manifest.union(a, b)
     cached(f"{a} LoRA", lambda: [both(ref_a.ref_tensors[0])])
     cached(f"{b} LoRA", lambda: [both(ref_b.ref_tensors[0])])
     if union:
@@ -167,6 +176,7 @@ def _summary(cache: Path, a: str, b: str) -> dict:
             "acc_mean": mean_std([statistics.fmean((x[a]["acc"], x[b]["acc"])) for x in adapters]),
             "delta_cos_a": mean_std([x[a]["delta_cos"] for x in adapters]),
             "delta_cos_b": mean_std([x[b]["delta_cos"] for x in adapters]),
+            UNION_COS: mean_std(cs) if (cs := [x[UNION_COS] for x in adapters if UNION_COS in x]) else None,
         }
         for t in (a, b):
             role = OWN if method == f"{t} LoRA" else OTHER if method in (f"{a} LoRA", f"{b} LoRA") else method
@@ -176,6 +186,8 @@ def _summary(cache: Path, a: str, b: str) -> dict:
 
 
 UNION = "union LoRA (trained on both tasks)"
+UNION_COS = "delta_cos_union"
+"""Cosine of an adapter's δ to the union LoRA's: how much it behaves like the adapter trained on both tasks."""
 OWN, OTHER = "the scored task's own LoRA", "the other task's LoRA"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from deltalora.experiments.answers import comparison_table
+from deltalora.experiments.composition import UNION_COS
 from deltalora.io import atomic_write_bytes, read_json
 
 PLOT = "report_composition.png"
@@ -79,17 +80,22 @@ def rq4_section(rq4: dict, plots: dict[str, str], fmt) -> list[str]:
             "",
         ]
     base = ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rq4["base_acc"].items())
-    L += [f"Base-model accuracy: {base}.", ""]
+    L += [
+        f"Base-model accuracy: {base}. The δ cosine is between each adapter's Delta Activations and the union "
+        "LoRA's (|P| as in the zoo's δ): how much it behaves like the adapter trained on both tasks.",
+        "",
+    ]
     for p in rq4["pairs"].values():
         a, b = p["tasks"]
         L += [
             f"**{a} + {b}**",
             "",
-            f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | n |",
-            "|---|---|---|---|---|",
+            f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | δ cos to union | n |",
+            "|---|---|---|---|---|---|",
         ]
         L += [
-            f"| {m} | {fmt(row['acc_a'])} | {fmt(row['acc_b'])} | {fmt(row['acc_mean'])} | {row['acc_mean']['n']} |"
+            f"| {m} | {fmt(row['acc_a'])} | {fmt(row['acc_b'])} | {fmt(row['acc_mean'])} | "
+            f"{fmt(row.get(UNION_COS), 2)} | {row['acc_mean']['n']} |"
             for m, row in p["methods"].items()
         ] + [""]
     if rq4.get("comparisons"):
