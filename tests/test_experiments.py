@@ -212,6 +212,7 @@ def test_report_is_built_from_the_results(run, tmp_path):
         "domains', 'RQ2: leave-one-domain-out'."
     )
     assert all(f"| {k} |" in text.split("## RQ4")[1] for k in rq4)
+    assert "| mean | δ cos to union | n |" in text.split("## RQ4")[1]
 
 
 def test_shuffled_delta_control_really_permutes_targets(run, ws, tiny_preset):

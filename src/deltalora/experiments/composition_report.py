@@ -80,24 +80,28 @@ def rq4_section(rq4: dict, plots: dict[str, str], fmt) -> list[str]:
             "",
         ]
     base = ", ".join(f"{t.rsplit('.', 1)[-1]} {a:.3f}" for t, a in rq4["base_acc"].items())
+    # rq4.json files written before the δ cosine was measured have no such column
+    behaves = any(row.get(UNION_COS) for p in rq4["pairs"].values() for row in p["methods"].values())
     L += [
-        f"Base-model accuracy: {base}. The δ cosine is between each adapter's Delta Activations and the union "
-        "LoRA's (|P| as in the zoo's δ): how much it behaves like the adapter trained on both tasks.",
+        f"Base-model accuracy: {base}."
+        + (
+            " δ cos to union: the cosine of each adapter's Delta Activations to the union LoRA's (|P| as in the "
+            "zoo's δ), how much it behaves like the adapter trained on both tasks."
+            if behaves
+            else ""
+        ),
         "",
     ]
     for p in rq4["pairs"].values():
         a, b = p["tasks"]
-        L += [
-            f"**{a} + {b}**",
-            "",
-            f"| method | acc {a.rsplit('.', 1)[-1]} | acc {b.rsplit('.', 1)[-1]} | mean | δ cos to union | n |",
-            "|---|---|---|---|---|---|",
-        ]
-        L += [
-            f"| {m} | {fmt(row['acc_a'])} | {fmt(row['acc_b'])} | {fmt(row['acc_mean'])} | "
-            f"{fmt(row.get(UNION_COS), 2)} | {row['acc_mean']['n']} |"
-            for m, row in p["methods"].items()
-        ] + [""]
+        cols = ["method", f"acc {a.rsplit('.', 1)[-1]}", f"acc {b.rsplit('.', 1)[-1]}", "mean"]
+        cols += ["δ cos to union", "n"] if behaves else ["n"]
+        L += [f"**{a} + {b}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for m, row in p["methods"].items():
+            cells = [m, fmt(row["acc_a"]), fmt(row["acc_b"]), fmt(row["acc_mean"])]
+            cells += [fmt(row.get(UNION_COS), 2)] if behaves else []
+            L.append("| " + " | ".join([*cells, str(row["acc_mean"]["n"])]) + " |")
+        L.append("")
     if rq4.get("comparisons"):
         L += [
             "Paired over the (pair, task) units both methods scored (Holm over this list; interpolations other "
