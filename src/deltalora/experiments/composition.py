@@ -88,7 +88,9 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
         if tensors is None:  # the PEFT model's active adapter is what is scored
             scored = {t: runner.scorer.score_active(t) for t in (a, b)}
         else:
-            scored = {t: (r, torch.tensor(r.pop("delta"))) for t, r in ((t, runner.score(t, tensors)) for t in (a, b))}
+            rows = {t: runner.score(t, tensors) for t in (a, b)}
+            # device: cpu - the row's δ list, beside the zoo's δ on the CPU
+            scored = {t: (r, torch.tensor(r.pop("delta"))) for t, r in rows.items()}
         out: dict[str, Any] = {t: m for t, (m, _) in scored.items()}
         if union_delta is not None:  # δ reads the adapter alone, not the task: either task's is the same
             out[UNION_COS] = cos(scored[a][1], union_delta)
