@@ -33,7 +33,7 @@ _PEFT_MERGES = {"LoRA sum (PEFT cat, rank 2r)": "cat", "PEFT svd merge (rank r)"
 
 
 def run_composition(runner: Runner, cells: list[Cell]) -> Path:
-    """Every method on every zoo pair, cached per method; writes and returns ``rq4.json``."""
+    """Every method on every zoo pair, cached per method in the results folder; writes and returns ``rq4.json``."""
     pre, ex = runner.preset, runner.preset.experiment
     main = composition_generators(cells)
     paired = {t for p in pre.pairs for t in p}
@@ -77,7 +77,7 @@ def composition_generators(cells: list[Cell]) -> dict[str, Cell]:
 def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, Any]:
     """Every method on one pair, each cached in its own file (another process may take some); the pair's summary."""
     ex = runner.preset.experiment
-    cache = runner.root / "composition" / f"{a}+{b}"
+    cache = runner.results_dir / "composition" / f"{a}+{b}"  # beside rq4.json: committed, a rerun resumes from it
     ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
 
     union = runner.scorer.manifest.union(a, b)
