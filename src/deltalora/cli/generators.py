@@ -196,6 +196,15 @@ def experiment_cmd(
             " commit it before the run; a run that differs from it is refused.",
         ),
     ] = False,
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reuse",
+            help="Results folder of another cross-validation run of this preset (repeatable) whose committed cells "
+            "stand in for this run's cells of the same name, e.g. the main run's beside a variants run on a fresh "
+            "machine; refused unless its declared.json has the same folds, generator and scoring config.",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -228,7 +237,7 @@ def experiment_cmd(
         results_dir.mkdir(parents=True, exist_ok=True)
         typer.echo(declare(p, {n: t.domain for n, t in load_pool(p, run.extra).items()}, results_dir))
         return
-    files = run_experiment(p, run.ws, results_dir, only, run.extra)
+    files = run_experiment(p, run.ws, results_dir, only, run.extra, reuse=reuse)
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))
 
 

@@ -3,7 +3,8 @@
 A cell's record (one per generator seed, or one for an unseeded cell) holds every adapter's metrics, its per-item
 hits and its δ. The workspace keeps it whole; the results folder keeps a copy without δ (``cells/<cell id>/``,
 small enough to commit), so a run on a fresh machine, with no workspace, skips every cell finished in git and
-the result files are rebuilt from the committed copies.
+the result files are rebuilt from the committed copies; a run that shares cells with another run's results folder
+(``--reuse``) reads that folder's copies too.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ _DROPPED = ("delta",)
 
 
 class CellStore:
-    """Records of cells by seed: the workspace's copy when present, else the committed one."""
+    """Records of cells by seed: the workspace's copy when present, else the committed one, else one that another
+    run of the same preset committed (``shared``, read only)."""
 
-    def __init__(self, work: Path, committed: Path | None = None):
+    def __init__(self, work: Path, committed: Path | None = None, shared: tuple[Path, ...] = ()):
         self.work, self.committed = work, committed
+        self.dirs = (work, *([committed] if committed is not None else []), *shared)
 
     @staticmethod
     def name(seed: int | None) -> str:
@@ -32,11 +35,12 @@ class CellStore:
         """The workspace's record of a seed (written by the runner)."""
         return self.work / cell.id / self.name(seed)
 
+    def _found(self, cell: Cell, name: str) -> Path | None:
+        return next((d / cell.id / name for d in self.dirs if (d / cell.id / name).exists()), None)
+
     def done(self, cell: Cell, seed: int | None) -> bool:
-        """True if either copy of the seed's record exists."""
-        return self.file(cell, seed).exists() or (
-            self.committed is not None and (self.committed / cell.id / self.name(seed)).exists()
-        )
+        """True if any copy of the seed's record exists."""
+        return self._found(cell, self.name(seed)) is not None
 
     def write(self, cell: Cell, seed: int | None, record: dict) -> None:
         """Write the whole record to the workspace, then its compact copy to the results folder."""
@@ -52,12 +56,9 @@ class CellStore:
             atomic_write_json(self.committed / cell.id / self.name(seed), compact)
 
     def records(self, cell: Cell) -> list[dict]:
-        """The cell's records, one per seed in file-name order (the workspace's where both exist)."""
-        names = {f.name for f in (self.work / cell.id).glob("*.json")}
-        if self.committed is not None:
-            names |= {f.name for f in (self.committed / cell.id).glob("*.json")}
-        out = []
-        for n in sorted(names, key=lambda n: (n == "all.json", n)):
-            f = self.work / cell.id / n
-            out.append(read_json(f if f.exists() else self.committed / cell.id / n, "experiment cell"))
-        return out
+        """The cell's records, one per seed in file-name order (the workspace's where several copies exist)."""
+        names = {f.name for d in self.dirs for f in (d / cell.id).glob("*.json")}
+        return [
+            read_json(self._found(cell, n), "experiment cell")
+            for n in sorted(names, key=lambda n: (n == "all.json", n))
+        ]

@@ -269,12 +269,7 @@ def declare(preset: Preset, domains: dict[str, str], results_dir: Path) -> Path:
     new = json.loads(json.dumps(declaration(preset, domains)))
     if f.exists():
         old = read_json(f, "declaration")
-        # a config field added since the declaration, at its default, changes nothing the declaration fixed
-        for section, config in (("experiment", ExperimentConfig()), ("generator", GeneratorConfig())):
-            defaults = json.loads(json.dumps(dataclasses.asdict(config)))
-            for k in set(new[section]) - set(old.get(section, {})):
-                if new[section][k] == defaults[k]:
-                    del new[section][k]
+        _drop_new_defaults(new, old)
         changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
         if changed:
             raise ConfigError(
@@ -284,3 +279,38 @@ def declare(preset: Preset, domains: dict[str, str], results_dir: Path) -> Path:
     else:
         atomic_write_json(f, new)
     return f
+
+
+def _drop_new_defaults(new: dict, old: dict) -> None:
+    """Remove from ``new`` the config fields added since ``old`` was declared that sit at their defaults: they
+    change nothing the old declaration fixed."""
+    for section, config in (("experiment", ExperimentConfig()), ("generator", GeneratorConfig())):
+        defaults = json.loads(json.dumps(dataclasses.asdict(config)))
+        for k in set(new[section]) - set(old.get(section, {})):
+            if new[section][k] == defaults[k]:
+                del new[section][k]
+
+
+SHARED_FIELDS = ("seeds", "draws", "n_test", "n_kl", "steps", "mixture_k", "mixture_temperature")
+SHARED_FIELDS += ("multitask_step_factor", "cv_control_seeds", "warm_steps")
+"""Experiment fields that change what a cell of a given name computes; the others add or remove cells, or name
+what they change (``warm_long_steps``)."""
+
+
+def check_reuse(preset: Preset, domains: dict[str, str], folder: Path) -> Path:
+    """The committed cells of another cross-validation run, which this run may read where it has a cell of the same
+    name: refused unless its declaration has this run's preset, base, folds, generator config and
+    ``SHARED_FIELDS``."""
+    f = Path(folder) / DECLARED
+    if not f.exists():
+        raise ConfigError(f"--reuse {folder}: no {DECLARED}; it takes the results folder of a cross-validation run")
+    old, new = read_json(f, "declaration"), json.loads(json.dumps(declaration(preset, domains)))
+    _drop_new_defaults(new, old)
+    new["experiment"] = {k: new["experiment"].get(k) for k in SHARED_FIELDS}
+    old["experiment"] = {k: old.get("experiment", {}).get(k) for k in SHARED_FIELDS}
+    keys = ("preset", "base", "domains", "fold_tasks", "generator", "experiment")
+    if changed := [k for k in keys if old.get(k) != new.get(k)]:
+        raise ConfigError(
+            f"--reuse {f}: its run differs from this one in {', '.join(changed)}; its cells are not this run's"
+        )
+    return f.parent / "cells"

@@ -33,8 +33,11 @@ def run_experiment(
     only: list[str] | None = None,
     extra: list[TaskSpec] | None = None,
     progress: bool = True,
+    reuse: list[Path] | None = None,
 ) -> dict[str, Path]:
-    """Run (or resume) every cell of the grid, or only those of the parts in ``only``; returns the result files."""
+    """Run (or resume) every cell of the grid, or only those of the parts in ``only``; returns the result files.
+    ``reuse``: results folders of other cross-validation runs of this preset whose committed cells stand in for
+    this run's cells of the same name (``cv.check_reuse``)."""
     unknown = sorted(set(only or ()) - set(RQS))
     if unknown:
         raise UsageError(f"--only: unknown part(s) {unknown}; choose from {', '.join(RQS)}")
@@ -44,7 +47,7 @@ def run_experiment(
             raise ConfigError(f"experiment.{field}: {stray} not in the preset's pool")
     results_dir = Path(results_dir)
     own_dir(ws.experiments, "experiment")  # a folder that deltalora did not write is refused, not filled
-    runner = Runner(preset, ws, results_dir, extra)
+    runner = Runner(preset, ws, results_dir, extra, reuse or ())
     cells = plan(preset, runner.domains) + cv_cells(preset, runner.domains)
     wanted = set(only or RQS)
     main = [c for c in cells if c.rq in wanted and c.rq in ("rq1", "rq2")]

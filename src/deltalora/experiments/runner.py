@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from deltalora.data.items import stable_seed
 from deltalora.data.registry import TaskSpec
 from deltalora.data.tasks import load_pool
 from deltalora.experiments.cells import CellStore
+from deltalora.experiments.cv import check_reuse
 from deltalora.experiments.grid import GENERATOR, METHODS, MULTITASK, Cell, generator_preset, warm_source
 from deltalora.experiments.multitask import multitask_key, train_multitask
 from deltalora.experiments.results import loss_curves
@@ -45,12 +47,20 @@ only when set otherwise, so the generators trained before them keep their folder
 class Runner:
     """Holds the scorer, encoder and caches of one experiment invocation."""
 
-    def __init__(self, preset: Preset, ws: Workspace, results_dir: Path, extra: list[TaskSpec] | None = None):
+    def __init__(
+        self,
+        preset: Preset,
+        ws: Workspace,
+        results_dir: Path,
+        extra: list[TaskSpec] | None = None,
+        reuse: Sequence[Path] = (),
+    ):
         self.preset, self.ws, self.results_dir, self.extra = preset, ws, results_dir, extra
         self.root = ws.experiments
-        self.store = CellStore(self.root / "cells", results_dir / "cells")
         self.tasks = load_pool(preset, extra)
         self.domains = {n: t.domain for n, t in self.tasks.items()}
+        shared = tuple(check_reuse(preset, self.domains, d) for d in reuse)  # refused unless the same cells
+        self.store = CellStore(self.root / "cells", results_dir / "cells", shared)
         self.scorer = Scorer(preset, ws, preset.experiment.n_test, preset.experiment.n_kl, extra)
         self.encoder = PromptEncoder(ws.prompt_cache, device=self.scorer.device)
         self._scored: dict[tuple, dict] = {}  # identical adapters (retrieval hits) are scored once
