@@ -123,6 +123,16 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
         and "dnd, seen" not in cv["delta_similarity"]
     )
     assert f"dnd, {LOFO}" in cv["delta_similarity"] and "Whose behaviour" in text
+    # a fresh machine (no workspace cells or generators) resumes from another run's committed cells: nothing reruns
+    fresh = Workspace(tmp_path / "fresh")
+    shutil.copytree(ws.root, fresh.root, ignore=shutil.ignore_patterns("experiments"))
+    again = [*args[:4], str(fresh.root), "--results-dir", str(tmp_path / "again"), "--only", "cv", *sets]
+    r = CliRunner().invoke(app, [*again, "--reuse", str(out)])
+    assert r.exit_code == 0, r.output
+    redone = json.loads((tmp_path / "again" / "cv.json").read_text())
+    assert redone["comparisons"] == cv["comparisons"] and not (fresh.experiments / "generators").exists()
+    r = CliRunner().invoke(app, [*again, "--set", "experiment.n_test=3", "--reuse", str(out)])
+    assert isinstance(r.exception, ConfigError) and f"--reuse {out / 'declared.json'}" in str(r.exception)
     # RQ4 without a main grid (as in `families`): fold 0's generators from scratch (dnd's is the one trained above)
     out4 = tmp_path / "rq4"
     trained = set((ws.experiments / "generators").glob("*/generator.safetensors"))

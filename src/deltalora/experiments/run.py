@@ -74,9 +74,12 @@ def run_experiment(
 
     def run(cell: Cell) -> None:
         bar.set_postfix_str(f"{cell.rq}: {cell.name}")
+        # a finished cell adds nothing: rewriting the results (paired tests, permutations) takes a minute on a CPU
+        fresh = not all(runner.store.done(cell, s) for s in cell.seeds(preset.experiment.seeds))
         if not runner.run_cell(cell):
             skipped.append(cell)
-        results(cell.rq)
+        if fresh:
+            results(cell.rq)
         bar.update()
 
     t0 = time.perf_counter()
