@@ -131,6 +131,9 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert r.exit_code == 0, r.output
     redone = json.loads((tmp_path / "again" / "cv.json").read_text())
     assert redone["comparisons"] == cv["comparisons"] and not (fresh.experiments / "generators").exists()
+    # δ came back from the committed float16 copies: the behaviour-space numbers stay within float16's error
+    old_sim, new_sim = cv["delta_similarity"]["dnd"], redone["delta_similarity"]["dnd"]
+    assert all(new_sim[b]["mean"] == pytest.approx(old_sim[b]["mean"], abs=1e-3) for b in old_sim)
     r = CliRunner().invoke(app, [*again, "--set", "experiment.n_test=3", "--reuse", str(out)])
     assert isinstance(r.exception, ConfigError) and f"--reuse {out / 'declared.json'}" in str(r.exception)
     # RQ4 without a main grid (as in `families`): fold 0's generators from scratch (dnd's is the one trained above)

@@ -1,21 +1,28 @@
 """Where each cell's records are kept: whole in the workspace, and compact in the results folder, committed.
 
 A cell's record (one per generator seed, or one for an unseeded cell) holds every adapter's metrics, its per-item
-hits and its δ. The workspace keeps it whole; the results folder keeps a copy without δ (``cells/<cell id>/``,
-small enough to commit), so a run on a fresh machine, with no workspace, skips every cell finished in git and
-the result files are rebuilt from the committed copies; a run that shares cells with another run's results folder
-(``--reuse``) reads that folder's copies too.
+hits and its δ. The workspace keeps it whole; the results folder keeps a compact copy, with δ in float16 beside
+the JSON (``cells/<cell id>/``, small enough to commit), so a run on a fresh machine, with no workspace, skips
+every cell finished in git and the result files are rebuilt from the committed copies; a run that shares cells
+with another run's results folder (``--reuse``) reads that folder's copies too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save
+
 from deltalora.experiments.grid import Cell
-from deltalora.io import atomic_write_json, read_json
+from deltalora.io import atomic_write_bytes, atomic_write_json, read_json
 
 _DROPPED = ("delta",)
-"""Row fields left out of the committed copy (δ: 576 numbers per adapter, used only by the report's δ map)."""
+"""Row fields left out of the committed JSON: δ (hundreds of numbers per adapter) goes beside it in float16."""
+
+
+def _delta_file(record: Path) -> Path:
+    return record.with_suffix(".delta.safetensors")
 
 
 class CellStore:
@@ -53,12 +60,26 @@ class CellStore:
                     for t, rows in record["tasks"].items()
                 },
             }
-            atomic_write_json(self.committed / cell.id / self.name(seed), compact)
+            f = self.committed / cell.id / self.name(seed)
+            deltas = {t: [row.get("delta") for row in rows] for t, rows in record["tasks"].items()}
+            if all(d is not None for ds in deltas.values() for d in ds):
+                # device: cpu - lists written to disk; float16 moves a cosine between them by < 1e-3
+                tensors = {t: torch.tensor(ds, dtype=torch.float16) for t, ds in deltas.items() if ds}
+                atomic_write_bytes(_delta_file(f), save(tensors))
+            atomic_write_json(f, compact)
 
     def records(self, cell: Cell) -> list[dict]:
         """The cell's records, one per seed in file-name order (the workspace's where several copies exist)."""
         names = {f.name for d in self.dirs for f in (d / cell.id).glob("*.json")}
-        return [
-            read_json(self._found(cell, n), "experiment cell")
-            for n in sorted(names, key=lambda n: (n == "all.json", n))
-        ]
+        return [self._read(self._found(cell, n)) for n in sorted(names, key=lambda n: (n == "all.json", n))]
+
+    @staticmethod
+    def _read(f: Path) -> dict:
+        """A record; a committed copy gets its rows' δ back from the file beside it, where one was written."""
+        record = read_json(f, "experiment cell")
+        if _delta_file(f).exists():
+            deltas = load_file(_delta_file(f))
+            for t, rows in record["tasks"].items():
+                for row, d in zip(rows, deltas[t] if t in deltas else ()):
+                    row.setdefault("delta", d.float().tolist())
+        return record
