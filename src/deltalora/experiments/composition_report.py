@@ -9,7 +9,8 @@ import numpy as np
 
 from deltalora.experiments.answers import comparison_table
 from deltalora.experiments.composition import UNION_COS
-from deltalora.io import atomic_write_bytes, read_json
+from deltalora.experiments.cv_report import save_png
+from deltalora.io import read_json
 
 PLOT = "report_composition.png"
 
@@ -26,8 +27,6 @@ def find_rq4(rqs: dict, more: Sequence[Path]) -> tuple[dict | None, list[Path]]:
 
 def composition_plot(rq4: dict, out_dir: Path) -> dict[str, str]:
     """Accuracy of every method on each pair's two tasks, as a heat-map (``report_composition.png``)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,12 +54,7 @@ def composition_plot(rq4: dict, out_dir: Path) -> dict[str, str]:
         ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title("RQ4: composition (columns: each pair's two tasks)", fontsize=9)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out_dir / PLOT, buf.getvalue())
-    return {PLOT: PLOT}
+    return {PLOT: save_png(fig, out_dir / PLOT)}
 
 
 def rq4_section(rq4: dict, plots: dict[str, str], fmt) -> list[str]:

@@ -60,8 +60,8 @@ def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dic
             continue
         if not f.exists():
             raise ArtifactError(
-                f"{f}: not found; each further results folder is a cross-validation run (cv.json) or a declared one "
-                f"({DECLARED})"
+                f"{f}: not found; each further results folder is a cross-validation run (cv.json), a declared one "
+                f"({DECLARED}) or a composition run (rq4.json)"
             )
         extra = read_json(f, "cross-validation results")
         tags, todo = _questions(extra, f), Counter()
@@ -286,7 +286,7 @@ def cv_plot(cv: dict, out_dir: Path, stem: str = "report_cv") -> dict[str, str]:
     ax.set_ylabel("accuracy on held-out tasks (mean over the family)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Cross-validation: every task scored while held out", fontsize=9)
-    made = {f"{stem}.png": _save(fig, out_dir / f"{stem}.png")}
+    made = {f"{stem}.png": save_png(fig, out_dir / f"{stem}.png")}
     curves = {(n, fold): c for n, m in cv["methods"].items() for fold, c in m.get("curves", {}).items()}
     curves = {k: c for k, c in curves.items() if "seen" not in k[0]}
     if curves:
@@ -301,11 +301,12 @@ def cv_plot(cv: dict, out_dir: Path, stem: str = "report_cv") -> dict[str, str]:
         ax.set_ylabel("token MSE (seed 0)")
         ax.legend(fontsize=6)
         ax.set_title("Generator training per fold: the weights of the lowest validation loss are kept", fontsize=9)
-        made[f"{stem}_losses.png"] = _save(fig, out_dir / f"{stem}_losses.png")
+        made[f"{stem}_losses.png"] = save_png(fig, out_dir / f"{stem}_losses.png")
     return made
 
 
-def _save(fig, path: Path) -> str:
+def save_png(fig, path: Path) -> str:
+    """Write a figure as PNG atomically, close it, and return the file's name (the report links it by name)."""
     import io
 
     import matplotlib.pyplot as plt

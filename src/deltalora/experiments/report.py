@@ -15,7 +15,7 @@ import numpy as np
 
 from deltalora.errors import ArtifactError
 from deltalora.experiments.composition_report import composition_plot, find_rq4, rq4_section
-from deltalora.experiments.cv_report import cv_parts, cv_plot, cv_questions, cv_section
+from deltalora.experiments.cv_report import cv_parts, cv_plot, cv_questions, cv_section, save_png
 from deltalora.experiments.grid import GENERATOR, METHODS
 from deltalora.experiments.questions import CONTROLS, DELTA, RQ1, RQ2, RQ3, RQ4, question_lines
 from deltalora.experiments.results import read_results
@@ -91,14 +91,7 @@ def _plots(results: Path, out_dir: Path, rqs: dict) -> dict[str, str]:
     made: dict[str, str] = {}
 
     def save(fig, name: str) -> None:
-        import io
-
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(out_dir / name, buf.getvalue())
-        made[name] = name
+        made[name] = save_png(fig, out_dir / name)
 
     # accuracy bars with error bars
     parts = [(rq, rqs[rq]["cells"]) for rq in ("rq1", "rq2", "rq2_lodo") if rq in rqs and rqs[rq]["cells"]]
