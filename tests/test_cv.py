@@ -8,6 +8,8 @@ import shutil
 from collections import Counter
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from deltalora.cli import app
@@ -136,6 +138,37 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert all(new_sim[b]["mean"] == pytest.approx(old_sim[b]["mean"], abs=1e-3) for b in old_sim)
     r = CliRunner().invoke(app, [*again, "--set", "experiment.n_test=3", "--reuse", str(out)])
     assert isinstance(r.exception, ConfigError) and f"--reuse {out / 'declared.json'}" in str(r.exception)
+    # cells committed before their copies kept δ: --restore-delta measures it again, trains nothing, and refuses an
+    # adapter whose δ cosine is not the one its row recorded
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    kept = {f.relative_to(old): load_file(f) for f in old.glob("cells/*/*.delta.safetensors")}
+    for f in kept:
+        (old / f).unlink()
+
+    def restore(workspace: Workspace) -> dict[str, str]:
+        r = CliRunner().invoke(
+            app, [*args[:4], str(workspace.root), "--results-dir", str(old), *args[-2:], *sets, "--restore-delta"]
+        )
+        assert r.exit_code == 0, r.output
+        return dict(line.split(": ", 1) for line in r.output.splitlines() if ": " in line)
+
+    said = restore(fresh)  # no generators, no multi-task LoRA: those cells keep no δ
+    assert said["dnd [fold 0]"].startswith("kept without δ") and said["multi-task LoRA [fold 0]"].startswith("kept")
+    assert all(said[f"{m} [fold 1]"] == "restored" for m in ("retrieval", "top-k retrieval mixture", ORACLE))
+    assert not (fresh.experiments / "generators").exists() and not (fresh.experiments / "multitask").exists()
+    said = restore(ws)  # the workspace that scored them: every generator cell too
+    assert said["dnd [fold 0]"] == "restored" and said["retrieval [fold 0]"] == "had its δ"
+    back = {f.relative_to(old): load_file(f) for f in old.glob("cells/*/*.delta.safetensors")}
+    assert set(back) == {f for f in kept if "base_model" not in str(f)}
+    assert all(torch.allclose(back[f][t].float(), kept[f][t].float(), atol=2e-3) for f in back for t in back[f])
+    record = old / "cells" / "cv__retrieval__fold_1_" / "seed0.json"
+    tampered = json.loads(record.read_text())
+    next(iter(tampered["tasks"].values()))[0]["delta_cos"] += 0.05
+    record.write_text(json.dumps(tampered))
+    record.with_suffix(".delta.safetensors").unlink()
+    assert restore(ws)["retrieval [fold 1]"].startswith(f"refused: {record}")
+    assert not record.with_suffix(".delta.safetensors").exists()
     # RQ4 without a main grid (as in `families`): fold 0's generators from scratch (dnd's is the one trained above)
     out4 = tmp_path / "rq4"
     trained = set((ws.experiments / "generators").glob("*/generator.safetensors"))

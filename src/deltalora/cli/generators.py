@@ -205,6 +205,14 @@ def experiment_cmd(
             "machine; refused unless its declared.json has the same folds, generator and scoring config.",
         ),
     ] = None,
+    restore_delta: Annotated[
+        bool,
+        typer.Option(
+            "--restore-delta",
+            help="Measure again the δ of this run's committed cells that were scored before their copies kept it "
+            "(each checked against the δ cosine its rows recorded; nothing is trained or rescored), then stop.",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -236,6 +244,12 @@ def experiment_cmd(
             raise UsageError("--declare-only declares a cross-validation: set experiment.folds >= 2")
         results_dir.mkdir(parents=True, exist_ok=True)
         typer.echo(declare(p, {n: t.domain for n, t in load_pool(p, run.extra).items()}, results_dir))
+        return
+    if restore_delta:
+        from deltalora.experiments.restore import restore_deltas
+
+        for name, what in restore_deltas(p, run.ws, results_dir, run.extra).items():
+            typer.echo(f"{name}: {what}")
         return
     files = run_experiment(p, run.ws, results_dir, only, run.extra, reuse=reuse)
     typer.echo("\n".join(f"{rq}: {f}" for rq, f in files.items()))

@@ -60,13 +60,29 @@ class CellStore:
                     for t, rows in record["tasks"].items()
                 },
             }
-            f = self.committed / cell.id / self.name(seed)
+            f = self.committed_file(cell, seed)
             deltas = {t: [row.get("delta") for row in rows] for t, rows in record["tasks"].items()}
             if all(d is not None for ds in deltas.values() for d in ds):
-                # device: cpu - lists written to disk; float16 moves a cosine between them by < 1e-3
-                tensors = {t: torch.tensor(ds, dtype=torch.float16) for t, ds in deltas.items() if ds}
-                atomic_write_bytes(_delta_file(f), save(tensors))
+                self.write_deltas(f, deltas)
             atomic_write_json(f, compact)
+
+    def committed_file(self, cell: Cell, seed: int | None) -> Path:
+        """The results folder's compact record of a seed."""
+        if self.committed is None:
+            raise ValueError("this cell store has no results folder")
+        return self.committed / cell.id / self.name(seed)
+
+    @staticmethod
+    def has_deltas(f: Path) -> bool:
+        """True if the committed record ``f`` has its rows' δ beside it."""
+        return _delta_file(f).exists()
+
+    @staticmethod
+    def write_deltas(f: Path, deltas: dict[str, list]) -> None:
+        """The δ of every row of the committed record ``f`` (per task, one per row, in row order), beside it."""
+        # device: cpu - lists written to disk; float16 moves a cosine between them by < 1e-3
+        tensors = {t: torch.tensor(ds, dtype=torch.float16) for t, ds in deltas.items() if len(ds)}
+        atomic_write_bytes(_delta_file(f), save(tensors))
 
     def records(self, cell: Cell) -> list[dict]:
         """The cell's records, one per seed in file-name order (the workspace's where several copies exist)."""

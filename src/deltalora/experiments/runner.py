@@ -83,12 +83,19 @@ class Runner:
         key = json.dumps({"generator": gen, "train": train}, sort_keys=True, default=str)
         return self.root / "generators" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    def generator_folder(self, cell: Cell, seed: int) -> tuple[Preset, Path]:
+        """The preset the cell's generator of this seed is trained with, and its folder (trained or not)."""
+        source = warm_source(cell)
+        init_from = str(self.generator_folder(source, seed)[1]) if source else ""
+        preset = generator_preset(self.preset, cell, seed, init_from)
+        return preset, self.generator_dir(preset, cell.train)
+
     def trained_generator(self, cell: Cell, seed: int) -> Path:
         """The cell's generator of this seed, trained if no process has trained it yet."""
         source = warm_source(cell)
-        init_from = str(self.trained_generator(source, seed)) if source else ""
-        preset = generator_preset(self.preset, cell, seed, init_from)
-        out = self.generator_dir(preset, cell.train)
+        if source:
+            self.trained_generator(source, seed)
+        preset, out = self.generator_folder(cell, seed)
         out.parent.mkdir(parents=True, exist_ok=True)
         # two experiment processes (e.g. --only rq1 and --only rq3) may need the same generator: one trains, one waits
         with file_lock(out.parent / f"{out.name}.lock", block=True):
@@ -104,9 +111,13 @@ class Runner:
                 build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder)
         return out
 
+    def multitask_folder(self, train: tuple[str, ...]) -> Path:
+        """Folder of the multi-task LoRA over these training tasks (complete when its record.json is there)."""
+        return self.root / "multitask" / multitask_key(self.preset, train)
+
     def multitask_adapter(self, train: tuple[str, ...]) -> Path:
         """The multi-task LoRA over these training tasks, trained if no process has trained it yet."""
-        out = self.root / "multitask" / multitask_key(self.preset, train)
+        out = self.multitask_folder(train)
         out.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(out.parent / f"{out.name}.lock", block=True):
             if not (out / "record.json").exists():  # written last inside the atomic folder: present means complete
@@ -163,7 +174,7 @@ class Runner:
         record["seconds"] = time.perf_counter() - t0
         self.store.write(cell, seed, record)
 
-    def _draw(self, cell: Cell, seed: int, task: str, d: int) -> list[str]:
+    def draw(self, cell: Cell, seed: int, task: str, d: int) -> list[str]:
         """The d-th prompt draw of a seed, the same for retrieval and the mixture (paired comparisons)."""
         return choose_prompts(
             self.condition_prompts(cell, task), self.preset.generator.n_prompts, stable_seed(task, seed, d)
@@ -199,7 +210,7 @@ class Runner:
         index = self.retrieval_index(cell.train)
         rows = []
         for d in range(self.preset.experiment.draws):
-            hit, folder = retrieve(index, self._draw(cell, seed, task, d), self.encoder)
+            hit, folder = retrieve(index, self.draw(cell, seed, task, d), self.encoder)
             rows.append(
                 {
                     **self.score(task, load_file(folder / "adapter_model.safetensors"), (RETRIEVAL, hit)),
@@ -209,27 +220,32 @@ class Runner:
         return rows
 
     def _mixture_rows(self, cell: Cell, seed: int, task: str, record: dict) -> list[dict]:
-        """Per draw, the top-k mixture written as a PEFT folder (kept, so it can be inspected or reloaded) and
-        scored through PEFT's own loading: its rank k·r does not fit the scorer's rank-r swapper."""
-        ex, index = self.preset.experiment, self.retrieval_index(cell.train)
+        """Per draw, the top-k mixture scored through PEFT's own loading: its rank k·r does not fit the scorer's
+        rank-r swapper."""
         rows = []
-        for d in range(ex.draws):
-            name = f"k{ex.mixture_k}_t{ex.mixture_temperature:g}_{cell.prompts}"
-            folder = self.root / "mixtures" / index.name / name / f"{task}__seed{seed}_draw{d}"
-            if not (folder / "provenance.json").exists():  # written inside the atomic folder: present means complete
-                write_mixture(
-                    index,
-                    self._draw(cell, seed, task, d),
-                    self.encoder,
-                    ex.mixture_k,
-                    ex.mixture_temperature,
-                    folder,
-                    self.ws.protected,
-                )
-            prov = read_json(folder / "provenance.json", "mixture provenance")
-            picked = " + ".join(f"{w:.2f}·{t}" for t, w in zip(prov["tasks"], prov["weights"]))
+        for d in range(self.preset.experiment.draws):
+            folder, picked = self.mixture(cell, seed, task, d)
             rows.append({**_row(*self.scorer.score_folder(task, folder)), "retrieved": picked})
         return rows
+
+    def mixture(self, cell: Cell, seed: int, task: str, d: int) -> tuple[Path, str]:
+        """A draw's top-k mixture, written as a PEFT folder once (kept, so it can be inspected or reloaded), and
+        what it mixes ("0.70·task + 0.30·other")."""
+        ex, index = self.preset.experiment, self.retrieval_index(cell.train)
+        name = f"k{ex.mixture_k}_t{ex.mixture_temperature:g}_{cell.prompts}"
+        folder = self.root / "mixtures" / index.name / name / f"{task}__seed{seed}_draw{d}"
+        if not (folder / "provenance.json").exists():  # written inside the atomic folder: present means complete
+            write_mixture(
+                index,
+                self.draw(cell, seed, task, d),
+                self.encoder,
+                ex.mixture_k,
+                ex.mixture_temperature,
+                folder,
+                self.ws.protected,
+            )
+        prov = read_json(folder / "provenance.json", "mixture provenance")
+        return folder, " + ".join(f"{w:.2f}·{t}" for t, w in zip(prov["tasks"], prov["weights"]))
 
     def _fixed_rows(self, cell: Cell, seed: int | None, task: str, record: dict) -> list[dict]:
         return [self.score(task, self.fixed_adapter(cell, task, record))]
@@ -240,7 +256,7 @@ class Runner:
         if cell.method == "base":
             return None
         if cell.method == "oracle":
-            return self.scorer.ref(task).ref_tensors[0]
+            return self.scorer.ref_tensors(task)[0]
         if cell.method == MULTITASK:
             folder = self.multitask_adapter(cell.train)
             if record is not None:

@@ -6,9 +6,11 @@ its test split, so no scored item ever conditions a generator.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class Scorer:
         with self.model.disable_adapter():
             self.probe.set_base(self.model)
         self._refs: dict[str, TaskRef] = {}
+        self._ref_tensors: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     def final_adapters(self, task: str) -> list[Checkpoint]:
         """The task's final reference checkpoints, one per zoo seed."""
@@ -110,26 +113,31 @@ class Scorer:
         """A checkpoint's LoRA tensors."""
         return load_file(self.ws.zoo / ckpt.path / "adapter_model.safetensors")
 
+    def ref_tensors(self, name: str) -> list[dict[str, torch.Tensor]]:
+        """The LoRA tensors of the task's final reference adapters (read once: the oracle row is scored as the
+        same object, so its hits are not measured twice)."""
+        if name not in self._ref_tensors:
+            refs = self.final_adapters(name)
+            if not refs:
+                raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
+            self._ref_tensors[name] = [self.tensors(c) for c in refs]
+        return self._ref_tensors[name]
+
+    def ref_delta(self, name: str) -> torch.Tensor:
+        """The mean δ of the task's final reference adapters, from the zoo's δ."""
+        return torch.stack([self.deltas[c.path] for c in self.final_adapters(name)]).mean(0)
+
     def ref(self, name: str) -> TaskRef:
         """The task's reference (computed on first use)."""
         if name not in self._refs:
             task = load_task(resolve_spec(name, self.extra), self.preset.tasks)
             items = list(task.test[: self.n_test] if self.n_test else task.test)
-            refs = self.final_adapters(name)
-            if not refs:
-                raise ArtifactError(f"{self.ws.manifest}: no final reference adapter for task {name}")
-            tensors = [self.tensors(c) for c in refs]
+            tensors = self.ref_tensors(name)
             kl_items = items[: self.n_kl]
-            ref_hits, base_hits, ref_lp = self._reference_scores(name, refs, tensors, items, kl_items)
-            self._refs[name] = TaskRef(
-                items,
-                tensors,
-                torch.stack([self.deltas[c.path] for c in refs]).mean(0),
-                ref_lp,
-                kl_items,
-                ref_hits,
-                base_hits,
+            ref_hits, base_hits, ref_lp = self._reference_scores(
+                name, self.final_adapters(name), tensors, items, kl_items
             )
+            self._refs[name] = TaskRef(items, tensors, self.ref_delta(name), ref_lp, kl_items, ref_hits, base_hits)
         return self._refs[name]
 
     def _reference_scores(
@@ -173,35 +181,54 @@ class Scorer:
     def _logprobs(self, items: list[Item]) -> torch.Tensor:
         return answer_token_logprobs(self.model, self.tok, items, self.preset.zoo.max_length)
 
+    @contextlib.contextmanager
+    def active(self, adapter: dict[str, torch.Tensor] | Path | None) -> Iterator[None]:
+        """The PEFT model with ``adapter`` active: rank-r LoRA tensors of the zoo's layout (swapped in), a PEFT
+        adapter folder of any rank on the zoo's targets (loaded by PEFT beside the swapper's ``default`` and
+        removed again, e.g. a rank-k·r mixture), or None (the base model)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+        elif isinstance(adapter, dict):
+            self.swapper.set_tensors(adapter)
+            yield
+        else:
+            check_adapter(self.swapper.model.base_model.model, adapter, self.preset.base)
+            try:
+                # PEFT's default device is the first GPU whenever one exists
+                self.model.load_adapter(str(adapter), adapter_name=_SCORED, torch_device=str(self.device))
+                self.model.set_adapter(_SCORED)
+                yield
+            finally:
+                self.model.set_adapter("default")
+                if _SCORED in self.model.peft_config:
+                    self.model.delete_adapter(_SCORED)
+
+    def delta(self, adapter: dict[str, torch.Tensor] | Path | None) -> torch.Tensor:
+        """δ of an adapter (as ``active`` takes it), on the CPU, without scoring it."""
+        with self.active(adapter):
+            return self.probe.delta(self.model).cpu()
+
     def score(self, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics and δ of rank-r LoRA tensors of the zoo's layout on task ``name`` (None: the base model)."""
         ref = self.ref(name)  # computed before the swap: it sets the reference tensors itself
-        if tensors is None:
-            with self.model.disable_adapter():
-                out, delta = self.score_active(name, ref.base_hits)
-        else:
-            self.swapper.set_tensors(tensors)
-            # the hits of the task's own references were measured by ref(): not measured twice
-            known = next((h for t, h in zip(ref.ref_tensors, ref.ref_hits) if t is tensors), None)
+        # the hits of the base model and the task's own references were measured by ref(): not measured twice
+        known = (
+            ref.base_hits
+            if tensors is None
+            else next((h for t, h in zip(ref.ref_tensors, ref.ref_hits) if t is tensors), None)
+        )
+        with self.active(tensors):
             out, delta = self.score_active(name, known)
         out["param_mse"] = self.param_mse(name, tensors)
         return out, delta
 
     def score_folder(self, name: str, folder: str | Path) -> tuple[dict[str, float | None], torch.Tensor]:
-        """Metrics and δ of a PEFT adapter folder of any rank on the zoo's targets (e.g. a rank-k·r mixture),
-        loaded by PEFT beside the swapper's adapter and removed again; its parameter MSE is None (A and B of
-        another rank have no element-wise counterpart in the reference)."""
+        """Metrics and δ of a PEFT adapter folder of any rank on the zoo's targets; its parameter MSE is None (A
+        and B of another rank have no element-wise counterpart in the reference)."""
         self.ref(name)
-        check_adapter(self.swapper.model.base_model.model, folder, self.preset.base)
-        try:
-            # PEFT's default device is the first GPU whenever one exists
-            self.model.load_adapter(str(folder), adapter_name=_SCORED, torch_device=str(self.device))
-            self.model.set_adapter(_SCORED)
+        with self.active(Path(folder)):
             out, delta = self.score_active(name)
-        finally:
-            self.model.set_adapter("default")
-            if _SCORED in self.model.peft_config:
-                self.model.delete_adapter(_SCORED)
         return {**out, "param_mse": None}, delta
 
     def param_mse(self, name: str, tensors: dict[str, torch.Tensor] | None) -> float:
