@@ -125,6 +125,10 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
         and "dnd, seen" not in cv["delta_similarity"]
     )
     assert f"dnd, {LOFO}" in cv["delta_similarity"] and "Whose behaviour" in text
+    # the δ cosine every row records (kept in the committed copies, δ or not): the oracle's is 1 with one zoo seed
+    assert cv["methods"][ORACLE]["delta_cos"]["mean"] == pytest.approx(1, abs=1e-4)
+    assert cv["methods"]["dnd"]["delta_cos"]["n"] == len(pool) and cv["methods"]["base model"]["delta_cos"] is None
+    assert f"| {cv['methods']['dnd']['delta_cos']['mean']:.3f} |" in text.split("| dnd |")[1].split("\n")[0] + "|"
     # a fresh machine (no workspace cells or generators) resumes from another run's committed cells: nothing reruns
     fresh = Workspace(tmp_path / "fresh")
     shutil.copytree(ws.root, fresh.root, ignore=shutil.ignore_patterns("experiments"))

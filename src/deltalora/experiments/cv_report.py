@@ -174,16 +174,18 @@ def cv_section(
         "",
         setup,
         "",
-        "| method | mean accuracy | tasks | train s (mean per adapter source) | " + " | ".join(families) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(families),
+        "| method | mean accuracy | tasks | train s (mean per adapter source) | δ cos to own LoRAs | "
+        + " | ".join(families)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(families),
     ]
     for name, m in methods.items():
         fam = [[a for t, a in m["per_task"].items() if doms[t] == f] for f in families]
-        secs = m.get("train_seconds")
+        secs, c = m.get("train_seconds"), m.get("delta_cos")
+        cos = f"{c['mean']:.3f}" if c else "—"
         L.append(
             f"| {name} | {m['mean']:.3f} | {len(m['per_task'])} | {secs if secs is not None else '—'} | "
-            + " | ".join(f"{np.mean(x):.2f}" if x else "—" for x in fam)
-            + " |"
+            f"{cos} | " + " | ".join(f"{np.mean(x):.2f}" if x else "—" for x in fam) + " |"
         )
     L += [
         "",

@@ -26,11 +26,12 @@ from deltalora.stats import across_tasks, bootstrap_items, holm, t_interval, ver
 
 def _per_task(
     store: CellStore, cells: list[Cell]
-) -> tuple[dict[str, float], dict[str, list[float]], dict[str, np.ndarray]]:
-    """A method's accuracy per task, its hit rate per item, and its δ per task (all averaged over seeds and prompt
-    draws; the workspace's records carry δ, and a task whose δ is missing or zero, as the base model's is, has
-    none), from one read of its records."""
-    acc, item_hits, deltas = {}, {}, {}
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, np.ndarray], dict[str, float]]:
+    """A method's accuracy per task, its hit rate per item, its δ per task (a task whose δ is missing, as in
+    records committed before their δ was kept, or zero, as the base model's is, has none) and the δ cosine to the
+    task's reference that every row records (all averaged over seeds and prompt draws), from one read of its
+    records."""
+    acc, item_hits, deltas, cosines = {}, {}, {}, {}
     for cell in cells:
         rows = [rec["tasks"] for rec in store.records(cell)]
         for t in cell.tasks:
@@ -38,10 +39,12 @@ def _per_task(
             if runs:
                 acc[t] = statistics.fmean(r["acc"] for r in runs)
                 item_hits[t] = np.mean([r["hits"] for r in runs], 0).tolist()
+                if cell.method != "base":  # no δ: its cosine means nothing
+                    cosines[t] = statistics.fmean(r["delta_cos"] for r in runs)
             ds = [r["delta"] for r in runs if r.get("delta")]
             if ds and np.linalg.norm(m := np.mean(ds, 0)) > 0:
                 deltas[t] = m
-    return acc, item_hits, deltas
+    return acc, item_hits, deltas, cosines
 
 
 def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
@@ -120,13 +123,13 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         if c.rq == CV:
             groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
     methods = {name: _per_task(store, cs) for name, cs in groups.items()}
-    deltas = {name: d for name, (_, _, d) in methods.items()}
+    deltas = {name: d for name, (_, _, d, _) in methods.items()}
     generators = [n for n, cs in groups.items() if all(c.method == GENERATOR and c.prompts == "own" for c in cs)]
     declared = declared_comparisons(preset)
     comparisons, p_values = {}, {}
     for a, b in declared:
-        a_acc, a_hits, _ = methods.get(a, ({}, {}, {}))
-        b_acc, b_hits, _ = methods.get(b, ({}, {}, {}))
+        a_acc, a_hits, _, _ = methods.get(a, ({}, {}, {}, {}))
+        b_acc, b_hits, _, _ = methods.get(b, ({}, {}, {}, {}))
         common = sorted(set(a_acc) & set(b_acc))
         if len(common) < 2:
             continue  # not run yet
@@ -149,9 +152,10 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
                 "mean": statistics.fmean(acc.values()),
                 "train_seconds": _seconds(store, groups[name]),
                 "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in groups[name] for rec in store.records(c))),
+                "delta_cos": t_interval(list(cosines.values())) if len(cosines) >= 2 else None,
                 **_curves(store, groups[name]),
             }
-            for name, (acc, _, _) in methods.items()
+            for name, (acc, _, _, cosines) in methods.items()
             if acc
         },
         "comparisons": comparisons,
