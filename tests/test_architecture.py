@@ -238,3 +238,15 @@ def test_architecture_doc_names_every_package():
     for mod in sorted(PACKAGE.rglob("*.py")):
         if mod.name != "__init__.py":
             assert mod.name in doc, f"docs/architecture.md does not list {mod.relative_to(PACKAGE)}"
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_committed_cells_keep_their_delta_and_weights_stay_out_of_git():
+    """The δ beside a committed cell record is committed (a fresh machine rebuilds the behaviour tables from it);
+    any other safetensors file (adapters, generators) stays ignored."""
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert not ignored("results/experiments_x/cells/cv__dnd__fold_0_/seed0.delta.safetensors")
+    assert ignored("results/experiments_x/adapter_model.safetensors") and ignored("workspace/g/generator.safetensors")
