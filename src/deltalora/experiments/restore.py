@@ -69,7 +69,7 @@ def _restore_cell(runner: Runner, cell: Cell) -> str:
 def _restore_seed(runner: Runner, cell: Cell, seed: int | None) -> str:
     f = runner.store.committed_file(cell, seed)
     if not f.exists():
-        return "not scored yet"
+        return "no record in this results folder (not scored yet, or another run's)"
     if runner.store.has_deltas(f):
         return "had its δ"
     source = _source(runner, cell, seed)
