@@ -150,9 +150,10 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     for f in kept:
         (old / f).unlink()
 
-    def restore(workspace: Workspace) -> dict[str, str]:
+    def restore(workspace: Workspace, *more: str) -> dict[str, str]:
         r = CliRunner().invoke(
-            app, [*args[:4], str(workspace.root), "--results-dir", str(old), *args[-2:], *sets, "--restore-delta"]
+            app,
+            [*args[:4], str(workspace.root), "--results-dir", str(old), *args[-2:], *sets, "--restore-delta", *more],
         )
         assert r.exit_code == 0, r.output
         return dict(line.split(": ", 1) for line in r.output.splitlines() if ": " in line)
@@ -163,6 +164,13 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert not (fresh.experiments / "generators").exists() and not (fresh.experiments / "multitask").exists()
     said = restore(ws)  # the workspace that scored them: every generator cell too
     assert said["dnd [fold 0]"] == "restored" and said["retrieval [fold 0]"] == "had its δ"
+    gen = {f.relative_to(old) for c in ("dnd", "multi") for f in old.glob(f"cells/cv__{c}*/*.delta.safetensors")}
+    for f in gen:
+        (old / f).unlink()
+    said = restore(fresh, "--retrain")  # trained again with their seeds: the same adapters, row by row
+    assert said["dnd [fold 0]"] == "restored" and said["multi-task LoRA [fold 0]"] == "restored"
+    assert (fresh.experiments / "generators").exists()
+    assert CliRunner().invoke(app, [*args, *sets, "--retrain"]).exit_code != 0  # only with --restore-delta
     back = {f.relative_to(old): load_file(f) for f in old.glob("cells/*/*.delta.safetensors")}
     assert set(back) == {f for f in kept if "base_model" not in str(f)}
     assert all(torch.allclose(back[f][t].float(), kept[f][t].float(), atol=2e-3) for f in back for t in back[f])

@@ -213,6 +213,14 @@ def experiment_cmd(
             "(each checked against the δ cosine its rows recorded; nothing is trained or rescored), then stop.",
         ),
     ] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            "--retrain",
+            help="With --restore-delta: train again, with their seeds, the generators and multi-task LoRAs the "
+            "workspace lacks (hours on a CPU for a large run); without it those cells keep no δ.",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -245,10 +253,12 @@ def experiment_cmd(
         results_dir.mkdir(parents=True, exist_ok=True)
         typer.echo(declare(p, {n: t.domain for n, t in load_pool(p, run.extra).items()}, results_dir))
         return
+    if retrain and not restore_delta:
+        raise UsageError("--retrain only goes with --restore-delta")
     if restore_delta:
         from deltalora.experiments.restore import restore_deltas
 
-        for name, what in restore_deltas(p, run.ws, results_dir, run.extra).items():
+        for name, what in restore_deltas(p, run.ws, results_dir, run.extra, retrain).items():
             typer.echo(f"{name}: {what}")
         return
     files = run_experiment(p, run.ws, results_dir, only, run.extra, reuse=reuse)

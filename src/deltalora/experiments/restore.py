@@ -3,7 +3,8 @@
 A cell's committed record without its δ still names every adapter it scored (the generator's seed and draw, the
 task retrieved, the tasks mixed), so the δ of those adapters can be measured again without rescoring them. Only
 adapters at hand without training are rebuilt: the tasks' own LoRAs, the training adapters' mean, retrieval and
-the top-k mixture always; a generator or multi-task LoRA only when the workspace still has it. Each δ is checked
+the top-k mixture always; a generator or multi-task LoRA only when the workspace still has it, or with
+``--retrain``, which trains it again with the seed it was trained with. Each δ is checked
 against the δ cosine its row recorded when it was scored (the cosine to the task's reference δ), so an adapter
 that is not the one scored is refused, not stored.
 """
@@ -38,43 +39,50 @@ it by ~1e-6; another adapter, by far more)."""
 
 
 def restore_deltas(
-    preset: Preset, ws: Workspace, results_dir: Path, extra: list[TaskSpec] | None = None, progress: bool = True
+    preset: Preset,
+    ws: Workspace,
+    results_dir: Path,
+    extra: list[TaskSpec] | None = None,
+    retrain: bool = False,
+    progress: bool = True,
 ) -> dict[str, str]:
     """Restore the δ of every cross-validation cell of ``results_dir`` whose committed records lack it; returns
-    what happened to each cell (restored, already there, why not)."""
+    what happened to each cell (restored, already there, why not). ``retrain``: train the generators and
+    multi-task LoRAs the workspace lacks (the same seeds give the same adapters on the same kind of device, which
+    the cosine check confirms row by row)."""
     runner = Runner(preset, ws, results_dir, extra)
     declare(preset, runner.domains, results_dir)  # refused unless these are the cells that run declared
     cells = cv_cells(preset, runner.domains)
     out = {}
     try:
         for cell in tqdm(cells, desc="restore δ", unit="cell", disable=not progress):
-            out[cell.name] = _restore_cell(runner, cell)
+            out[cell.name] = _restore_cell(runner, cell, retrain)
     finally:
         runner.scorer.close()
     return out
 
 
-def _restore_cell(runner: Runner, cell: Cell) -> str:
+def _restore_cell(runner: Runner, cell: Cell, retrain: bool) -> str:
     """What happened to each seed of a cell, in one line (one phrase when all seeds fared alike)."""
     if cell.rq != CV:
         return "not a cross-validation cell"
     if cell.method == "base":
         return "none needed: the base model's δ is zero"
-    said = {seed: _restore_seed(runner, cell, seed) for seed in cell.seeds(runner.preset.experiment.seeds)}
+    said = {seed: _restore_seed(runner, cell, seed, retrain) for seed in cell.seeds(runner.preset.experiment.seeds)}
     if len(set(said.values())) == 1:
         return next(iter(said.values()))
     return "; ".join(f"seed {seed}: {what}" for seed, what in said.items())
 
 
-def _restore_seed(runner: Runner, cell: Cell, seed: int | None) -> str:
+def _restore_seed(runner: Runner, cell: Cell, seed: int | None, retrain: bool) -> str:
     f = runner.store.committed_file(cell, seed)
     if not f.exists():
         return "no record in this results folder (not scored yet, or another run's)"
     if runner.store.has_deltas(f):
         return "had its δ"
-    source = _source(runner, cell, seed)
+    source = _source(runner, cell, seed, retrain)
     if source is None:
-        return f"kept without δ: its {cell.method} adapter is not in the workspace (nothing is trained)"
+        return f"kept without δ: its {cell.method} adapter is not in the workspace (--retrain trains it)"
     deltas = {}
     for task, rows in read_json(f, "experiment cell")["tasks"].items():
         deltas[task] = []
@@ -91,11 +99,11 @@ def _restore_seed(runner: Runner, cell: Cell, seed: int | None) -> str:
     return "restored"
 
 
-def _source(runner: Runner, cell: Cell, seed: int | None) -> Callable[[str, int], list[Adapter]] | None:
+def _source(runner: Runner, cell: Cell, seed: int | None, retrain: bool) -> Callable[[str, int], list[Adapter]] | None:
     """How to rebuild, for a task, the adapters its ``n`` rows scored (one per prompt draw, in row order); None
-    where that would need training."""
+    where that would need training and ``retrain`` is off."""
     if cell.method == GENERATOR:
-        _, folder = runner.generator_folder(cell, seed)
+        folder = runner.trained_generator(cell, seed) if retrain else runner.generator_folder(cell, seed)[1]
         if not (folder / "generator.safetensors").exists():
             return None
         gen = load_generator(folder, runner.scorer.device)
@@ -113,6 +121,6 @@ def _source(runner: Runner, cell: Cell, seed: int | None) -> Callable[[str, int]
         ]
     if cell.method == MIXTURE:
         return lambda task, n: [runner.mixture(cell, seed, task, d)[0] for d in range(n)]
-    if cell.method == MULTITASK and not (runner.multitask_folder(cell.train) / "record.json").exists():
+    if cell.method == MULTITASK and not retrain and not (runner.multitask_folder(cell.train) / "record.json").exists():
         return None
     return lambda task, n: [runner.fixed_adapter(cell, task)] * n
