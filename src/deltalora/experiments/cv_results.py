@@ -23,17 +23,19 @@ from deltalora.experiments.grid import GENERATOR, METHODS, Cell
 from deltalora.io import atomic_write_json
 from deltalora.stats import across_tasks, bootstrap_items, holm, t_interval, verdict
 
+Records = dict[Cell, list[dict]]
+"""Each cell's records, read once per ``cv.json`` rewrite (a read also loads the rows' δ from disk)."""
+
 
 def _per_task(
-    store: CellStore, cells: list[Cell]
+    records: Records, cells: list[Cell]
 ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, np.ndarray], dict[str, float]]:
     """A method's accuracy per task, its hit rate per item, its δ per task (a task whose δ is missing, as in
     records committed before their δ was kept, or zero, as the base model's is, has none) and the δ cosine to the
-    task's reference that every row records (all averaged over seeds and prompt draws), from one read of its
-    records."""
+    task's reference that every row records (all averaged over seeds and prompt draws)."""
     acc, item_hits, deltas, cosines = {}, {}, {}, {}
     for cell in cells:
-        rows = [rec["tasks"] for rec in store.records(cell)]
+        rows = [rec["tasks"] for rec in records[cell]]
         for t in cell.tasks:
             runs = [r for rec in rows for r in rec.get(t, [])]
             if runs:
@@ -47,9 +49,9 @@ def _per_task(
     return acc, item_hits, deltas, cosines
 
 
-def _seconds(store: CellStore, cells: list[Cell]) -> float | None:
+def _seconds(records: Records, cells: list[Cell]) -> float | None:
     """Mean training wall time of the adapters a method's cells used (generators, the multi-task LoRA), else None."""
-    xs = [rec["train_seconds"] for c in cells for rec in store.records(c) if "train_seconds" in rec]
+    xs = [rec["train_seconds"] for c in cells for rec in records[c] if "train_seconds" in rec]
     return round(statistics.fmean(xs), 1) if xs else None
 
 
@@ -103,9 +105,9 @@ def _separation(x: bytes, shape: tuple[int, int], labels: tuple[str, ...], permu
     return separation(cosine_distance(rows), labels, permutations)
 
 
-def _curves(store: CellStore, cells: list[Cell]) -> dict:
+def _curves(records: Records, cells: list[Cell]) -> dict:
     """A generator method's training and validation curves (first seed of each fold) and its kept steps."""
-    recs = [(c, store.records(c)) for c in cells if c.method == GENERATOR and c.prompts == "own"]
+    recs = [(c, records[c]) for c in cells if c.method == GENERATOR and c.prompts == "own"]
     recs = [(c, r[0]) for c, r in recs if r and "curves" in r[0]]
     if not recs:
         return {}
@@ -118,11 +120,11 @@ def _curves(store: CellStore, cells: list[Cell]) -> dict:
 def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell], domains: dict[str, str]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
     with Holm-adjusted p-values and verdicts (a comparison whose cells have not run yet is left out)."""
+    records: Records = {c: store.records(c) for c in cells if c.rq == CV}
     groups: dict[str, list[Cell]] = {}
-    for c in cells:
-        if c.rq == CV:
-            groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
-    methods = {name: _per_task(store, cs) for name, cs in groups.items()}
+    for c in records:
+        groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families
+    methods = {name: _per_task(records, cs) for name, cs in groups.items()}
     deltas = {name: d for name, (_, _, d, _) in methods.items()}
     generators = [n for n, cs in groups.items() if all(c.method == GENERATOR and c.prompts == "own" for c in cs)]
     declared = declared_comparisons(preset)
@@ -150,10 +152,10 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
             name: {
                 "per_task": acc,
                 "mean": statistics.fmean(acc.values()),
-                "train_seconds": _seconds(store, groups[name]),
-                "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in groups[name] for rec in store.records(c))),
+                "train_seconds": _seconds(records, groups[name]),
+                "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in groups[name] for rec in records[c])),
                 "delta_cos": t_interval(list(cosines.values())) if len(cosines) >= 2 else None,
-                **_curves(store, groups[name]),
+                **_curves(records, groups[name]),
             }
             for name, (acc, _, _, cosines) in methods.items()
             if acc
@@ -162,7 +164,7 @@ def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Ce
         "delta_separation": _delta_separation(deltas, domains),
         "delta_similarity": _delta_similarity(deltas, generators),
         # wall time of every finished cell and seed (generator training and scoring), summed: the run's CPU budget
-        "cell_seconds": round(sum(rec.get("seconds", 0.0) for c in cells if c.rq == CV for rec in store.records(c))),
+        "cell_seconds": round(sum(rec.get("seconds", 0.0) for recs in records.values() for rec in recs)),
     }
     f = results_dir / f"{CV}.json"
     atomic_write_json(f, out)
