@@ -206,9 +206,11 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
     assert len(set((ws.experiments / "generators").glob("*/generator.safetensors")) - trained) == 1  # B's alone
     pair = next(iter(rq4["pairs"].values()))
     assert {"B: G(δa + δb)", "dnd on mixed prompts", "union LoRA (trained on both tasks)"} <= set(pair["methods"])
+    (out4 / "discussion.md").write_text("A note on the composition run.")
     r = CliRunner().invoke(app, ["report", str(out), str(out4), "--out", str(doc)])
     assert r.exit_code == 0, r.output
     text4 = doc.read_text()
+    assert "A note on the composition run." in text4.split("## RQ4: composition", 1)[1]  # under its own section
     assert "Not asked" not in _question_lines(text4)["RQ4"] and "Generators: dnd = `dnd [fold 0]`" in text4
     assert "## Cross-validation over tasks" in text4 and (doc.parent / "report_composition.png").exists()
     # a headline run and a warm-variants run sharing its cells: one report, the second adds only what it compares
@@ -226,10 +228,12 @@ def test_cross_validation_on_the_tiny_preset(tiny_zoo, tmp_path):
             }
         )
     )
+    (out / "discussion.md").write_text("A note on the warm run.")
     r = CliRunner().invoke(app, ["report", str(head), str(out), "--out", str(doc)])
     assert r.exit_code == 0, r.output
     text = doc.read_text()
     lines, body = _question_lines(text), text.split("## Setup", 1)[1]
+    assert "A note on the warm run." in body.split("## δ and end-to-end variants", 1)[1]
     assert "E2E (from dnd) - dnd (continued) (" in lines["δ"] and "E2E" not in lines["RQ2"]
     warm = body.split("## δ and end-to-end variants", 1)[1]
     assert "| dnd - mean of training adapters |" not in warm and "| E2E (from dnd) - dnd (continued) |" in warm

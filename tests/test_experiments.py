@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -284,6 +286,26 @@ def test_claimed_lock_is_exclusive_between_holders(tmp_path):
             assert first and not second
     with file_lock(tmp_path / "cell.lock") as again:
         assert again
+
+
+def test_rq4_summary_waits_for_methods_another_process_holds(tmp_path):
+    """rq4.json is summarised only once every method another process took has its result on disk."""
+    pair = tmp_path / "composition" / "a+b"
+    held = threading.Event()
+
+    def other_process() -> None:
+        with file_lock(pair / "m.lock") as mine:
+            assert mine
+            held.set()
+            time.sleep(0.3)
+            (pair / "m.json").write_text("{}")
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait()
+    composition._settled(tmp_path / "composition")
+    assert (pair / "m.json").exists()
+    t.join()
 
 
 def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, tiny_preset, monkeypatch, tmp_path):

@@ -37,7 +37,10 @@ def run_composition(runner: Runner, cells: list[Cell]) -> Path:
     pre, ex = runner.preset, runner.preset.experiment
     main = composition_generators(cells)
     paired = {t for p in pre.pairs for t in p}
-    pairs = {f"{a}+{b}": _pair(runner, main, a, b) for a, b in pre.pairs}
+    for a, b in pre.pairs:
+        _pair(runner, main, a, b)
+    _settled(runner.results_dir / "composition")
+    pairs = {f"{a}+{b}": _summary(_cache(runner, a, b), a, b) for a, b in pre.pairs}
     units = {f"{k}|{t}": per for k, p in pairs.items() for t, per in p.pop("units").items()}
     out = {
         "rq": "rq4",
@@ -74,10 +77,23 @@ def composition_generators(cells: list[Cell]) -> dict[str, Cell]:
     return {v: c for c in plain if (v := c.name.removesuffix(" [fold 0]")) in VARIANTS}
 
 
-def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, Any]:
-    """Every method on one pair, each cached in its own file (another process may take some); the pair's summary."""
+def _cache(runner: Runner, a: str, b: str) -> Path:
+    """A pair's per-method results: beside ``rq4.json``, committed, so a rerun resumes from them."""
+    return runner.results_dir / "composition" / f"{a}+{b}"
+
+
+def _settled(root: Path) -> None:
+    """Wait until no other process holds a method of any pair: a summary taken while one still scores would
+    leave its result out of ``rq4.json`` (the last process to finish writes the file everyone reads)."""
+    for lock in sorted(root.glob("*/*.lock")):
+        with file_lock(lock, block=True):
+            pass
+
+
+def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> None:
+    """Every method on one pair, each cached in its own file; a method another process holds is left to it."""
     ex = runner.preset.experiment
-    cache = runner.results_dir / "composition" / f"{a}+{b}"  # beside rq4.json: committed, a rerun resumes from it
+    cache = _cache(runner, a, b)
     ref_a, ref_b = runner.scorer.ref(a), runner.scorer.ref(b)
 
     union = runner.scorer.manifest.union(a, b)
@@ -123,7 +139,6 @@ def _pair(runner: Runner, main: dict[str, Cell], a: str, b: str) -> dict[str, An
             continue
         for seed in main[v].seeds(ex.seeds):
             cached(f"{v} on mixed prompts seed{seed}", lambda v=v, seed=seed: _mixed(runner, main[v], seed, a, b, both))
-    return _summary(cache, a, b)
 
 
 def _peft_merge(runner: Runner, a: str, b: str, kind: str, both) -> dict:

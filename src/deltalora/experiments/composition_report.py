@@ -9,7 +9,7 @@ import numpy as np
 
 from deltalora.experiments.answers import comparison_table
 from deltalora.experiments.composition import UNION_COS
-from deltalora.experiments.cv_report import save_png
+from deltalora.experiments.cv_report import discussion_lines, save_png, with_discussion
 from deltalora.io import read_json
 
 PLOT = "report_composition.png"
@@ -22,7 +22,7 @@ def find_rq4(rqs: dict, more: Sequence[Path]) -> tuple[dict | None, list[Path]]:
     only = [d for d in found if not (d / "cv.json").exists() and not (d / "declared.json").exists()]
     if "rq4" in rqs:
         return rqs["rq4"], only
-    return (read_json(found[0] / "rq4.json", "composition results") if found else None), only
+    return (with_discussion(read_json(found[0] / "rq4.json", "composition results"), found[0]) if found else None), only
 
 
 def composition_plot(rq4: dict, out_dir: Path) -> dict[str, str]:
@@ -104,6 +104,7 @@ def rq4_section(rq4: dict, plots: dict[str, str], fmt) -> list[str]:
             *comparison_table(rq4["comparisons"], unit="pair × task units"),
             "",
         ]
+    L += discussion_lines(rq4)
     if PLOT in plots:
         L += [f"![composition]({PLOT})", ""]
     return L

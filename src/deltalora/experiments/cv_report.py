@@ -68,10 +68,22 @@ def cv_parts(cv: dict | None, more: Sequence[Path]) -> tuple[list[tuple[str, dic
         todo.update(tags[k] for k in extra["declared_comparisons"] if k not in extra["comparisons"])
         for q, n in todo.items():  # a run still going: its declared comparisons without results
             waiting.setdefault(q, []).append(f"`{d}` ({n} still to run)")
-        parts.append((cv_title(extra), only_new(extra, methods, comparisons)))
+        parts.append((cv_title(extra), with_discussion(only_new(extra, methods, comparisons), d)))
         methods |= set(extra["methods"])
         comparisons |= set(extra["comparisons"])
     return parts, (["## Declared, not run", "", *pending] if pending else []), waiting
+
+
+def with_discussion(doc: dict, folder: Path) -> dict:
+    """``doc`` with its folder's hand-written ``discussion.md`` (what the numbers cannot say: a cost, a caveat of
+    the design), which the report prints under the run's section."""
+    f = folder / "discussion.md"
+    return {**doc, "discussion": f.read_text().strip()} if f.exists() else doc
+
+
+def discussion_lines(doc: dict) -> list[str]:
+    """The section's closing note from its folder's ``discussion.md``, if any."""
+    return [doc["discussion"], ""] if doc.get("discussion") else []
 
 
 def cv_questions(parts: list[tuple[str, dict]]) -> dict[str, dict[str, dict]]:
@@ -200,6 +212,7 @@ def cv_section(
     if missing:
         L += ["", f"Not run yet: {', '.join(missing)}."]
     L.append("")
+    L += discussion_lines(cv)
     L += _separation_table(cv.get("delta_separation", {})) + _similarity_table(cv.get("delta_similarity", {}))
     if f"{stem}.png" in plots:
         L += [f"![cross-validation by family]({stem}.png)", ""]

@@ -3,7 +3,8 @@
 Every number in the report is read from ``RESULTS_DIR/*.json``; the conclusions are
 computed from them (differences of seed means with Welch t-intervals; cross-validation with the paired,
 Holm-corrected tests of ``cv.json``).
-A hand-written ``RESULTS_DIR/discussion.md``, if present, is included verbatim.
+A hand-written ``discussion.md`` in a results folder, if present, is included verbatim: the first folder's at
+the end, a further run's under its section (or, while it has not run, under "Declared, not run").
 """
 
 from __future__ import annotations
