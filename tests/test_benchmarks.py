@@ -118,3 +118,34 @@ def test_checkpoint_mean_scores_each_checkpoint_and_their_mean(tiny_zoo, tmp_pat
         steps = [c.step for c in tiny_zoo.manifest.singles() if c.task == "syn.add"]
         assert sorted(int(s) for s in row["by_step"]) == sorted(steps)  # every kept checkpoint of the run
         assert all(a * 8 == round(a * 8) for a in [*row["by_step"].values(), row["mean_of_checkpoints"]])
+
+
+def test_merge_rank_energy_matches_the_dense_svd_of_the_lora_sum(tiny_zoo, tmp_path):
+    """The QR shortcut gives the share a dense SVD of every module's ΔW_a + ΔW_b gives; the script covers every pair."""
+    spec = importlib.util.spec_from_file_location("merge_rank_energy", ROOT / "benchmarks" / "merge_rank_energy.py")
+    mre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mre)
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        {"m.lora_A.weight": torch.randn(4, 12, generator=g), "m.lora_B.weight": torch.randn(10, 4, generator=g)}
+        for _ in "xy"
+    )
+    s2 = torch.linalg.svdvals(sum(d["m.lora_B.weight"].double() @ d["m.lora_A.weight"].double() for d in (x, y))) ** 2
+    assert abs(mre.top_r_share(x, y, 4) - (s2[:4].sum() / s2.sum()).item()) < 1e-9
+    assert abs(mre.top_r_share(x, y, 8) - 1.0) < 1e-9  # the whole rank-2r sum
+    out = tmp_path / "energy.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "merge_rank_energy.py"),
+            "--workspace",
+            str(tiny_zoo.workspace),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = json.loads(out.read_text())["pairs"]
+    assert set(pairs) == {"+".join(c.pair_of) for c in tiny_zoo.manifest if c.pair_of}
+    assert all(0 < p["top_r_share"] <= 1 for p in pairs.values())
