@@ -39,6 +39,17 @@ def test_basis_head_starts_at_the_mean_and_spans_the_targets():
     )
 
 
+def test_basis_head_reads_a_conditions_direction_not_its_length():
+    """Its LayerNorm input: B's G_θ decodes c·δ as δ for any c > 0, so G(δa + δb) and G(½δa + ½δb) are one adapter."""
+    g = torch.Generator().manual_seed(0)
+    head = BasisHead(d_cond=16, rank=4, n_tokens=6, width=4)
+    head.fit(torch.randn(5, 6, 4, generator=g))
+    torch.nn.init.normal_(head.net[-1].weight, generator=g)  # trained coefficients, not the zero init
+    d = torch.randn(1, 16, generator=g)
+    torch.testing.assert_close(head(0.5 * d), head(d), rtol=1e-3, atol=1e-3)  # up to the LayerNorm's ε
+    assert not torch.allclose(head(-d), head(d))
+
+
 @pytest.mark.parametrize("head", ["basis", "basis+conv"])
 def test_a_basis_generator_learns_to_tell_tasks_apart(head, tiny_zoo, tmp_path):
     delta_stage(tiny_zoo.preset, tiny_zoo.ws, (5,))

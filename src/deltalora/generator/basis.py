@@ -68,7 +68,8 @@ class BasisHead(nn.Module):
 
     The mean and the scaled directions are buffers (saved with the generator, set once from the training
     targets by ``fit``); only the coefficient network is trained. Coefficients start at zero, so training
-    starts from the mean adapter and moves away from it only as far as the prompts explain.
+    starts from the mean adapter and moves away from it only as far as the prompts explain. Its input LayerNorm
+    makes it read a condition's direction, not its length: B's G_θ decodes c·δ (c > 0) as δ.
     """
 
     def __init__(self, d_cond: int, rank: int, n_tokens: int, width: int, hidden: int = 256):
