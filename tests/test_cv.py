@@ -26,7 +26,7 @@ from deltalora.experiments.cv import (
 )
 from deltalora.experiments.cv_report import cv_questions
 from deltalora.experiments.grid import Cell
-from deltalora.experiments.questions import LIST_ALL, QUESTIONS
+from deltalora.experiments.questions import LIST_ALL, QUESTIONS, RQ4, sentence
 from deltalora.experiments.runner import word_salad
 from deltalora.workspace import Workspace
 
@@ -270,6 +270,21 @@ def _question_lines(text: str) -> dict[str, str]:
     """The report's opening answers, by question id."""
     lead = text.split("## The questions, answered", 1)[1].split("## Setup", 1)[0]
     return {q.id: next(x for x in lead.splitlines() if x.startswith(f"- **{q.id}** — ")) for q in QUESTIONS}
+
+
+def test_an_answer_names_its_questions_own_tests_among_many():
+    """Beyond LIST_ALL comparisons the undetected ones are counted, except the question's own tests (RQ4's decoded
+    δ sums), which are named whatever their size."""
+
+    def comp(diff: float) -> dict:
+        at = {"diff_mean": diff, "diff_ci": [diff - 0.1, diff + 0.1], "min_detectable": 0.2, "wins": 3, "losses": 4}
+        return {"across_tasks": at, "p_holm": 0.5, "verdict": "not detected"}
+
+    comps = {f"m{i} - union": comp(-0.05 * i) for i in range(LIST_ALL + 1)} | {"B: G(δa + δb) - union": comp(-0.01)}
+    line = sentence(comps, RQ4.named)
+    assert "B: G(δa + δb) - union (" in line and f"Not detected in {LIST_ALL + 1} more of {LIST_ALL + 2}" in line
+    assert f"m{LIST_ALL} - union (" in line and "m1 - union (" not in line  # the largest of the rest
+    assert "Not detected in" in sentence(comps) and "B: G(δa + δb) - union (" not in sentence(comps)
 
 
 def test_word_salad_keeps_lengths_and_vocabulary_and_is_seeded():

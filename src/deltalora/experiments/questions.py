@@ -20,6 +20,9 @@ class Question:
     """Short name in the report (``RQ1`` ...)."""
     asks: str
     """The question, as the reader would ask it."""
+    named: str = ""
+    """Comparisons whose key holds this text are the question's own tests: the answer names each of them, detected
+    or not, however many others there are."""
 
 
 RQ1 = Question("RQ1", "On tasks it was trained on, does a generated adapter do what the task's own LoRA does?")
@@ -30,7 +33,9 @@ RQ2 = Question(
 )
 DELTA = Question("δ", "Does δ supervision (or training end to end through the base model) change that?")
 RQ3 = Question("RQ3", "With fewer training tasks or corrupted weight targets, does δ supervision help?")
-RQ4 = Question("RQ4", "Does decoding a sum of δ compose two tasks as well as merging or union training?")
+RQ4 = Question(
+    "RQ4", "Does decoding a sum of δ compose two tasks as well as merging or union training?", named="G(δa + δb) - "
+)
 CONTROLS = Question("controls", "Do the generators read their prompts, and do the ablations matter?")
 QUESTIONS: tuple[Question, ...] = (RQ1, RQ2, DELTA, RQ3, RQ4, CONTROLS)
 """In the order the report answers them."""
@@ -45,11 +50,11 @@ def _one(key: str, c: dict) -> str:
     return f"{key} ({means}{difference(c['across_tasks'])}, p_Holm {c['p_holm']:.2g}{f'; {why}' if why else ''})"
 
 
-def sentence(comparisons: dict[str, dict]) -> str:
+def sentence(comparisons: dict[str, dict], named: str = "") -> str:
     """The answer from a question's comparisons: which differences the corrected tests detect (better, worse), and
     which they do not, each with both means where given (``means``, over the tasks both scored), its difference,
     t-interval across tasks and Holm p; beyond ``LIST_ALL`` comparisons, the undetected ones are counted and only
-    the largest is named."""
+    the largest is named, besides those whose key holds ``named``."""
     words = {"better": [], "worse": [], "not detected": []}
     for key, c in comparisons.items():
         words.setdefault(c["verdict"], []).append(key)
@@ -58,11 +63,13 @@ def sentence(comparisons: dict[str, dict]) -> str:
         if words[verdict]:
             out.append(f"{verdict.capitalize()}: " + "; ".join(_one(k, comparisons[k]) for k in words[verdict]))
     quiet = words["not detected"]
-    if quiet and len(comparisons) <= LIST_ALL:
-        out.append("Not detected: " + "; ".join(_one(k, comparisons[k]) for k in quiet))
-    elif quiet:
-        top = max(quiet, key=lambda k: abs(comparisons[k]["across_tasks"]["diff_mean"]))
-        out.append(f"Not detected in {len(quiet)} of {len(comparisons)}; the largest: {_one(top, comparisons[top])}")
+    own = [k for k in quiet if named and named in k] if len(comparisons) > LIST_ALL else quiet
+    if own:
+        out.append("Not detected: " + "; ".join(_one(k, comparisons[k]) for k in own))
+    if rest := [k for k in quiet if k not in own]:
+        top = max(rest, key=lambda k: abs(comparisons[k]["across_tasks"]["diff_mean"]))
+        n = f"{len(rest)}{' more' if own else ''} of {len(comparisons)}"
+        out.append(f"Not detected in {n}; the largest: {_one(top, comparisons[top])}")
     return ". ".join(out) + "."
 
 
@@ -77,7 +84,7 @@ def question_lines(
         head = f"- **{q.id}** — {q.asks} "
         if found.get(q.id):
             more = f" More declared in {', '.join(declared[q.id])}, no results yet." if declared.get(q.id) else ""
-            L.append(head + sentence(found[q.id]) + more)
+            L.append(head + sentence(found[q.id], q.named) + more)
         elif q.id in (sections or {}):
             L.append(head + f"No declared comparison; answered with seed intervals in {', '.join(sections[q.id])}.")
         elif declared.get(q.id):
