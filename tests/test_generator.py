@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -209,7 +211,9 @@ def test_each_stage_gets_its_own_warmup_and_cosine():
     assert stage2[2] == 1.0 and stage2[-1] < 0.05 and stage2 == [lr_lambda(2, (10,))(s) for s in range(10)]
 
 
-def test_linearised_delta_is_exact_at_the_checkpoints_first_order_near_them_and_cached(ws, encoder, tmp_path):
+def test_linearised_delta_is_exact_at_the_checkpoints_first_order_near_them_and_cached(
+    ws, encoder, tmp_path, monkeypatch
+):
     preset = _preset(ws, variant="A2-lin", head="basis")
     data, tokenizer = training_set(preset, ws.ws, list(preset.pool), None, encoder, save_cache=False)
     model = Generator(preset.generator, tokenizer.n_tokens, tokenizer.width, data.deltas.shape[1])
@@ -239,6 +243,26 @@ def test_linearised_delta_is_exact_at_the_checkpoints_first_order_near_them_and_
     exact.delta = lambda *a: pytest.fail("measured again")
     again = LinearDelta(model.basis, data.tokens, tokenizer, exact, data.delta_scale, tmp_path / "cache")
     assert torch.equal(again.jac, lin.jac) and torch.equal(again.d_star, lin.d_star)
+    # two processes (here threads) building the same Jacobians at once: one measures, the other waits and loads
+    calls = []
+
+    def measure(self):
+        calls.append(1)
+        time.sleep(0.3)
+        return lin.d_star, lin.jac
+
+    monkeypatch.setattr(LinearDelta, "_measure", measure)
+    built = []
+
+    def make() -> None:
+        built.append(LinearDelta(model.basis, data.tokens, tokenizer, exact, 1.0, tmp_path / "shared"))
+
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(torch.equal(b.jac, lin.jac) for b in built) and len(built) == 2
 
 
 def test_checkpoints_per_run_keeps_each_runs_last_checkpoints(ws, encoder):

@@ -22,7 +22,7 @@ from deltalora.delta.analysis import cos
 from deltalora.generator.basis import BasisHead
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour
-from deltalora.io import atomic_write_bytes
+from deltalora.io import atomic_write_bytes, file_lock
 
 EPS = 0.05
 """Forward-difference step in coefficient units (each direction is scaled by the zoo's std along it, so
@@ -51,13 +51,16 @@ class LinearDelta:
             for t in (self.mean, self.dirs, self.c_star):
                 key.update(t.cpu().contiguous().numpy().tobytes())
             cached = cache_dir / f"{key.hexdigest()[:20]}.safetensors"
-        if cached is not None and cached.exists():
-            saved = load_file(cached)
-            self.d_star, self.jac = saved["d_star"].to(tokens.device), saved["jac"].to(tokens.device)
+        if cached is None:
+            self.d_star, self.jac = self._measure()
             return
-        self.d_star, self.jac = self._measure()
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
+        # two experiment processes training seeds of one cell need the same Jacobians: one measures, one waits
+        with file_lock(cached.with_suffix(".lock"), block=True):
+            if cached.exists():
+                saved = load_file(cached)
+                self.d_star, self.jac = saved["d_star"].to(tokens.device), saved["jac"].to(tokens.device)
+                return
+            self.d_star, self.jac = self._measure()
             tensors = {"d_star": self.d_star.cpu().contiguous(), "jac": self.jac.cpu().contiguous()}
             atomic_write_bytes(cached, save(tensors))
 
