@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -16,13 +17,14 @@ import deltalora.experiments.multitask as multitask
 from deltalora.delta.compute import delta_stage
 from deltalora.errors import ConfigError
 from deltalora.experiments.config import ExperimentConfig
-from deltalora.experiments.grid import METHODS, MULTITASK, plan
+from deltalora.experiments.grid import METHODS, MULTITASK, Cell, plan
 from deltalora.experiments.report import write_report
 from deltalora.experiments.run import run_experiment
 from deltalora.experiments.runner import Runner
 from deltalora.generator.encoder import PromptEncoder
 from deltalora.generator.mixture import MIXTURE, concat_loras, mixture_weights, write_mixture
 from deltalora.generator.retrieval import build_retrieval, retrieve
+from deltalora.io import Busy, defer_when_busy, file_lock
 from deltalora.workspace import Workspace
 
 
@@ -134,5 +136,35 @@ def test_multitask_lora_trains_on_the_union_once(rq2, ws, preset, monkeypatch):
         monkeypatch.setattr(multitask, "train_lora", no_training)
         assert runner.multitask_adapter(train) == folder
         assert set(load_file(folder / "adapter_model.safetensors")) == set(runner.scorer.swapper.lora_keys())
+    finally:
+        runner.scorer.close()
+
+
+def test_a_cell_whose_multitask_lora_another_process_builds_is_deferred_then_taken(rq2, ws, preset):
+    """A worker does not idle behind another process's build: the cell is passed over with nothing written, and
+    taken once the build's lock is free (the experiment's final pass waits for it instead)."""
+    runner = Runner(preset, ws, rq2)
+    try:
+        train = tuple(t for t in preset.pool if t not in preset.experiment.held_out)[1:]  # a union not built yet
+        cell = Cell("rq2", "multi-task LoRA, fewer tasks", MULTITASK, preset.experiment.held_out, train)
+        folder = runner.multitask_folder(train)
+        building, release = threading.Event(), threading.Event()
+
+        def other_process() -> None:
+            with file_lock(folder.parent / f"{folder.name}.lock") as mine:
+                assert mine
+                building.set()
+                release.wait()
+
+        t = threading.Thread(target=other_process)
+        t.start()
+        building.wait()
+        assert not runner.run_cell(cell) and not runner.store.done(cell, None)
+        with pytest.raises(Busy), defer_when_busy():
+            runner.multitask_adapter(train)
+        release.set()
+        t.join()
+        assert runner.run_cell(cell) and runner.store.done(cell, None)
+        assert (folder / "record.json").exists()
     finally:
         runner.scorer.close()

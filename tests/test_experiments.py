@@ -21,7 +21,7 @@ from deltalora.delta.compute import delta_stage
 from deltalora.experiments.run import run_experiment
 from deltalora.generator.dataset import training_set
 from deltalora.generator.encoder import PromptEncoder
-from deltalora.io import file_lock
+from deltalora.io import Busy, build_once, defer_when_busy, file_lock
 from deltalora.presets import apply_overrides
 from deltalora.workspace import Workspace
 
@@ -335,3 +335,28 @@ def test_scorer_reuses_the_hits_it_measured_for_the_base_and_the_references(ws, 
     assert torch.equal(cached.ref_logprobs, ref.ref_logprobs)
     assert again.ref(tiny_preset.pool[1]) and len(calls) > n_ref + 1  # another task is scored, then cached
     again.close()
+
+
+def test_build_once_builds_for_one_process_and_defers_or_waits_for_the_others(tmp_path):
+    """Of processes needing one artifact, one builds; another waits for it, or inside ``defer_when_busy`` is told
+    Busy at once; a finished artifact is read without touching its lock."""
+    out, lock = tmp_path / "artifact", tmp_path / "artifact.lock"
+    building, builds = threading.Event(), []
+
+    def build() -> None:
+        builds.append(1)
+        building.set()
+        time.sleep(0.3)
+        out.write_text("built")
+
+    t = threading.Thread(target=build_once, args=(lock, out.exists, build))
+    t.start()
+    building.wait()
+    with pytest.raises(Busy), defer_when_busy():
+        build_once(lock, out.exists, build)
+    build_once(lock, out.exists, build)  # waits for the other build, then finds it done
+    t.join()
+    assert out.read_text() == "built" and builds == [1]
+    with file_lock(lock) as mine, defer_when_busy():
+        assert mine
+        build_once(lock, out.exists, build)  # done: no Busy although the lock is held

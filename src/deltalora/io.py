@@ -6,6 +6,7 @@ Folders (adapters, the zoo, generators) follow the output-folder rule in ``delta
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -14,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,35 @@ def file_lock(path: str | Path, block: bool = False) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+class Busy(Exception):
+    """Another process is building a shared artifact and the caller chose not to wait (``defer_when_busy``)."""
+
+
+_DEFER = contextvars.ContextVar("deltalora_defer_when_busy", default=False)
+
+
+@contextlib.contextmanager
+def defer_when_busy(enabled: bool = True) -> Iterator[None]:
+    """Inside (when ``enabled``), ``build_once`` raises ``Busy`` instead of waiting for another process's build, so
+    a worker with other cells to run does them first instead of idling (a context, not an argument: the builds sit
+    several calls below the worker's loop)."""
+    token = _DEFER.set(enabled)
+    try:
+        yield
+    finally:
+        _DEFER.reset(token)
+
+
+def build_once(lock: str | Path, done: Callable[[], bool], build: Callable[[], None]) -> None:
+    """Run ``build`` unless ``done()``: of several processes that need one artifact, one builds it while the others
+    wait (or raise ``Busy`` inside ``defer_when_busy``); ``done`` is asked before the lock too, so readers of a
+    finished artifact never contend for it."""
+    if done():
+        return
+    with file_lock(lock, block=not _DEFER.get()) as mine:
+        if not mine:
+            raise Busy(f"{lock}: another process is building this")
+        if not done():
+            build()

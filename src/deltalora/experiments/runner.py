@@ -36,7 +36,7 @@ from deltalora.generator.generate import choose_prompts, generate_tensors
 from deltalora.generator.mixture import MIXTURE, write_mixture
 from deltalora.generator.retrieval import RETRIEVAL, build_retrieval, retrieve
 from deltalora.generator.train import train_generator
-from deltalora.io import atomic_write_json, file_lock, read_json
+from deltalora.io import Busy, atomic_write_json, build_once, defer_when_busy, file_lock, read_json
 from deltalora.workspace import Workspace
 
 _KEYED_WHEN_SET = {"corrupt_delta": True}
@@ -96,19 +96,22 @@ class Runner:
         if source:
             self.trained_generator(source, seed)
         preset, out = self.generator_folder(cell, seed)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # two experiment processes (e.g. --only rq1 and --only rq3) may need the same generator: one trains, one waits
-        with file_lock(out.parent / f"{out.name}.lock", block=True):
-            if not (out / "generator.safetensors").exists():
-                train_generator(preset, self.ws, out, list(cell.train), self.extra, progress=False)
+        # two experiment processes (e.g. --only rq1 and --only rq3) may need the same generator: one trains it
+        build_once(
+            out.parent / f"{out.name}.lock",
+            (out / "generator.safetensors").exists,
+            lambda: train_generator(preset, self.ws, out, list(cell.train), self.extra, progress=False),
+        )
         return out
 
     def retrieval_index(self, train: tuple[str, ...]) -> Path:
         """The retrieval index over these training tasks, built once."""
         out = self.root / "retrieval" / hashlib.sha256("|".join(train).encode()).hexdigest()[:16]
-        with file_lock(out.parent / f"{out.name}.lock", block=True):
-            if not (out / "config.json").exists():
-                build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder)
+        build_once(
+            out.parent / f"{out.name}.lock",
+            (out / "config.json").exists,
+            lambda: build_retrieval(self.preset, self.ws, out, list(train), self.extra, self.encoder),
+        )
         return out
 
     def multitask_folder(self, train: tuple[str, ...]) -> Path:
@@ -118,10 +121,12 @@ class Runner:
     def multitask_adapter(self, train: tuple[str, ...]) -> Path:
         """The multi-task LoRA over these training tasks, trained if no process has trained it yet."""
         out = self.multitask_folder(train)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.parent / f"{out.name}.lock", block=True):
-            if not (out / "record.json").exists():  # written last inside the atomic folder: present means complete
-                train_multitask(self.preset, self.tasks, train, out)
+        # record.json is written last inside the atomic folder: present means complete
+        build_once(
+            out.parent / f"{out.name}.lock",
+            (out / "record.json").exists,
+            lambda: train_multitask(self.preset, self.tasks, train, out),
+        )
         return out
 
     # ---------------------------------------------------------------- prompts
@@ -151,8 +156,9 @@ class Runner:
         return out
 
     def run_cell(self, cell: Cell, wait: bool = False) -> bool:
-        """Score every seed of the cell not on disk yet; False if another process holds one of them
-        (with ``wait``, block until it is free instead)."""
+        """Score every seed of the cell not on disk yet; False if another process holds one of them or is building
+        an artifact one needs (a generator, its linearised-δ Jacobians, a multi-task LoRA): the caller runs other
+        cells meanwhile. With ``wait``, block until they are free instead."""
         seeds = cell.seeds(self.preset.experiment.seeds)
         complete = True
         for seed in seeds:
@@ -164,7 +170,11 @@ class Runner:
                 if not mine:
                     complete = False
                 elif not self.store.done(cell, seed):
-                    self._run_seed(cell, seed)
+                    try:
+                        with defer_when_busy(not wait):
+                            self._run_seed(cell, seed)
+                    except Busy:  # nothing of this seed was written; a later pass (or the final wait) takes it
+                        complete = False
         return complete
 
     def _run_seed(self, cell: Cell, seed: int | None) -> None:

@@ -22,7 +22,7 @@ from deltalora.delta.analysis import cos
 from deltalora.generator.basis import BasisHead
 from deltalora.generator.lora_tokens import LoraTokenizer
 from deltalora.generator.loss import ExactBehaviour
-from deltalora.io import atomic_write_bytes, file_lock
+from deltalora.io import atomic_write_bytes, build_once
 
 EPS = 0.05
 """Forward-difference step in coefficient units (each direction is scaled by the zoo's std along it, so
@@ -54,15 +54,15 @@ class LinearDelta:
         if cached is None:
             self.d_star, self.jac = self._measure()
             return
-        # two experiment processes training seeds of one cell need the same Jacobians: one measures, one waits
-        with file_lock(cached.with_suffix(".lock"), block=True):
-            if cached.exists():
-                saved = load_file(cached)
-                self.d_star, self.jac = saved["d_star"].to(tokens.device), saved["jac"].to(tokens.device)
-                return
-            self.d_star, self.jac = self._measure()
-            tensors = {"d_star": self.d_star.cpu().contiguous(), "jac": self.jac.cpu().contiguous()}
-            atomic_write_bytes(cached, save(tensors))
+
+        def measure() -> None:
+            d_star, jac = self._measure()
+            atomic_write_bytes(cached, save({"d_star": d_star.cpu().contiguous(), "jac": jac.cpu().contiguous()}))
+
+        # two experiment processes training seeds of one cell need the same Jacobians: one measures them
+        build_once(cached.with_suffix(".lock"), cached.exists, measure)
+        saved = load_file(cached)  # float32 both ways: the measuring process reads back what it measured
+        self.d_star, self.jac = saved["d_star"].to(tokens.device), saved["jac"].to(tokens.device)
 
     def coefficients(self, tokens: torch.Tensor) -> torch.Tensor:
         """Coefficients [b, K] of tokens [b, T, width] on the (orthogonal) directions: exact for the basis head's
