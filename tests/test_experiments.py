@@ -18,6 +18,7 @@ import deltalora.experiments.grid as grid
 import deltalora.experiments.runner as runner_mod
 from deltalora.cli import app
 from deltalora.delta.compute import delta_stage
+from deltalora.experiments.cells import CellStore
 from deltalora.experiments.run import run_experiment
 from deltalora.generator.dataset import training_set
 from deltalora.generator.encoder import PromptEncoder
@@ -360,3 +361,17 @@ def test_build_once_builds_for_one_process_and_defers_or_waits_for_the_others(tm
     with file_lock(lock) as mine, defer_when_busy():
         assert mine
         build_once(lock, out.exists, build)  # done: no Busy although the lock is held
+
+
+def test_a_cell_reads_only_its_own_seeds_when_another_run_wrote_more(tmp_path):
+    """A run declaring 2 seeds of a cell that another run (sharing the workspace) scored with 3 summarises 2: a
+    run's results never depend on what else ran."""
+    store = CellStore(tmp_path / "work", tmp_path / "committed")
+    two = grid.Cell("cv", "A2-lin [fold 0]", grid.GENERATOR, ("t",), n_seeds=2)
+    for seed in (0, 1, 2):
+        store.write(two, seed, {"cell": two.name, "seed": seed, "tasks": {"t": [{"acc": seed / 10}]}})
+    assert [r["seed"] for r in store.records(two, (0, 1, 2))] == [0, 1]
+    every = dataclasses.replace(two, n_seeds=0)
+    assert [r["seed"] for r in store.records(every, (0, 1, 2))] == [0, 1, 2]
+    shutil.rmtree(tmp_path / "work")  # a fresh machine: the committed copies alone
+    assert [r["seed"] for r in store.records(two, (0, 1, 2))] == [0, 1]

@@ -84,10 +84,11 @@ class CellStore:
         tensors = {t: torch.tensor(ds, dtype=torch.float16) for t, ds in deltas.items() if len(ds)}
         atomic_write_bytes(_delta_file(f), save(tensors))
 
-    def records(self, cell: Cell) -> list[dict]:
-        """The cell's records, one per seed in file-name order (the workspace's where several copies exist)."""
-        names = {f.name for d in self.dirs for f in (d / cell.id).glob("*.json")}
-        return [self._read(self._found(cell, n)) for n in sorted(names, key=lambda n: (n == "all.json", n))]
+    def records(self, cell: Cell, seeds: tuple[int, ...]) -> list[dict]:
+        """The cell's records of the seeds it runs out of the experiment's ``seeds``, in seed order (the
+        workspace's where several copies exist); another run's extra seeds of a shared cell are not read."""
+        found = (self._found(cell, self.name(s)) for s in cell.seeds(seeds))
+        return [self._read(f) for f in found if f is not None]
 
     @staticmethod
     def _read(f: Path) -> dict:

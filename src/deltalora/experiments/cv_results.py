@@ -120,7 +120,7 @@ def _curves(records: Records, cells: list[Cell]) -> dict:
 def write_cv(preset: Preset, store: CellStore, results_dir: Path, cells: list[Cell], domains: dict[str, str]) -> Path:
     """``<results_dir>/cv.json``: every method's accuracy per task over all folds, and the declared comparisons
     with Holm-adjusted p-values and verdicts (a comparison whose cells have not run yet is left out)."""
-    records: Records = {c: store.records(c) for c in cells if c.rq == CV}
+    records: Records = {c: store.records(c, preset.experiment.seeds) for c in cells if c.rq == CV}
     groups: dict[str, list[Cell]] = {}
     for c in records:
         groups.setdefault(c.name.rsplit(" [", 1)[0], []).append(c)  # one method over its folds or families

@@ -20,9 +20,10 @@ RESULTS_VERSION = 1
 """Format version of ``rq*.json`` and ``ablations.json``."""
 
 
-def summarize(store: CellStore, cell: Cell) -> dict | None:
-    """Mean ± std of every metric over the cell's adapter sets, per task and overall; None if nothing ran."""
-    records = store.records(cell)
+def summarize(store: CellStore, cell: Cell, seeds: tuple[int, ...]) -> dict | None:
+    """Mean ± std of every metric over the cell's adapter sets (of its ``seeds``), per task and overall; None if
+    nothing ran."""
+    records = store.records(cell, seeds)
     if not records:
         return None
     per_task = {
@@ -85,12 +86,12 @@ def write_results(
     rows, not_run = {}, []
     # tables show the main grid's reference rows first, then cells in run order
     for cell in sorted((c for c in cells if c.rq == rq), key=lambda c: "main grid" not in c.name):
-        s = summarize(store, cell)
+        s = summarize(store, cell, ex.seeds)
         if s is None:
             not_run.append(cell.name)
             continue
         rows[cell.name] = s
-        for t, rs in store.records(cell)[0]["tasks"].items() if rq in ("rq1", "rq2") else ():
+        for t, rs in store.records(cell, ex.seeds)[0]["tasks"].items() if rq in ("rq1", "rq2") else ():
             if "delta" in rs[0]:  # the workspace's whole record; a committed copy has no δ
                 # device: cpu - δ read back from a cell's JSON, bound for a file
                 deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])
