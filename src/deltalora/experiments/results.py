@@ -20,10 +20,9 @@ RESULTS_VERSION = 1
 """Format version of ``rq*.json`` and ``ablations.json``."""
 
 
-def summarize(store: CellStore, cell: Cell, seeds: tuple[int, ...]) -> dict | None:
-    """Mean ± std of every metric over the cell's adapter sets (of its ``seeds``), per task and overall; None if
-    nothing ran."""
-    records = store.records(cell, seeds)
+def summarize(records: list[dict], cell: Cell) -> dict | None:
+    """Mean ± std of every metric over the cell's adapter sets (its seeds' ``records``), per task and overall; None
+    if nothing ran."""
     if not records:
         return None
     per_task = {
@@ -86,12 +85,13 @@ def write_results(
     rows, not_run = {}, []
     # tables show the main grid's reference rows first, then cells in run order
     for cell in sorted((c for c in cells if c.rq == rq), key=lambda c: "main grid" not in c.name):
-        s = summarize(store, cell, ex.seeds)
+        records = store.records(cell, ex.seeds)  # read once: each read loads the committed copies' δ sidecars
+        s = summarize(records, cell)
         if s is None:
             not_run.append(cell.name)
             continue
         rows[cell.name] = s
-        for t, rs in store.records(cell, ex.seeds)[0]["tasks"].items() if rq in ("rq1", "rq2") else ():
+        for t, rs in records[0]["tasks"].items() if rq in ("rq1", "rq2") else ():
             if "delta" in rs[0]:  # the workspace's whole record; a committed copy has no δ
                 # device: cpu - δ read back from a cell's JSON, bound for a file
                 deltas[f"{cell.rq}|{cell.name}|{t}"] = torch.tensor(rs[0]["delta"])

@@ -72,14 +72,20 @@ def run_experiment(
     skipped: list[Cell] = []
     bar = tqdm(total=len(main) + len(rest) + ("rq4" in wanted), desc="experiment", unit="cell", disable=not progress)
 
+    def take(cell: Cell, wait: bool = False) -> bool:
+        """Run the cell's free seeds; rewrite its results only if a seed was added: a finished or passed-over cell
+        adds nothing, and a rewrite (paired tests, permutations) takes a minute on a CPU."""
+        seeds = cell.seeds(preset.experiment.seeds)
+        before = sum(runner.store.done(cell, s) for s in seeds)
+        complete = runner.run_cell(cell, wait)
+        if sum(runner.store.done(cell, s) for s in seeds) > before:
+            results(cell.rq)
+        return complete
+
     def run(cell: Cell) -> None:
         bar.set_postfix_str(f"{cell.rq}: {cell.name}")
-        # a finished cell adds nothing: rewriting the results (paired tests, permutations) takes a minute on a CPU
-        fresh = not all(runner.store.done(cell, s) for s in cell.seeds(preset.experiment.seeds))
-        if not runner.run_cell(cell):
+        if not take(cell):
             skipped.append(cell)
-        if fresh:
-            results(cell.rq)
         bar.update()
 
     t0 = time.perf_counter()
@@ -100,8 +106,7 @@ def run_experiment(
         bar.close()
         log.info("experiment stage controls, rq3 and sweeps: %d cells, %.0f s so far", len(rest), _since(t0))
         for cell in skipped:  # held by another process when we passed: wait for it, then take what is left
-            runner.run_cell(cell, wait=True)
-            results(cell.rq)
+            take(cell, wait=True)
         for rq in sorted(wanted - {"rq4"}):
             if any(c.rq == rq for c in cells):  # a part without cells (no tasks, no folds) writes no file
                 results(rq)
